@@ -1,0 +1,258 @@
+"""Fault maps of a population of chips: sampling models, and loading/saving files.
+
+A fault map is ``bool[R, C]`` (True = faulty PE); a population is ``bool[chips, R, C]``.
+Chip ``i`` is always sampled from ``fold_in(key, i)``, so its map does not depend on how
+many chips are sampled.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FAULT_MODELS = ("bernoulli", "exact", "clustered")
+
+# Clustered model: defects per cluster and relative cluster radius. A cluster of defects
+# on a wafer covers a few neighbouring PEs; these values give visibly clustered maps on
+# 16x16 to 256x256 arrays while keeping the exact per-chip count drawn from the yield model.
+_DEFECTS_PER_CLUSTER = 6.0
+_CLUSTER_SIGMA = 1.5
+
+
+class FaultMapError(ValueError):
+    """A fault-map file or value that cannot be used; the message names it."""
+
+
+def _exact_map(key: jax.Array, rows: int, cols: int, count: jax.Array) -> jax.Array:
+    """``bool[R, C]`` with exactly ``count`` faulty PEs, uniformly placed."""
+    scores = jax.random.uniform(key, (rows * cols,))
+    rank = jnp.argsort(jnp.argsort(scores))
+    return (rank < count).reshape(rows, cols)
+
+
+def _clustered_map(
+    key: jax.Array, rows: int, cols: int, rate: jax.Array, alpha: float
+) -> jax.Array:
+    """Negative-binomial yield model with spatially clustered defects.
+
+    The chip's defect density is ``rate * Gamma(alpha) / alpha`` (mean ``rate``; small
+    ``alpha`` = strong clustering between chips, large ``alpha`` -> Poisson). The faulty
+    PEs are the ``count`` PEs nearest to randomly placed cluster centres.
+    """
+    k_density, k_centres, k_jitter = jax.random.split(key, 3)
+    density = rate * jax.random.gamma(k_density, alpha) / alpha
+    count = jnp.clip(jnp.round(density * rows * cols), 0, rows * cols).astype(jnp.int32)
+    max_centres = max(1, int(np.ceil(rows * cols / _DEFECTS_PER_CLUSTER)))
+    num_centres = jnp.maximum(1, jnp.ceil(count / _DEFECTS_PER_CLUSTER)).astype(jnp.int32)
+    centres = jax.random.uniform(k_centres, (max_centres, 2)) * jnp.array([rows, cols])
+    r, c = jnp.meshgrid(jnp.arange(rows) + 0.5, jnp.arange(cols) + 0.5, indexing="ij")
+    d2 = (r[..., None] - centres[:, 0]) ** 2 + (c[..., None] - centres[:, 1]) ** 2
+    bumps = jnp.exp(-d2 / (2 * _CLUSTER_SIGMA**2))
+    bumps = jnp.where(jnp.arange(max_centres) < num_centres, bumps, 0.0)
+    score = bumps.sum(-1) + 1e-3 * jax.random.uniform(k_jitter, (rows, cols))
+    rank = jnp.argsort(jnp.argsort(-score.reshape(-1)))
+    return (rank < count).reshape(rows, cols)
+
+
+def sample_fault_map(
+    key: jax.Array,
+    rows: int,
+    cols: int,
+    rate: float | jax.Array,
+    model: str = "bernoulli",
+    alpha: float = 2.0,
+) -> jax.Array:
+    """One chip's fault map.
+
+    Args:
+      key: the chip's PRNG key.
+      rows, cols: array size.
+      rate: fault rate in [0, 1] (mean rate for ``clustered``); may be traced.
+      model: one of ``FAULT_MODELS``.
+      alpha: clustering parameter of the ``clustered`` model (> 0).
+
+    Returns:
+      ``bool[rows, cols]``.
+    """
+    rate = jnp.asarray(rate, jnp.float32)
+    if model == "bernoulli":
+        return jax.random.bernoulli(key, rate, (rows, cols))
+    if model == "exact":
+        count = jnp.round(rate * rows * cols).astype(jnp.int32)
+        return _exact_map(key, rows, cols, count)
+    if model == "clustered":
+        return _clustered_map(key, rows, cols, rate, alpha)
+    raise ValueError(f"unknown fault model {model!r}; allowed: {', '.join(FAULT_MODELS)}")
+
+
+def sample_fault_maps(
+    key: jax.Array,
+    num_chips: int,
+    rows: int,
+    cols: int,
+    rate: float | jax.Array,
+    model: str = "bernoulli",
+    alpha: float = 2.0,
+    first_chip: int = 0,
+) -> jax.Array:
+    """Fault maps of ``num_chips`` chips; chip ``i`` from ``fold_in(key, first_chip + i)``.
+
+    Args:
+      key: PRNG key of the population.
+      num_chips: number of chips.
+      rows, cols: array size.
+      rate: scalar rate, or ``float[num_chips]`` per-chip rates.
+      model: one of ``FAULT_MODELS``.
+      alpha: clustering parameter of the ``clustered`` model.
+      first_chip: id of the first chip (to sample a slice of a larger population).
+
+    Returns:
+      ``bool[num_chips, rows, cols]``.
+    """
+    if model not in FAULT_MODELS:
+        raise ValueError(f"unknown fault model {model!r}; allowed: {', '.join(FAULT_MODELS)}")
+    rates = jnp.broadcast_to(jnp.asarray(rate, jnp.float32), (num_chips,))
+    ids = first_chip + jnp.arange(num_chips)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    sample = lambda k, r: sample_fault_map(k, rows, cols, r, model, alpha)
+    return jax.jit(jax.vmap(sample))(keys, rates)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_fault_maps(path: str, fault_maps: np.ndarray) -> None:
+    """Write ``bool[chips, R, C]`` as ``.npz`` (key ``fault_maps``) or ``.csv`` (chip,row,col)."""
+    maps = np.asarray(fault_maps, bool)
+    if maps.ndim != 3:
+        raise FaultMapError(f"fault maps must be bool[chips, R, C], got shape {maps.shape}")
+    tmp = path + ".tmp"
+    if path.endswith(".npz"):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, fault_maps=maps)
+    elif path.endswith(".csv"):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            f.write(f"# chips={maps.shape[0]} rows={maps.shape[1]} cols={maps.shape[2]}\n")
+            w.writerow(["chip", "row", "col"])
+            for chip, r, c in zip(*np.nonzero(maps)):
+                w.writerow([int(chip), int(r), int(c)])
+    else:
+        raise FaultMapError(f"{path}: fault-map files must end in .npz or .csv")
+    os.replace(tmp, path)
+
+
+def _check_shape(path: str, maps: np.ndarray, rows: int | None, cols: int | None) -> None:
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise FaultMapError(
+            f"{path}: expected a non-empty bool[chips, R, C] array, got shape {maps.shape}"
+        )
+    if (rows is not None and maps.shape[1] != rows) or (cols is not None and maps.shape[2] != cols):
+        raise FaultMapError(
+            f"{path}: maps are {maps.shape[1]}x{maps.shape[2]} but the array is "
+            f"{rows}x{cols} (--array_rows x --array_cols)"
+        )
+
+
+def _load_npz(path: str, rows: int | None, cols: int | None) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "fault_maps" not in data.files:
+                raise FaultMapError(
+                    f"{path}: no array named 'fault_maps' (found: {', '.join(data.files) or 'none'})"
+                )
+            raw = data["fault_maps"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, FaultMapError):
+            raise
+        raise FaultMapError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if raw.dtype != bool:
+        if raw.dtype.kind in "iu" and raw.size and np.isin(raw, (0, 1)).all():
+            raw = raw.astype(bool)
+        else:
+            raise FaultMapError(
+                f"{path}: 'fault_maps' must be boolean (or 0/1 integers), got dtype {raw.dtype}"
+            )
+    _check_shape(path, raw, rows, cols)
+    return raw
+
+
+def _load_csv(path: str, rows: int | None, cols: int | None, num_chips: int | None) -> np.ndarray:
+    header_chips = None
+    entries = []
+    try:
+        with open(path, newline="") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise FaultMapError(f"{path}: cannot read ({e.strerror})") from e
+    body = []
+    for line in lines:
+        if line.startswith("#"):
+            fields = dict(kv.split("=", 1) for kv in line[1:].split() if "=" in kv)
+            header_chips = int(fields["chips"]) if "chips" in fields else header_chips
+            rows = rows if rows is not None else (int(fields["rows"]) if "rows" in fields else None)
+            cols = cols if cols is not None else (int(fields["cols"]) if "cols" in fields else None)
+        elif line.strip():
+            body.append(line)
+    if not body or [h.strip() for h in body[0].split(",")] != ["chip", "row", "col"]:
+        raise FaultMapError(f"{path}: expected a header line 'chip,row,col'")
+    for lineno, line in enumerate(body[1:], start=2):
+        parts = line.split(",")
+        try:
+            chip, r, c = (int(p) for p in parts)
+        except ValueError:
+            raise FaultMapError(
+                f"{path}: row {lineno} {line!r} is not three integers chip,row,col"
+            ) from None
+        entries.append((chip, r, c))
+    if rows is None or cols is None:
+        raise FaultMapError(f"{path}: array size unknown; pass --array_rows and --array_cols")
+    arr = np.array(entries, np.int64).reshape(-1, 3)
+    chips = num_chips or header_chips or (int(arr[:, 0].max()) + 1 if len(arr) else 0)
+    if chips <= 0:
+        raise FaultMapError(f"{path}: no chips in the file")
+    bad = (arr[:, 0] < 0) | (arr[:, 0] >= chips) | (arr[:, 1] < 0) | (arr[:, 1] >= rows)
+    bad |= (arr[:, 2] < 0) | (arr[:, 2] >= cols)
+    if bad.any():
+        chip, r, c = arr[np.argmax(bad)]
+        raise FaultMapError(
+            f"{path}: entry chip={chip},row={r},col={c} is outside "
+            f"chips 0..{chips - 1}, rows 0..{rows - 1}, cols 0..{cols - 1}"
+        )
+    maps = np.zeros((chips, rows, cols), bool)
+    maps[arr[:, 0], arr[:, 1], arr[:, 2]] = True
+    return maps
+
+
+def load_fault_maps(
+    path: str, rows: int | None = None, cols: int | None = None, num_chips: int | None = None
+) -> np.ndarray:
+    """Read and validate a fault-map file.
+
+    Args:
+      path: ``.npz`` with a ``fault_maps`` array ``bool[chips, R, C]``, or ``.csv`` with a
+        header ``chip,row,col`` and one row per faulty PE (optionally preceded by a comment
+        ``# chips=N rows=R cols=C``, which lets chips without faults be counted).
+      rows, cols: expected array size (required for CSV files without the comment).
+      num_chips: number of chips for CSV files (default: from the comment, else max chip + 1).
+
+    Returns:
+      ``bool[chips, R, C]`` (numpy).
+
+    Raises:
+      FaultMapError: one-line message naming the file and what was expected.
+    """
+    if not os.path.isfile(path):
+        raise FaultMapError(f"{path}: fault-map file not found (expected .npz or .csv)")
+    if path.endswith(".npz"):
+        return _load_npz(path, rows, cols)
+    if path.endswith(".csv"):
+        maps = _load_csv(path, rows, cols, num_chips)
+        _check_shape(path, maps, rows, cols)
+        return maps
+    raise FaultMapError(f"{path}: fault-map files must end in .npz or .csv")

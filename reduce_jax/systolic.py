@@ -1,0 +1,166 @@
+"""Mapping of weight kernels onto a tiled, weight-stationary systolic array.
+
+Every kernel is viewed as a matrix ``W[k, n]`` (reduction dim ``k``, output dim ``n``):
+a Dense kernel ``[in, out]`` as is, a Conv kernel ``[kh, kw, cin, cout]`` (Flax HWIO) as
+``reshape(kh * kw * cin, cout)``. Weight ``W[k, n]`` sits on PE ``(k mod R, n mod C)``.
+A faulty PE is bypassed, so every weight mapped onto it acts as zero.
+
+The mapping depends on shapes only, so it is computed once in numpy; applying a fault map
+is a pure gather, written for one chip and vmapped over chips at the call site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+KERNEL_NAME = "kernel"
+
+
+def is_kernel_path(path: tuple) -> bool:
+    """Whether a ``tree_flatten_with_path`` key path names a weight kernel."""
+    if not path:
+        return False
+    last = path[-1]
+    name = getattr(last, "key", getattr(last, "name", None))
+    return name == KERNEL_NAME
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The ``(k, n)`` matrix view of a kernel of the given shape (im2col view for convs)."""
+    if len(shape) < 2:
+        raise ValueError(f"a kernel needs at least 2 dims, got shape {shape}")
+    return int(np.prod(shape[:-1])), int(shape[-1])
+
+
+def pe_coordinates(shape: tuple[int, ...], rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """PE row and column of every weight of a kernel.
+
+    Args:
+      shape: the kernel's shape (Dense ``[in, out]`` or Conv ``[kh, kw, cin, cout]``).
+      rows, cols: the array size ``R x C``.
+
+    Returns:
+      ``(pe_row int32[k, 1], pe_col int32[1, n])``; broadcast together they give the PE of
+      ``W[k, n]``.
+    """
+    k, n = matrix_shape(shape)
+    return (np.arange(k, dtype=np.int32) % rows)[:, None], (np.arange(n, dtype=np.int32) % cols)[
+        None, :
+    ]
+
+
+def num_tiles(shape: tuple[int, ...], rows: int, cols: int) -> int:
+    """Number of ``R x C`` tiles that cover the kernel's matrix view."""
+    k, n = matrix_shape(shape)
+    return -(-k // rows) * -(-n // cols)
+
+
+def kernel_mask(shape: tuple[int, ...], fault_map: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """0/1 mask of one kernel for one chip.
+
+    Args:
+      shape: the kernel's shape.
+      fault_map: ``bool[R, C]``, True where the PE is faulty.
+      dtype: dtype of the mask.
+
+    Returns:
+      ``dtype[*shape]``: 0 where the weight sits on a faulty PE, 1 elsewhere.
+    """
+    rows, cols = fault_map.shape
+    pe_row, pe_col = pe_coordinates(shape, rows, cols)
+    healthy = jnp.logical_not(jnp.asarray(fault_map)[pe_row, pe_col])
+    return healthy.astype(dtype).reshape(shape)
+
+
+def weight_masks(params: PyTree, fault_map: jax.Array) -> PyTree:
+    """Masks of every parameter for one chip.
+
+    Args:
+      params: a Flax parameter pytree; leaves named ``kernel`` are mapped onto the array.
+      fault_map: ``bool[R, C]``.
+
+    Returns:
+      A pytree like ``params``: 0/1 masks (the leaf's dtype) for kernels, ones elsewhere
+      (biases and normalisation parameters are not on the array). ``jax.vmap`` over a
+      ``bool[chips, R, C]`` gives masks with a leading ``chips`` axis.
+    """
+
+    def mask_leaf(path, leaf):
+        if is_kernel_path(path):
+            return kernel_mask(leaf.shape, fault_map, leaf.dtype)
+        return jnp.ones(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(mask_leaf, params)
+
+
+def pe_load(params: PyTree, rows: int, cols: int) -> np.ndarray:
+    """How many kernel weights of the network each PE holds, over all tiles and layers.
+
+    Args:
+      params: a parameter pytree (only leaf shapes are used; ShapeDtypeStructs work).
+      rows, cols: the array size.
+
+    Returns:
+      ``int64[R, C]``; its sum is the number of kernel weights in the network.
+    """
+    load = np.zeros((rows, cols), np.int64)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not is_kernel_path(path):
+            continue
+        k, n = matrix_shape(tuple(leaf.shape))
+        per_row = np.bincount(np.arange(k) % rows, minlength=rows)
+        per_col = np.bincount(np.arange(n) % cols, minlength=cols)
+        load += np.outer(per_row, per_col)
+    return load
+
+
+def effective_fault_rate(params: PyTree, fault_map: jax.Array) -> jax.Array:
+    """Fraction of the network's kernel weights that a chip's fault map zeroes.
+
+    Args:
+      params: a parameter pytree (only shapes are used).
+      fault_map: ``bool[R, C]`` (vmap for a batch of chips).
+
+    Returns:
+      ``float32[]`` in [0, 1]. Equals ``mean(fault_map)`` when every layer fills whole tiles.
+    """
+    rows, cols = fault_map.shape
+    load = pe_load(params, rows, cols)
+    total = load.sum()
+    if total == 0:
+        raise ValueError("params have no leaf named 'kernel'")
+    weights = jnp.asarray(load / total, jnp.float32)
+    return jnp.sum(jnp.where(fault_map, weights, 0.0))
+
+
+def pe_fault_rate(fault_map: jax.Array) -> jax.Array:
+    """Fraction of faulty PEs: ``float32[...]`` from ``bool[..., R, C]``."""
+    return jnp.mean(jnp.asarray(fault_map, jnp.float32), axis=(-2, -1))
+
+
+def describe_mapping(params: PyTree, rows: int, cols: int) -> list[Mapping[str, Any]]:
+    """Per-kernel mapping summary (name, shape, matrix view, tiles, array utilisation)."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not is_kernel_path(path):
+            continue
+        shape = tuple(int(d) for d in leaf.shape)
+        k, n = matrix_shape(shape)
+        tiles = num_tiles(shape, rows, cols)
+        out.append(
+            dict(
+                name="/".join(str(getattr(p, "key", p)) for p in path),
+                shape=shape,
+                matrix=(k, n),
+                tiles=tiles,
+                utilisation=k * n / (tiles * rows * cols),
+            )
+        )
+    return out

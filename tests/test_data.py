@@ -1,0 +1,328 @@
+"""Tests for reduce_jax.data: built-in datasets, IDX parsing and CIFAR pickles."""
+
+import gzip
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from reduce_jax import data
+from reduce_jax.data import DATASETS, Dataset, DatasetError, load_dataset, validate_dataset_files
+
+
+def _raises(match_substring, fn, *args):
+    """Calls fn(*args), expects DatasetError with a one-line message containing the substring."""
+    with pytest.raises(DatasetError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert match_substring in message, message
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- built-in sets
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return load_dataset("mnist5k")
+
+
+def test_mnist5k_shapes_dtypes_ranges(mnist5k):
+    ds = mnist5k
+    assert ds.name == "mnist5k" and ds.num_classes == 10
+    assert ds.train_images.shape == (4000, 28, 28, 1)
+    assert ds.test_images.shape == (1000, 28, 28, 1)
+    assert ds.train_labels.shape == (4000,) and ds.test_labels.shape == (1000,)
+    assert ds.image_shape == (28, 28, 1)
+    for images in (ds.train_images, ds.test_images):
+        assert images.dtype == np.float32
+        assert images.min() == 0.0 and images.max() == 1.0
+    for labels in (ds.train_labels, ds.test_labels):
+        assert labels.dtype == np.int32
+        assert set(np.unique(labels)) == set(range(10))
+
+
+def test_mnist5k_stratified(mnist5k):
+    test_counts = np.bincount(mnist5k.test_labels, minlength=10)
+    total = test_counts + np.bincount(mnist5k.train_labels, minlength=10)
+    share = test_counts / total
+    assert np.all((share >= 0.17) & (share <= 0.23)), share
+
+
+def test_mnist5k_deterministic(mnist5k):
+    again = load_dataset("mnist5k")
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(mnist5k, field), getattr(again, field))
+    # Train and test are disjoint: no test image appears in train.
+    train_rows = {row.tobytes() for row in mnist5k.train_images[:, ::4, ::4, 0]}
+    hits = sum(row.tobytes() in train_rows for row in mnist5k.test_images[:, ::4, ::4, 0])
+    assert hits < 5  # allow the odd coincidental duplicate at 7x7 subsampling
+
+
+def test_digits_shapes():
+    ds = load_dataset("digits")
+    assert ds.train_images.shape == (1437, 8, 8, 1)
+    assert ds.test_images.shape == (360, 8, 8, 1)
+    assert ds.image_shape == (8, 8, 1) and ds.num_classes == 10
+    assert ds.train_images.dtype == np.float32 and ds.test_labels.dtype == np.int32
+    assert ds.train_images.min() == 0.0 and ds.train_images.max() == 1.0
+    assert np.all(np.bincount(ds.test_labels, minlength=10) >= 35)
+
+
+def test_unknown_name_and_missing_data_dir(tmp_path):
+    message = _raises("'imagenet'", load_dataset, "imagenet")
+    assert all(name in message for name in DATASETS)
+    for name in ("mnist", "cifar10", "cifar100"):
+        _raises("--data_dir", load_dataset, name)
+        _raises("--data_dir", validate_dataset_files, name, None)
+    _raises("not a directory", load_dataset, "mnist", str(tmp_path / "nope"))
+    validate_dataset_files("mnist5k")
+    validate_dataset_files("digits", None)
+
+
+def test_dataset_shape_mismatch_raises():
+    images = np.zeros((3, 4, 4, 1), np.float32)
+    labels = np.zeros((3,), np.int32)
+    with pytest.raises(DatasetError):
+        Dataset(images, labels[:2], images, labels, num_classes=10, name="x")
+    with pytest.raises(DatasetError):
+        Dataset(images, labels, np.zeros((3, 5, 5, 1), np.float32), labels, 10, "x")
+
+
+# ----------------------------------------------------------------------------------- IDX
+
+
+def _idx_bytes(array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write(path, payload, gz):
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def _write_mnist(directory, gz=False, n_train=20, n_test=10):
+    rng = np.random.default_rng(1)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test, dtype=np.uint8) * 3) % 10,
+    }
+    for name, array in arrays.items():
+        _write(directory / name, _idx_bytes(array, 0x803 if array.ndim == 3 else 0x801), gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, gz):
+    arrays = _write_mnist(tmp_path, gz=gz)
+    validate_dataset_files("mnist", str(tmp_path))
+    ds = load_dataset("mnist", str(tmp_path))
+    assert ds.name == "mnist" and ds.num_classes == 10 and ds.image_shape == (28, 28, 1)
+    assert ds.train_images.shape == (20, 28, 28, 1) and ds.test_images.shape == (10, 28, 28, 1)
+    assert ds.train_images.dtype == np.float32 and ds.train_labels.dtype == np.int32
+    np.testing.assert_array_equal(
+        np.rint(ds.train_images[..., 0] * 255).astype(np.uint8), arrays["train-images-idx3-ubyte"]
+    )
+    np.testing.assert_array_equal(
+        np.rint(ds.test_images[..., 0] * 255).astype(np.uint8), arrays["t10k-images-idx3-ubyte"]
+    )
+    np.testing.assert_array_equal(ds.train_labels, arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(ds.test_labels, arrays["t10k-labels-idx1-ubyte"])
+    assert ds.train_images.max() <= 1.0 and ds.train_images.min() >= 0.0
+
+
+def test_idx_truncated(tmp_path):
+    _write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    _raises("train-images-idx3-ubyte", load_dataset, "mnist", str(tmp_path))
+
+
+def test_idx_wrong_magic(tmp_path):
+    _write_mnist(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes((0x803).to_bytes(4, "big") + path.read_bytes()[4:])
+    message = _raises("t10k-labels-idx1-ubyte", load_dataset, "mnist", str(tmp_path))
+    assert "magic" in message
+
+
+def test_idx_missing_file(tmp_path):
+    _write_mnist(tmp_path, gz=True)
+    os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    for fn in (load_dataset, validate_dataset_files):
+        message = _raises("t10k-labels-idx1-ubyte", fn, "mnist", str(tmp_path))
+        assert str(tmp_path) in message and "train-images-idx3-ubyte" in message
+
+
+def test_idx_count_mismatch_and_bad_gzip(tmp_path):
+    _write_mnist(tmp_path)
+    labels = np.zeros(19, np.uint8)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(labels, 0x801))
+    _raises("train-labels-idx1-ubyte", load_dataset, "mnist", str(tmp_path))
+    os.remove(tmp_path / "train-labels-idx1-ubyte")
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    _raises("train-labels-idx1-ubyte.gz", load_dataset, "mnist", str(tmp_path))
+
+
+# --------------------------------------------------------------------------------- CIFAR
+
+
+_CIFAR_LAYOUT = {
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+    ),
+    "cifar100": (
+        "cifar-100-python.tar.gz",
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        b"fine_labels",
+    ),
+}
+
+
+def _cifar_batch(seed, n, label_key, num_classes):
+    rng = np.random.default_rng(seed)
+    batch_data = rng.integers(0, 200, (n, 3072), dtype=np.uint8)
+    pixels = batch_data.reshape(n, 3, 32, 32)
+    pixels[0, 0, 0, 1] = 255  # red channel of pixel (row 0, col 1) of image 0
+    pixels[0, 1, 2, 3] = 201  # green channel of pixel (row 2, col 3)
+    pixels[0, 2, 31, 0] = 202  # blue channel of pixel (row 31, col 0)
+    labels = [int(v) for v in rng.integers(0, num_classes, n)]
+    return {
+        b"batch_label": b"testing batch",
+        label_key: labels,
+        b"data": batch_data,
+        b"filenames": [b"img%d.png" % i for i in range(n)],
+    }
+
+
+def _write_cifar(directory, name, as_archive, n=4, protocol=pickle.HIGHEST_PROTOCOL):
+    """Writes tiny CIFAR batches; returns {member: batch dict}."""
+    archive, folder, train, test, label_key = _CIFAR_LAYOUT[name]
+    num_classes = 10 if name == "cifar10" else 100
+    batches = {m: _cifar_batch(i, n, label_key, num_classes) for i, m in enumerate(train + test)}
+    (directory / folder).mkdir()
+    for member, batch in batches.items():
+        (directory / folder / member).write_bytes(pickle.dumps(batch, protocol=protocol))
+    if as_archive:
+        with tarfile.open(directory / archive, "w:gz") as tar:
+            tar.add(directory / folder, arcname=folder)
+        for member in batches:
+            os.remove(directory / folder / member)
+        os.rmdir(directory / folder)
+    return batches
+
+
+@pytest.mark.parametrize("as_archive", [False, True], ids=["folder", "archive"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_load(tmp_path, name, as_archive):
+    batches = _write_cifar(tmp_path, name, as_archive)
+    _, _, train, test, label_key = _CIFAR_LAYOUT[name]
+    validate_dataset_files(name, str(tmp_path))
+    ds = load_dataset(name, str(tmp_path))
+    assert ds.name == name and ds.num_classes == (10 if name == "cifar10" else 100)
+    assert ds.train_images.shape == (4 * len(train), 32, 32, 3)
+    assert ds.test_images.shape == (4, 32, 32, 3) and ds.image_shape == (32, 32, 3)
+    assert ds.train_images.dtype == np.float32 and ds.train_labels.dtype == np.int32
+    # NHWC conversion of known pixels in the first training image.
+    assert ds.train_images[0, 0, 1, 0] == 1.0
+    assert ds.train_images[0, 2, 3, 1] == np.float32(201) / np.float32(255)
+    assert ds.train_images[0, 31, 0, 2] == np.float32(202) / np.float32(255)
+    # Full round trip, batches concatenated in order.
+    expected = np.concatenate([batches[m][b"data"] for m in train])
+    expected = expected.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(np.rint(ds.train_images * 255).astype(np.uint8), expected)
+    np.testing.assert_array_equal(ds.train_labels, sum((batches[m][label_key] for m in train), []))
+    np.testing.assert_array_equal(ds.test_labels, batches[test[0]][label_key])
+
+
+def test_cifar_legacy_numpy_core_pickle(tmp_path):
+    """Original CIFAR pickles (Python 2, old numpy) reference numpy.core.multiarray."""
+    _, folder, _, _, _ = _CIFAR_LAYOUT["cifar100"]
+    _write_cifar(tmp_path, "cifar100", as_archive=False, protocol=2)
+    for member in ("train", "test"):
+        path = tmp_path / folder / member
+        raw = path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        path.write_bytes(raw)
+    assert b"numpy.core.multiarray" in (tmp_path / folder / "train").read_bytes()
+    ds = load_dataset("cifar100", str(tmp_path))
+    assert ds.train_images[0, 0, 1, 0] == 1.0
+
+
+def test_cifar_malformed_pickle_folder(tmp_path):
+    _write_cifar(tmp_path, "cifar10", as_archive=False)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    _raises("data_batch_3", load_dataset, "cifar10", str(tmp_path))
+
+
+def test_cifar_malformed_pickle_archive(tmp_path):
+    _write_cifar(tmp_path, "cifar100", as_archive=False)
+    (tmp_path / "cifar-100-python" / "test").write_bytes(b"this is not a pickle")
+    with tarfile.open(tmp_path / "cifar-100-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "cifar-100-python", arcname="cifar-100-python")
+    for member in ("train", "test"):
+        os.remove(tmp_path / "cifar-100-python" / member)
+    os.rmdir(tmp_path / "cifar-100-python")
+    message = _raises("cifar-100-python/test", load_dataset, "cifar100", str(tmp_path))
+    assert "cifar-100-python.tar.gz" in message
+
+
+@pytest.mark.parametrize(
+    "batch, expected",
+    [
+        ({b"labels": [0] * 4}, "b'data'"),
+        ({b"data": np.zeros((4, 3072), np.uint8)}, "b'labels'"),
+        ({b"data": np.zeros((4, 3000), np.uint8), b"labels": [0] * 4}, "3072"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "b'labels'"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, "0..9"),
+        ([1, 2, 3], "dict"),
+    ],
+)
+def test_cifar_bad_contents(tmp_path, batch, expected):
+    _write_cifar(tmp_path, "cifar10", as_archive=False)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(batch))
+    message = _raises("test_batch", load_dataset, "cifar10", str(tmp_path))
+    assert expected in message
+
+
+def test_cifar_pickle_with_code_is_rejected(tmp_path):
+    _write_cifar(tmp_path, "cifar10", as_archive=False)
+    payload = pickle.dumps({b"data": data.DatasetError("x"), b"labels": []})
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(payload)
+    message = _raises("data_batch_1", load_dataset, "cifar10", str(tmp_path))
+    assert "not allowed" in message
+
+
+def test_cifar_missing_files(tmp_path):
+    for name in ("cifar10", "cifar100"):
+        for fn in (load_dataset, validate_dataset_files):
+            _raises(_CIFAR_LAYOUT[name][0], fn, name, str(tmp_path))
+    _write_cifar(tmp_path, "cifar10", as_archive=False)
+    os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_5")
+    for fn in (load_dataset, validate_dataset_files):
+        _raises("data_batch_5", fn, "cifar10", str(tmp_path))
+
+
+def test_cifar_archive_missing_member(tmp_path):
+    _write_cifar(tmp_path, "cifar10", as_archive=False)
+    os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    for member in os.listdir(tmp_path / "cifar-10-batches-py"):
+        os.remove(tmp_path / "cifar-10-batches-py" / member)
+    os.rmdir(tmp_path / "cifar-10-batches-py")
+    _raises("cifar-10-batches-py/test_batch", load_dataset, "cifar10", str(tmp_path))
