@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,17 @@ from reduce_jax.data import Dataset
 PyTree = Any
 
 CHECKPOINT_DIR = "baseline"
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs every save and restore at INFO; keep the run's log readable."""
+    level = logging.get_verbosity()
+    logging.set_verbosity(min(level, logging.WARNING))  # absl: lower = quieter
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def baseline_config(
@@ -81,9 +93,10 @@ def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> Non
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if os.path.exists(path):
         shutil.rmtree(path)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path, params)
-    ckpt.wait_until_finished()
+    with _quiet_orbax():
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(path, params)
+        ckpt.wait_until_finished()
     meta = os.path.join(workdir, "baseline.json")
     with open(meta + ".tmp", "w") as f:
         json.dump(dict(config=config, info=info), f, indent=1)
@@ -101,7 +114,8 @@ def load_baseline(workdir: str, abstract_params: PyTree, config: dict) -> tuple[
     if saved.get("config") != config:
         logging.warning("baseline in %s was trained with other settings; retraining", workdir)
         return None
-    params = ocp.StandardCheckpointer().restore(path, abstract_params)
+    with _quiet_orbax():
+        params = ocp.StandardCheckpointer().restore(path, abstract_params)
     return params, saved["info"]
 
 

@@ -1,0 +1,160 @@
+"""Configuration of a Reduce run, and its validation before any compute."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+from reduce_jax import data as data_lib
+from reduce_jax import faults, models, resilience, train
+
+RATE_MEASURES = ("pe", "effective")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the one-line message names the flag or file and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReduceConfig:
+    """Every setting of a Reduce run (the CLI flags have the same names)."""
+
+    workdir: str | None = None
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    model: str = "lenet5"
+    array_rows: int = 16
+    array_cols: int = 16
+    fault_model: str = "clustered"
+    cluster_alpha: float = 2.0
+    analysis_fault_model: str = "exact"
+    fault_rates: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+    retrain_epochs: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    maps_per_rate: int = 4
+    num_chips: int = 64
+    chip_fault_rate: float = 0.1
+    chip_fault_maps: str | None = None
+    max_accuracy_drop: float | None = 0.02
+    target_accuracy: float | None = None
+    statistic: str = "min"
+    interpolation: str = "conservative"
+    rate_measure: str = "pe"
+    fixed_epochs: float | None = None
+    topup_epochs: float = 0.25
+    max_topup_epochs: float = 1.0
+    batch_size: int = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    baseline_epochs: float = 15.0
+    baseline_optimizer: str = "adam"
+    baseline_learning_rate: float = 1e-3
+    chips_per_batch: int = 64
+    eval_batch_size: int = 500
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fault_rates"] = [float(x) for x in self.fault_rates]
+        d["retrain_epochs"] = [float(x) for x in self.retrain_epochs]
+        return d
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_grid(name: str, values: Sequence[float], lo: float, hi: float | None) -> None:
+    _require(len(values) > 0, f"--{name} is empty; give a comma-separated list")
+    rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+    for v in values:
+        _require(
+            lo <= v and (hi is None or v <= hi), f"--{name}: value {v} is outside {rng}"
+        )
+    _require(
+        all(b > a for a, b in zip(values, values[1:])),
+        f"--{name}={','.join(map(str, values))} must be strictly increasing",
+    )
+
+
+def validate(cfg: ReduceConfig) -> None:
+    """Checks every setting and input file; raises ``ConfigError`` (one line) on the first bad one.
+
+    Cheap: no dataset is loaded and nothing is computed, but files are checked to exist and
+    fault-map files are read and validated.
+    """
+    _require(cfg.dataset in data_lib.DATASETS,
+             f"--dataset={cfg.dataset!r}; allowed: {', '.join(data_lib.DATASETS)}")
+    _require(cfg.model in models.MODELS,
+             f"--model={cfg.model!r}; allowed: {', '.join(models.MODELS)}")
+    for name in ("array_rows", "array_cols"):
+        v = getattr(cfg, name)
+        _require(1 <= v <= 4096, f"--{name}={v} is outside [1, 4096]")
+    for name in ("fault_model", "analysis_fault_model"):
+        v = getattr(cfg, name)
+        _require(v in faults.FAULT_MODELS,
+                 f"--{name}={v!r}; allowed: {', '.join(faults.FAULT_MODELS)}")
+    _require(cfg.cluster_alpha > 0, f"--cluster_alpha={cfg.cluster_alpha} must be > 0")
+    _check_grid("fault_rates", list(cfg.fault_rates), 0.0, 1.0)
+    _check_grid("retrain_epochs", list(cfg.retrain_epochs), 0.0, None)
+    _require(cfg.maps_per_rate >= 1, f"--maps_per_rate={cfg.maps_per_rate} must be >= 1")
+    _require(cfg.num_chips >= 1, f"--num_chips={cfg.num_chips} must be >= 1")
+    _require(0.0 <= cfg.chip_fault_rate <= 1.0,
+             f"--chip_fault_rate={cfg.chip_fault_rate} is outside [0, 1]")
+    has_drop, has_target = cfg.max_accuracy_drop is not None, cfg.target_accuracy is not None
+    _require(has_drop != has_target,
+             "give exactly one of --max_accuracy_drop and --target_accuracy")
+    if has_drop:
+        _require(0.0 <= cfg.max_accuracy_drop <= 1.0,
+                 f"--max_accuracy_drop={cfg.max_accuracy_drop} is outside [0, 1]")
+    else:
+        _require(0.0 <= cfg.target_accuracy <= 1.0,
+                 f"--target_accuracy={cfg.target_accuracy} is outside [0, 1]")
+    try:
+        resilience.parse_statistic(cfg.statistic)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(cfg.interpolation in resilience.INTERPOLATIONS,
+             f"--interpolation={cfg.interpolation!r}; allowed: "
+             f"{', '.join(resilience.INTERPOLATIONS)}")
+    _require(cfg.rate_measure in RATE_MEASURES,
+             f"--rate_measure={cfg.rate_measure!r}; allowed: {', '.join(RATE_MEASURES)}")
+    if cfg.fixed_epochs is not None:
+        _require(cfg.fixed_epochs > 0, f"--fixed_epochs={cfg.fixed_epochs} must be > 0")
+    _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
+    _require(cfg.max_topup_epochs >= 0,
+             f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")
+    for name in ("batch_size", "chips_per_batch", "eval_batch_size"):
+        v = getattr(cfg, name)
+        _require(1 <= v <= 1 << 20, f"--{name}={v} is outside [1, {1 << 20}]")
+    for name in ("optimizer", "baseline_optimizer"):
+        v = getattr(cfg, name)
+        _require(v in train.OPTIMIZERS,
+                 f"--{name}={v!r}; allowed: {', '.join(train.OPTIMIZERS)}")
+    for name in ("learning_rate", "baseline_learning_rate"):
+        v = getattr(cfg, name)
+        _require(0 < v <= 10, f"--{name}={v} is outside (0, 10]")
+    _require(cfg.baseline_epochs > 0, f"--baseline_epochs={cfg.baseline_epochs} must be > 0")
+    _require(cfg.seed >= 0, f"--seed={cfg.seed} must be >= 0")
+    try:
+        data_lib.validate_dataset_files(cfg.dataset, cfg.data_dir)
+    except data_lib.DatasetError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.chip_fault_maps is not None:
+        try:
+            faults.load_fault_maps(cfg.chip_fault_maps, cfg.array_rows, cfg.array_cols)
+        except faults.FaultMapError as e:
+            raise ConfigError(f"--chip_fault_maps: {e}") from None
+    if cfg.workdir is not None:
+        _check_workdir(cfg.workdir)
+
+
+def _check_workdir(workdir: str) -> None:
+    parent = workdir
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip(os.sep)) or "."
+    _require(not os.path.exists(workdir) or os.path.isdir(workdir),
+             f"--workdir={workdir} exists and is not a directory")
+    _require(os.access(parent or ".", os.W_OK | os.X_OK),
+             f"--workdir={workdir} is not writable ({parent or '.'} denies writing)")

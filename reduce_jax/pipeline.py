@@ -1,0 +1,313 @@
+"""Reduce end to end: baseline, resilience analysis and map, per-chip amounts, retraining,
+verification with top-ups, and cost accounting.
+
+``run(config)`` is what the CLI calls. Progress is saved per chunk of chips in
+``<workdir>/progress.json`` (with the config that produced it), so an interrupted run
+continues where it stopped and ends with the same ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from reduce_jax import baseline as baseline_lib
+from reduce_jax import data as data_lib
+from reduce_jax import faults, models, population, report, resilience, systolic, train
+from reduce_jax.config import ConfigError, ReduceConfig, validate
+
+PROGRESS_FILE = "progress.json"
+# Settings that do not change results: a resumed run may differ in these.
+_NOT_RESULT_KEYS = ("workdir",)
+
+
+class ProgressStore:
+    """Per-chunk results of the phases of a run, saved atomically after each chunk."""
+
+    def __init__(self, workdir: str | None, config: dict, overwrite: bool):
+        self.path = os.path.join(workdir, PROGRESS_FILE) if workdir else None
+        key = {k: v for k, v in config.items() if k not in _NOT_RESULT_KEYS}
+        self.state = {"config": key, "phases": {}}
+        if self.path and os.path.isfile(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+            if saved.get("config") != key and not overwrite:
+                diff = sorted(
+                    k for k in set(key) | set(saved.get("config", {}))
+                    if key.get(k) != saved.get("config", {}).get(k)
+                )
+                raise ConfigError(
+                    f"--workdir={workdir} holds a run with other settings (differs in: "
+                    f"{', '.join(diff)}); pass --overwrite or choose another --workdir"
+                )
+            if saved.get("config") == key:
+                self.state = saved
+                logging.info("resuming from %s", self.path)
+
+    def done(self, phase: str) -> dict[int, dict]:
+        return {int(k): v for k, v in self.state["phases"].get(phase, {}).items()}
+
+    def put(self, phase: str, index: int, result: dict) -> None:
+        self.state["phases"].setdefault(phase, {})[str(index)] = result
+        if self.path:
+            report.write_json_atomic(self.path, self.state)
+
+
+class Meter:
+    """Logs progress of a long phase (units done, rate, ETA) at most every ``every_s``."""
+
+    def __init__(self, label: str, total: int, unit: str = "chip-steps", every_s: float = 5.0):
+        self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter() - self.start
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            logging.info("%s: %d/%d %s (%.0f%%), %.1f/s, ETA %.0f s", self.label, self.done,
+                         self.total, self.unit, 100 * self.done / self.total, rate, eta)
+
+
+def _none_if_inf(x) -> float | None:
+    return None if not math.isfinite(float(x)) else float(x)
+
+
+def chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
+    """The population's fault maps ``bool[chips, R, C]``: from the file, or sampled."""
+    if cfg.chip_fault_maps is not None:
+        return faults.load_fault_maps(cfg.chip_fault_maps, cfg.array_rows, cfg.array_cols)
+    return np.asarray(faults.sample_fault_maps(
+        key, cfg.num_chips, cfg.array_rows, cfg.array_cols, cfg.chip_fault_rate,
+        cfg.fault_model, cfg.cluster_alpha))
+
+
+def chip_rates(params, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(pe_rate float64[chips], effective_rate float64[chips])``."""
+    maps = jnp.asarray(maps)
+    pe = systolic.pe_fault_rate(maps)
+    eff = jax.vmap(lambda m: systolic.effective_fault_rate(params, m))(maps)
+    return np.asarray(pe, np.float64), np.asarray(eff, np.float64)
+
+
+def retrain_chips(
+    trainer: train.Trainer,
+    params,
+    data: population.DeviceData,
+    maps: np.ndarray,
+    steps: np.ndarray,
+    retrain: np.ndarray,
+    target: float,
+    topup_steps: int,
+    max_topup_steps: int,
+    key: jax.Array,
+    chips_per_batch: int,
+    store: ProgressStore,
+) -> dict[str, np.ndarray]:
+    """Retrains every chip for its own steps, verifies it, and tops up those that miss.
+
+    Chips are sorted by budget before chunking, so a chunk holds similar budgets.
+
+    Args:
+      maps: ``bool[chips, R, C]``; steps: ``int[chips]`` budgets; retrain: ``bool[chips]``
+        which chips to retrain (the others are only evaluated).
+
+    Returns:
+      numpy arrays over chips: ``accuracy_before``, ``accuracy_after``, ``topup_steps``,
+      ``diverged``.
+    """
+    n = len(maps)
+    steps = np.where(retrain, steps, 0).astype(np.int64)
+    order = np.argsort(steps, kind="stable")
+    size = min(chips_per_batch, n)
+    phase_key, topup_key = jax.random.split(key)
+    out = {k: np.zeros(n) for k in ("accuracy_before", "accuracy_after", "topup_steps")}
+    out["diverged"] = np.zeros(n, bool)
+    done = store.done("retrain")
+    meter = Meter("retraining", int(steps.sum()))
+    for ci, lo in enumerate(range(0, n, size)):
+        ids = order[lo : lo + size]
+        if ci not in done:
+            chunk_maps, budgets = population.pad_chunk(maps[ids], steps[ids], size)
+            states, masks = population.init_chunk(trainer, params, chunk_maps, budgets)
+            before = population.evaluate(trainer, states, masks, data)
+            states = population.run_phase(
+                trainer, states, masks, data, phase_key, budgets, on_progress=meter)
+            after = population.evaluate(trainer, states, masks, data)
+            topup = np.zeros(size, np.int64)
+            missing = retrain[np.pad(ids, (0, size - len(ids)), mode="edge")] & (after < target)
+            missing[len(ids):] = False
+            rnd = 0
+            while missing.any() and topup_steps > 0 and rnd * topup_steps < max_topup_steps:
+                extra = np.where(missing, min(topup_steps, max_topup_steps - rnd * topup_steps), 0)
+                states = states.replace(budget=states.budget + jnp.asarray(extra, jnp.int32))
+                states = population.run_phase(
+                    trainer, states, masks, data, jax.random.fold_in(topup_key, rnd), extra)
+                topup += extra
+                after = np.where(missing, population.evaluate(trainer, states, masks, data), after)
+                missing &= after < target
+                rnd += 1
+            m = len(ids)
+            store.put("retrain", ci, dict(
+                accuracy_before=before[:m].tolist(), accuracy_after=after[:m].tolist(),
+                topup_steps=topup[:m].tolist(),
+                diverged=np.asarray(states.diverged)[:m].tolist()))
+            done = store.done("retrain")
+            logging.info("retraining: chunk %d done (%d chips)", ci, m)
+        for k in out:
+            out[k][ids] = done[ci][k]
+    out["topup_steps"] = out["topup_steps"].astype(np.int64)
+    return out
+
+
+def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
+    """Runs Reduce; writes the outputs into ``cfg.workdir`` (if set) and returns the summary."""
+    validate(cfg)
+    t_start = time.perf_counter()
+    timing = {}
+    if cfg.workdir:
+        os.makedirs(cfg.workdir, exist_ok=True)
+    store = ProgressStore(cfg.workdir, cfg.as_dict(), overwrite)
+    key = jax.random.key(cfg.seed)
+    k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain = (
+        jax.random.fold_in(key, i) for i in range(5))
+
+    t = time.perf_counter()
+    ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
+    data = population.DeviceData.from_dataset(ds)
+    timing["load_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    params, base_info = baseline_lib.get_baseline(
+        cfg.workdir, cfg.model, ds, k_base, cfg.baseline_epochs, cfg.batch_size,
+        cfg.baseline_optimizer, cfg.baseline_learning_rate, cfg.seed)
+    params = jax.tree.map(jnp.asarray, params)
+    timing["baseline_s"] = time.perf_counter() - t
+    timing["baseline_reused"] = base_info["reused"]
+    model = models.get_model(cfg.model, ds.num_classes)
+    trainer = train.make_trainer(model, train.make_optimizer(cfg.optimizer, cfg.learning_rate),
+                                 cfg.batch_size, cfg.eval_batch_size)
+    spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
+    ones = jax.tree.map(lambda x: jnp.ones((1, *x.shape), x.dtype), params)
+    base_acc = float(trainer.evaluate(
+        jax.tree.map(lambda x: x[None], params), ones, data.test_images, data.test_labels)[0])
+    target = (cfg.target_accuracy if cfg.target_accuracy is not None
+              else base_acc - cfg.max_accuracy_drop)
+    logging.info("baseline accuracy %.4f, target %.4f, %d steps per epoch", base_acc, target, spe)
+
+    # 1. Resilience analysis.
+    t = time.perf_counter()
+    rates = np.asarray(cfg.fault_rates, np.float64)
+    amounts = np.asarray(cfg.retrain_epochs, np.float64)
+    amount_steps = train.epochs_to_steps(amounts, spe)
+    k = cfg.maps_per_rate
+    amaps = np.asarray(faults.sample_fault_maps(
+        k_analysis_maps, len(rates) * k, cfg.array_rows, cfg.array_cols, np.repeat(rates, k),
+        cfg.analysis_fault_model, cfg.cluster_alpha)).reshape(len(rates), k,
+                                                              cfg.array_rows, cfg.array_cols)
+    meter = Meter("resilience analysis", len(rates) * k * int(amount_steps.max()))
+    accuracy, a_diverged = resilience.analyze(
+        trainer, params, data, amaps, amount_steps, k_analysis_data, cfg.chips_per_batch,
+        done=store.done("analysis"), on_chunk=lambda i, r: store.put("analysis", i, r),
+        on_progress=meter)
+    timing["analysis_s"] = time.perf_counter() - t
+
+    # 2. Resilience map, on the measured rates of the analysis maps.
+    required, stat = resilience.resilience_map(accuracy, amounts, target, cfg.statistic)
+    a_pe, a_eff = chip_rates(params, amaps.reshape(-1, cfg.array_rows, cfg.array_cols))
+    measured = (a_pe if cfg.rate_measure == "pe" else a_eff).reshape(len(rates), k).mean(1)
+    if np.any(np.diff(measured) <= 0):
+        raise ConfigError(
+            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
+            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)")
+    required_steps = np.where(np.isfinite(required),
+                              train.epochs_to_steps(np.nan_to_num(required, posinf=0), spe),
+                              np.inf)
+
+    # 3. Per-chip amounts.
+    maps = chip_fault_maps(cfg, k_chips)
+    pe, eff = chip_rates(params, maps)
+    chip_rate = pe if cfg.rate_measure == "pe" else eff
+    sel_steps, status = resilience.retraining_amount(
+        measured, required_steps, chip_rate, cfg.interpolation)
+    sel_steps, status = np.asarray(sel_steps), np.asarray(status)
+    ok = status == resilience.OK
+    budgets = np.where(ok, sel_steps, 0).astype(np.int64)
+
+    # 4-5. Retrain every chip for its own amount, verify, top up.
+    t = time.perf_counter()
+    res = retrain_chips(
+        trainer, params, data, maps, budgets, ok, target,
+        int(train.epochs_to_steps(cfg.topup_epochs, spe)),
+        int(train.epochs_to_steps(cfg.max_topup_epochs, spe)),
+        k_retrain, cfg.chips_per_batch, store)
+    timing["retrain_s"] = time.perf_counter() - t
+
+    # 6. Cost.
+    chips = []
+    for i in range(len(maps)):
+        st = resilience.STATUS_NAMES[int(status[i])]
+        if res["diverged"][i]:
+            st = "diverged"
+        meets = bool(res["accuracy_after"][i] >= target and not res["diverged"][i])
+        chips.append(dict(
+            chip=i, pe_fault_rate=float(pe[i]), effective_fault_rate=float(eff[i]), status=st,
+            selected_epochs=float(budgets[i] / spe) if ok[i] else None,
+            selected_steps=int(budgets[i]) if ok[i] else None,
+            topup_epochs=float(res["topup_steps"][i] / spe),
+            accuracy_before=float(res["accuracy_before"][i]),
+            accuracy_after=float(res["accuracy_after"][i]), meets_target=meets))
+    fixed_per_chip = float(cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max())
+    reduce_epochs = float((budgets.sum() + res["topup_steps"].sum()) / spe)
+    fixed_epochs = fixed_per_chip * len(maps)
+    analysis_epochs = float(len(rates) * k * amounts.max())
+    per_chip_saving = fixed_per_chip - reduce_epochs / len(maps)
+    cost = dict(
+        reduce_epochs=reduce_epochs, reduce_steps=int(budgets.sum() + res["topup_steps"].sum()),
+        fixed_epochs=fixed_epochs, fixed_epochs_per_chip=fixed_per_chip,
+        analysis_epochs=analysis_epochs, savings=fixed_epochs - reduce_epochs,
+        savings_fraction=(fixed_epochs - reduce_epochs) / fixed_epochs,
+        topup_epochs=float(res["topup_steps"].sum() / spe),
+        chips_meeting_target=sum(c["meets_target"] for c in chips),
+        chips_unrecoverable=int((~ok).sum()),
+        chips_missing_target=sum(c["status"] == "ok" and not c["meets_target"] for c in chips),
+        chips_diverged=int(res["diverged"].sum()),
+        break_even_chips=(math.ceil(analysis_epochs / per_chip_saving)
+                          if per_chip_saving > 0 else None),
+        steps_per_epoch=spe)
+    timing["wall_s"] = time.perf_counter() - t_start
+    summary = dict(
+        baseline_accuracy=base_acc, target_accuracy=float(target),
+        baseline=dict(steps=base_info["steps"], steps_per_epoch=spe,
+                      accuracy_at_training=base_info["test_accuracy"]),
+        resilience=dict(
+            fault_rates=rates.tolist(), measured_rates=measured.tolist(),
+            retrain_epochs=amounts.tolist(), retrain_steps=amount_steps.tolist(),
+            accuracy=accuracy.tolist(), statistic=cfg.statistic,
+            statistic_accuracy=stat.tolist(), diverged=a_diverged.tolist()),
+        resilience_map=dict(
+            fault_rates=rates.tolist(), measured_rates=measured.tolist(),
+            required_epochs=[_none_if_inf(x) for x in required],
+            required_steps=[None if not np.isfinite(x) else int(x) for x in required_steps],
+            rate_measure=cfg.rate_measure),
+        chips=chips, cost=cost, config=dict(cfg.as_dict(), overwrite=overwrite),
+        timing=timing,
+        mapping=[dict(m, shape=list(m["shape"]), matrix=list(m["matrix"]))
+                 for m in systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols)],
+    )
+    if cfg.workdir:
+        report.write_outputs(summary, cfg.workdir)
+    logging.info("Reduce: %.2f epochs vs fixed %.2f (saves %.1f%%); %d/%d chips meet target; "
+                 "%d unrecoverable; break-even at %s chips", reduce_epochs, fixed_epochs,
+                 100 * cost["savings_fraction"], cost["chips_meeting_target"], len(maps),
+                 cost["chips_unrecoverable"], cost["break_even_chips"])
+    return summary

@@ -1,0 +1,152 @@
+"""Retraining a population of chips in chunks, with per-chip budgets and no wasted compute.
+
+The population is processed in chunks of at most ``chips_per_batch`` chips (bounded memory).
+Inside a chunk, a *phase* runs every chip for its own number of steps: the chips run
+together until the smallest remaining budget is reached, then finished chips are dropped
+and the rest continue, compacted to a power-of-two number of chips so that only a few
+shapes are ever compiled (``Trainer.run`` never recompiles for new step counts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reduce_jax import systolic, train
+from reduce_jax.data import Dataset
+
+PyTree = Any
+
+
+class DeviceData(NamedTuple):
+    """Train and test sets on the device."""
+
+    train_images: jax.Array
+    train_labels: jax.Array
+    test_images: jax.Array
+    test_labels: jax.Array
+
+    @classmethod
+    def from_dataset(cls, data: Dataset) -> DeviceData:
+        return cls(*(jnp.asarray(a) for a in (
+            data.train_images, data.train_labels, data.test_images, data.test_labels)))
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.shape[0])
+
+
+@jax.jit
+def population_masks(params: PyTree, fault_maps: jax.Array) -> PyTree:
+    """Masks ``[chips, ...]`` for every parameter, from ``bool[chips, R, C]`` fault maps."""
+    return jax.vmap(systolic.weight_masks, in_axes=(None, 0))(params, fault_maps)
+
+
+def bucket_size(n: int, cap: int) -> int:
+    """Smallest power of two >= ``n``, at most ``cap``."""
+    return min(cap, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _take(tree: PyTree, idx: np.ndarray) -> PyTree:
+    idx = jnp.asarray(idx)
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+def _put(tree: PyTree, idx: np.ndarray, values: PyTree) -> PyTree:
+    idx = jnp.asarray(idx)
+    return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
+
+
+def run_phase(
+    trainer: train.Trainer,
+    states: train.ChipState,
+    masks: PyTree,
+    data: DeviceData,
+    phase_key: jax.Array,
+    phase_steps: np.ndarray,
+    compact: bool = True,
+    on_progress=None,
+    start: int = 0,
+) -> train.ChipState:
+    """Runs chip ``i`` for ``phase_steps[i]`` steps of a phase, from the phase's step ``start``.
+
+    Budgets in ``states`` must allow the steps (``budget >= step + phase_steps``); a chip with
+    a smaller budget stops at its budget. Chips whose steps are done are dropped from the
+    computation.
+
+    Args:
+      trainer: from ``train.make_trainer``.
+      states: ``ChipState[chips]``.
+      masks: masks ``[chips, ...]``.
+      data: the training data on the device.
+      phase_key: key of the phase's batch order.
+      phase_steps: ``int[chips]`` steps to run per chip.
+      compact: drop finished chips (False: run all chips to the longest, gated by budgets).
+      on_progress: called with the number of chip-steps just completed.
+      start: first phase step (batch ``batch_indices(phase_key, start)``).
+
+    Returns:
+      The updated ``ChipState[chips]``.
+    """
+    phase_steps = np.asarray(phase_steps, np.int64)
+    chips = len(phase_steps)
+    ends = start + phase_steps
+    active = np.flatnonzero(phase_steps > 0)
+    t = start
+    while active.size:
+        t_next = int(ends[active].min()) if compact else int(ends.max())
+        if compact and active.size < chips:
+            size = bucket_size(active.size, chips)
+            idx = np.concatenate([active, np.full(size - active.size, active[-1])])
+            sub = trainer.run(
+                _take(states, idx), _take(masks, idx), data.train_images,
+                data.train_labels, phase_key, t, t_next - t,
+            )
+            states = _put(states, idx[: active.size], _take(sub, np.arange(active.size)))
+        else:
+            states = trainer.run(
+                states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
+            )
+        if on_progress is not None:
+            on_progress(int(active.size) * (t_next - t))
+        t = t_next
+        active = active[ends[active] > t]
+    return states
+
+
+def evaluate(trainer: train.Trainer, states: train.ChipState, masks: PyTree, data: DeviceData):
+    """Test accuracy ``float64[chips]`` (numpy) of every chip."""
+    acc = trainer.evaluate(states.params, masks, data.test_images, data.test_labels)
+    return np.asarray(acc, np.float64)
+
+
+def init_chunk(
+    trainer: train.Trainer, params: PyTree, fault_maps: np.ndarray, budgets: np.ndarray
+) -> tuple[train.ChipState, PyTree]:
+    """States and masks of a chunk of chips (pad it first with ``pad_chunk``).
+
+    Args:
+      fault_maps: ``bool[n, R, C]`` with ``n <= size``; budgets ``int[n]``.
+
+    Returns:
+      ``(states[n], masks[n])``.
+    """
+    maps = jnp.asarray(fault_maps)
+    masks = population_masks(params, maps)
+    states = trainer.init_population(params, masks, jnp.asarray(budgets, jnp.int32))
+    return states, masks
+
+
+def pad_chunk(fault_maps: np.ndarray, budgets: np.ndarray, size: int):
+    """Pads a chunk to ``size`` chips (fault-free, budget 0) so every chunk has one shape."""
+    n = len(fault_maps)
+    if n == size:
+        return fault_maps, budgets
+    pad_maps = np.zeros((size - n, *fault_maps.shape[1:]), bool)
+    return (
+        np.concatenate([fault_maps, pad_maps]),
+        np.concatenate([budgets, np.zeros(size - n, budgets.dtype)]),
+    )
