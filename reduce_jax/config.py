@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Sequence
 
 from reduce_jax import data as data_lib
@@ -151,10 +152,14 @@ def validate(cfg: ReduceConfig) -> None:
 
 
 def _check_workdir(workdir: str) -> None:
-    parent = workdir
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent.rstrip(os.sep)) or "."
     _require(not os.path.exists(workdir) or os.path.isdir(workdir),
              f"--workdir={workdir} exists and is not a directory")
-    _require(os.access(parent or ".", os.W_OK | os.X_OK),
-             f"--workdir={workdir} is not writable ({parent or '.'} denies writing)")
+    parent = os.path.abspath(workdir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    _require(os.path.isdir(parent), f"--workdir={workdir}: {parent} is not a directory")
+    try:  # os.access is not enough: root passes it on read-only file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} is not writable ({parent}: {e.strerror})") from None

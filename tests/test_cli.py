@@ -1,0 +1,172 @@
+"""The CLI end to end on the smoke flagfile, and its handling of bad flags and files."""
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reduce_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.resilience", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def without_timing(summary):
+    return {k: v for k, v in summary.items() if k != "timing"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return workdir, json.load(f), proc
+
+
+@pytest.mark.slow
+def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
+    workdir, s, proc = smoke_run
+    for key in ("baseline_accuracy", "target_accuracy", "resilience", "resilience_map", "chips",
+                "cost", "config", "timing"):
+        assert key in s
+    res, rmap, cost = s["resilience"], s["resilience_map"], s["cost"]
+    f, a, k = len(res["fault_rates"]), len(res["retrain_epochs"]), s["config"]["maps_per_rate"]
+    assert np.asarray(res["accuracy"]).shape == (f, a, k)
+    assert rmap["fault_rates"] == res["fault_rates"] and len(rmap["required_epochs"]) == f
+    finite = [x for x in rmap["required_epochs"] if x is not None]
+    assert finite == sorted(finite)
+    assert s["target_accuracy"] == pytest.approx(
+        s["baseline_accuracy"] - s["config"]["max_accuracy_drop"])
+    chips = s["chips"]
+    assert len(chips) == s["config"]["num_chips"]
+    chip_keys = {"chip", "pe_fault_rate", "effective_fault_rate", "selected_epochs",
+                 "topup_epochs", "accuracy_before", "accuracy_after", "meets_target"}
+    for c in chips:
+        assert chip_keys <= set(c)
+        assert c["meets_target"] == (c["accuracy_after"] >= s["target_accuracy"]
+                                     and c["status"] != "diverged")
+        if c["selected_epochs"] is None:
+            assert c["topup_epochs"] == 0 and c["accuracy_after"] == c["accuracy_before"]
+    total = sum((c["selected_epochs"] or 0) + c["topup_epochs"] for c in chips)
+    assert cost["reduce_epochs"] == pytest.approx(total)
+    assert cost["fixed_epochs"] == pytest.approx(len(chips) * cost["fixed_epochs_per_chip"])
+    assert cost["savings"] == pytest.approx(cost["fixed_epochs"] - cost["reduce_epochs"])
+    assert cost["analysis_epochs"] == pytest.approx(f * k * max(res["retrain_epochs"]))
+    assert cost["chips_meeting_target"] == sum(c["meets_target"] for c in chips)
+    assert cost["chips_unrecoverable"] == sum(c["selected_epochs"] is None for c in chips)
+    for flag in ("dataset", "model", "array_rows", "fault_rates", "seed", "statistic"):
+        assert flag in s["config"]
+    with open(os.path.join(workdir, "chips.csv")) as fh:
+        assert len(list(csv.DictReader(fh))) == len(chips)
+    with open(os.path.join(workdir, "resilience.csv")) as fh:
+        assert len(list(csv.DictReader(fh))) == f * a * k
+    for png in ("accuracy_vs_fault_rate", "required_epochs", "chip_epochs_histogram", "cost"):
+        assert os.path.getsize(os.path.join(workdir, png + ".png")) > 1000
+    assert "chips meet the target" in proc.stdout
+
+
+@pytest.mark.slow
+def test_rerun_reuses_baseline_and_gives_identical_summary(smoke_run):
+    workdir, first, _ = smoke_run
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        second = json.load(f)
+    assert second["timing"]["baseline_reused"] is True
+    assert without_timing(second) == without_timing(first)
+
+
+@pytest.mark.slow
+def test_other_flags_into_same_workdir_refused(smoke_run):
+    workdir, _, _ = smoke_run
+    before = open(os.path.join(workdir, "summary.json")).read()
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--seed=1")
+    assert proc.returncode == 2
+    assert "--overwrite" in proc.stderr and "seed" in proc.stderr
+    assert open(os.path.join(workdir, "summary.json")).read() == before
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--num_chips=0"], "--num_chips"),
+        (["--fault_rates=0,0.5,0.2"], "--fault_rates"),
+        (["--statistic=median"], "--statistic"),
+    ],
+)
+def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing computed or written
+
+
+BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        (dict(dataset="imagenet"), "--dataset"),
+        (dict(model="resnet"), "--model"),
+        (dict(array_rows=0), "--array_rows"),
+        (dict(fault_model="gaussian"), "--fault_model"),
+        (dict(fault_rates=(0.0, 1.5)), "--fault_rates"),
+        (dict(fault_rates=(0.2, 0.1)), "strictly increasing"),
+        (dict(fault_rates=()), "--fault_rates"),
+        (dict(retrain_epochs=(0.0, -1.0)), "--retrain_epochs"),
+        (dict(maps_per_rate=0), "--maps_per_rate"),
+        (dict(num_chips=0), "--num_chips"),
+        (dict(chip_fault_rate=1.2), "--chip_fault_rate"),
+        (dict(max_accuracy_drop=None), "exactly one"),
+        (dict(target_accuracy=0.9), "exactly one"),
+        (dict(max_accuracy_drop=None, target_accuracy=1.5), "--target_accuracy"),
+        (dict(statistic="quantile:1.5"), "--statistic"),
+        (dict(interpolation="cubic"), "--interpolation"),
+        (dict(rate_measure="area"), "--rate_measure"),
+        (dict(fixed_epochs=0.0), "--fixed_epochs"),
+        (dict(topup_epochs=0.0), "--topup_epochs"),
+        (dict(batch_size=0), "--batch_size"),
+        (dict(optimizer="lamb"), "--optimizer"),
+        (dict(learning_rate=0.0), "--learning_rate"),
+        (dict(chips_per_batch=0), "--chips_per_batch"),
+        (dict(dataset="mnist"), "--data_dir"),
+        (dict(dataset="cifar10", data_dir="/nonexistent"), "/nonexistent"),
+        (dict(chip_fault_maps="/nonexistent/maps.npz"), "maps.npz"),
+        (dict(workdir="/proc/nope/run"), "--workdir"),
+        (dict(workdir=__file__ + "/run"), "--workdir"),
+        (dict(workdir=__file__), "--workdir"),
+    ],
+)
+def test_validate_rejects_bad_settings(changes, needle):
+    cfg = dataclasses.replace(BASE, **changes)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(cfg)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_validate_rejects_fault_map_file_of_wrong_size(tmp_path):
+    path = str(tmp_path / "maps.npz")
+    np.savez(path, fault_maps=np.zeros((3, 4, 4), bool))
+    cfg = dataclasses.replace(BASE, chip_fault_maps=path, array_rows=8, array_cols=8)
+    with pytest.raises(config_lib.ConfigError, match="--chip_fault_maps.*4x4"):
+        config_lib.validate(cfg)
+
+
+def test_validate_accepts_defaults():
+    config_lib.validate(config_lib.ReduceConfig())
