@@ -103,7 +103,9 @@ def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> Non
     os.replace(meta + ".tmp", meta)
 
 
-def load_baseline(workdir: str, abstract_params: PyTree, config: dict) -> tuple[PyTree, dict] | None:
+def load_baseline(
+    workdir: str, abstract_params: PyTree, config: dict
+) -> tuple[PyTree, dict] | None:
     """The saved baseline if it exists and was trained with ``config``; else None."""
     meta = os.path.join(workdir, "baseline.json")
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))

@@ -70,11 +70,9 @@ def _check_grid(name: str, values: Sequence[float], lo: float, hi: float | None)
     _require(len(values) > 0, f"--{name} is empty; give a comma-separated list")
     rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
     for v in values:
-        _require(
-            lo <= v and (hi is None or v <= hi), f"--{name}: value {v} is outside {rng}"
-        )
+        _require(lo <= v and (hi is None or v <= hi), f"--{name}: value {v} is outside {rng}")
     _require(
-        all(b > a for a, b in zip(values, values[1:])),
+        all(b > a for a, b in zip(values[:-1], values[1:], strict=True)),
         f"--{name}={','.join(map(str, values))} must be strictly increasing",
     )
 
@@ -85,54 +83,66 @@ def validate(cfg: ReduceConfig) -> None:
     Cheap: no dataset is loaded and nothing is computed, but files are checked to exist and
     fault-map files are read and validated.
     """
-    _require(cfg.dataset in data_lib.DATASETS,
-             f"--dataset={cfg.dataset!r}; allowed: {', '.join(data_lib.DATASETS)}")
-    _require(cfg.model in models.MODELS,
-             f"--model={cfg.model!r}; allowed: {', '.join(models.MODELS)}")
+    _require(
+        cfg.dataset in data_lib.DATASETS,
+        f"--dataset={cfg.dataset!r}; allowed: {', '.join(data_lib.DATASETS)}",
+    )
+    _require(
+        cfg.model in models.MODELS, f"--model={cfg.model!r}; allowed: {', '.join(models.MODELS)}"
+    )
     for name in ("array_rows", "array_cols"):
         v = getattr(cfg, name)
         _require(1 <= v <= 4096, f"--{name}={v} is outside [1, 4096]")
     for name in ("fault_model", "analysis_fault_model"):
         v = getattr(cfg, name)
-        _require(v in faults.FAULT_MODELS,
-                 f"--{name}={v!r}; allowed: {', '.join(faults.FAULT_MODELS)}")
+        _require(
+            v in faults.FAULT_MODELS, f"--{name}={v!r}; allowed: {', '.join(faults.FAULT_MODELS)}"
+        )
     _require(cfg.cluster_alpha > 0, f"--cluster_alpha={cfg.cluster_alpha} must be > 0")
     _check_grid("fault_rates", list(cfg.fault_rates), 0.0, 1.0)
     _check_grid("retrain_epochs", list(cfg.retrain_epochs), 0.0, None)
     _require(cfg.maps_per_rate >= 1, f"--maps_per_rate={cfg.maps_per_rate} must be >= 1")
     _require(cfg.num_chips >= 1, f"--num_chips={cfg.num_chips} must be >= 1")
-    _require(0.0 <= cfg.chip_fault_rate <= 1.0,
-             f"--chip_fault_rate={cfg.chip_fault_rate} is outside [0, 1]")
+    _require(
+        0.0 <= cfg.chip_fault_rate <= 1.0,
+        f"--chip_fault_rate={cfg.chip_fault_rate} is outside [0, 1]",
+    )
     has_drop, has_target = cfg.max_accuracy_drop is not None, cfg.target_accuracy is not None
-    _require(has_drop != has_target,
-             "give exactly one of --max_accuracy_drop and --target_accuracy")
+    _require(
+        has_drop != has_target, "give exactly one of --max_accuracy_drop and --target_accuracy"
+    )
     if has_drop:
-        _require(0.0 <= cfg.max_accuracy_drop <= 1.0,
-                 f"--max_accuracy_drop={cfg.max_accuracy_drop} is outside [0, 1]")
+        _require(
+            0.0 <= cfg.max_accuracy_drop <= 1.0,
+            f"--max_accuracy_drop={cfg.max_accuracy_drop} is outside [0, 1]",
+        )
     else:
-        _require(0.0 <= cfg.target_accuracy <= 1.0,
-                 f"--target_accuracy={cfg.target_accuracy} is outside [0, 1]")
+        _require(
+            0.0 <= cfg.target_accuracy <= 1.0,
+            f"--target_accuracy={cfg.target_accuracy} is outside [0, 1]",
+        )
     try:
         resilience.parse_statistic(cfg.statistic)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _require(cfg.interpolation in resilience.INTERPOLATIONS,
-             f"--interpolation={cfg.interpolation!r}; allowed: "
-             f"{', '.join(resilience.INTERPOLATIONS)}")
-    _require(cfg.rate_measure in RATE_MEASURES,
-             f"--rate_measure={cfg.rate_measure!r}; allowed: {', '.join(RATE_MEASURES)}")
+    _require(
+        cfg.interpolation in resilience.INTERPOLATIONS,
+        f"--interpolation={cfg.interpolation!r}; allowed: {', '.join(resilience.INTERPOLATIONS)}",
+    )
+    _require(
+        cfg.rate_measure in RATE_MEASURES,
+        f"--rate_measure={cfg.rate_measure!r}; allowed: {', '.join(RATE_MEASURES)}",
+    )
     if cfg.fixed_epochs is not None:
         _require(cfg.fixed_epochs > 0, f"--fixed_epochs={cfg.fixed_epochs} must be > 0")
     _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
-    _require(cfg.max_topup_epochs >= 0,
-             f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")
+    _require(cfg.max_topup_epochs >= 0, f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")
     for name in ("batch_size", "chips_per_batch", "eval_batch_size"):
         v = getattr(cfg, name)
         _require(1 <= v <= 1 << 20, f"--{name}={v} is outside [1, {1 << 20}]")
     for name in ("optimizer", "baseline_optimizer"):
         v = getattr(cfg, name)
-        _require(v in train.OPTIMIZERS,
-                 f"--{name}={v!r}; allowed: {', '.join(train.OPTIMIZERS)}")
+        _require(v in train.OPTIMIZERS, f"--{name}={v!r}; allowed: {', '.join(train.OPTIMIZERS)}")
     for name in ("learning_rate", "baseline_learning_rate"):
         v = getattr(cfg, name)
         _require(0 < v <= 10, f"--{name}={v} is outside (0, 10]")
@@ -152,8 +162,10 @@ def validate(cfg: ReduceConfig) -> None:
 
 
 def _check_workdir(workdir: str) -> None:
-    _require(not os.path.exists(workdir) or os.path.isdir(workdir),
-             f"--workdir={workdir} exists and is not a directory")
+    _require(
+        not os.path.exists(workdir) or os.path.isdir(workdir),
+        f"--workdir={workdir} exists and is not a directory",
+    )
     parent = os.path.abspath(workdir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

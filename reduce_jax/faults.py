@@ -8,6 +8,7 @@ many chips are sampled.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import zipfile
 
@@ -118,9 +119,13 @@ def sample_fault_maps(
         raise ValueError(f"unknown fault model {model!r}; allowed: {', '.join(FAULT_MODELS)}")
     rates = jnp.broadcast_to(jnp.asarray(rate, jnp.float32), (num_chips,))
     ids = first_chip + jnp.arange(num_chips)
+    return _sample_many(key, ids, rates, jnp.asarray(alpha, jnp.float32), rows, cols, model)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _sample_many(key, ids, rates, alpha, rows, cols, model):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-    sample = lambda k, r: sample_fault_map(k, rows, cols, r, model, alpha)
-    return jax.jit(jax.vmap(sample))(keys, rates)
+    return jax.vmap(lambda k, r: sample_fault_map(k, rows, cols, r, model, alpha))(keys, rates)
 
 
 # --------------------------------------------------------------------------- files
@@ -140,7 +145,7 @@ def save_fault_maps(path: str, fault_maps: np.ndarray) -> None:
             w = csv.writer(f)
             f.write(f"# chips={maps.shape[0]} rows={maps.shape[1]} cols={maps.shape[2]}\n")
             w.writerow(["chip", "row", "col"])
-            for chip, r, c in zip(*np.nonzero(maps)):
+            for chip, r, c in zip(*np.nonzero(maps), strict=True):
                 w.writerow([int(chip), int(r), int(c)])
     else:
         raise FaultMapError(f"{path}: fault-map files must end in .npz or .csv")
@@ -163,9 +168,8 @@ def _load_npz(path: str, rows: int | None, cols: int | None) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as data:
             if "fault_maps" not in data.files:
-                raise FaultMapError(
-                    f"{path}: no array named 'fault_maps' (found: {', '.join(data.files) or 'none'})"
-                )
+                found = ", ".join(data.files) or "none"
+                raise FaultMapError(f"{path}: no array named 'fault_maps' (found: {found})")
             raw = data["fault_maps"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, FaultMapError):
@@ -182,34 +186,60 @@ def _load_npz(path: str, rows: int | None, cols: int | None) -> np.ndarray:
     return raw
 
 
+def _csv_comment(path: str, lineno: int, line: str) -> dict[str, int]:
+    """``# chips=N rows=R cols=C`` -> ``{"chips": N, "rows": R, "cols": C}`` (any subset)."""
+    out = {}
+    for kv in line[1:].split():
+        if "=" not in kv:
+            continue
+        name, value = kv.split("=", 1)
+        if name in ("chips", "rows", "cols"):
+            try:
+                out[name] = int(value)
+            except ValueError:
+                raise FaultMapError(
+                    f"{path}: line {lineno}: {name}={value!r} in the comment is not an integer"
+                ) from None
+    return out
+
+
 def _load_csv(path: str, rows: int | None, cols: int | None, num_chips: int | None) -> np.ndarray:
-    header_chips = None
-    entries = []
     try:
         with open(path, newline="") as f:
             lines = f.read().splitlines()
-    except OSError as e:
-        raise FaultMapError(f"{path}: cannot read ({e.strerror})") from e
-    body = []
-    for line in lines:
+    except (OSError, UnicodeDecodeError) as e:
+        raise FaultMapError(f"{path}: cannot read as text ({e})") from e
+    declared: dict[str, int] = {}
+    header_seen = False
+    entries = []
+    for lineno, line in enumerate(lines, start=1):
         if line.startswith("#"):
-            fields = dict(kv.split("=", 1) for kv in line[1:].split() if "=" in kv)
-            header_chips = int(fields["chips"]) if "chips" in fields else header_chips
-            rows = rows if rows is not None else (int(fields["rows"]) if "rows" in fields else None)
-            cols = cols if cols is not None else (int(fields["cols"]) if "cols" in fields else None)
-        elif line.strip():
-            body.append(line)
-    if not body or [h.strip() for h in body[0].split(",")] != ["chip", "row", "col"]:
+            declared.update(_csv_comment(path, lineno, line))
+        elif not line.strip():
+            continue
+        elif not header_seen:
+            if [h.strip() for h in line.split(",")] != ["chip", "row", "col"]:
+                raise FaultMapError(f"{path}: line {lineno}: expected the header 'chip,row,col'")
+            header_seen = True
+        else:
+            try:
+                chip, r, c = (int(p) for p in line.split(","))
+            except ValueError:
+                raise FaultMapError(
+                    f"{path}: line {lineno} {line!r} is not three integers chip,row,col"
+                ) from None
+            entries.append((chip, r, c))
+    if not header_seen:
         raise FaultMapError(f"{path}: expected a header line 'chip,row,col'")
-    for lineno, line in enumerate(body[1:], start=2):
-        parts = line.split(",")
-        try:
-            chip, r, c = (int(p) for p in parts)
-        except ValueError:
+    for name, given in (("rows", rows), ("cols", cols), ("chips", num_chips)):
+        if given is not None and name in declared and declared[name] != given:
             raise FaultMapError(
-                f"{path}: row {lineno} {line!r} is not three integers chip,row,col"
-            ) from None
-        entries.append((chip, r, c))
+                f"{path}: the file declares {name}={declared[name]} but {given} was expected"
+                + (" (--array_rows x --array_cols)" if name != "chips" else "")
+            )
+    rows = rows if rows is not None else declared.get("rows")
+    cols = cols if cols is not None else declared.get("cols")
+    header_chips = declared.get("chips")
     if rows is None or cols is None:
         raise FaultMapError(f"{path}: array size unknown; pass --array_rows and --array_cols")
     arr = np.array(entries, np.int64).reshape(-1, 3)

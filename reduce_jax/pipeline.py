@@ -40,7 +40,8 @@ class ProgressStore:
                 saved = json.load(f)
             if saved.get("config") != key and not overwrite:
                 diff = sorted(
-                    k for k in set(key) | set(saved.get("config", {}))
+                    k
+                    for k in set(key) | set(saved.get("config", {}))
                     if key.get(k) != saved.get("config", {}).get(k)
                 )
                 raise ConfigError(
@@ -74,8 +75,16 @@ class Meter:
             self.last = now
             rate = self.done / max(now, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            logging.info("%s: %d/%d %s (%.0f%%), %.1f/s, ETA %.0f s", self.label, self.done,
-                         self.total, self.unit, 100 * self.done / self.total, rate, eta)
+            logging.info(
+                "%s: %d/%d %s (%.0f%%), %.1f/s, ETA %.0f s",
+                self.label,
+                self.done,
+                self.total,
+                self.unit,
+                100 * self.done / self.total,
+                rate,
+                eta,
+            )
 
 
 def _none_if_inf(x) -> float | None:
@@ -86,9 +95,17 @@ def chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
     """The population's fault maps ``bool[chips, R, C]``: from the file, or sampled."""
     if cfg.chip_fault_maps is not None:
         return faults.load_fault_maps(cfg.chip_fault_maps, cfg.array_rows, cfg.array_cols)
-    return np.asarray(faults.sample_fault_maps(
-        key, cfg.num_chips, cfg.array_rows, cfg.array_cols, cfg.chip_fault_rate,
-        cfg.fault_model, cfg.cluster_alpha))
+    return np.asarray(
+        faults.sample_fault_maps(
+            key,
+            cfg.num_chips,
+            cfg.array_rows,
+            cfg.array_cols,
+            cfg.chip_fault_rate,
+            cfg.fault_model,
+            cfg.cluster_alpha,
+        )
+    )
 
 
 def chip_rates(params, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,26 +158,34 @@ def retrain_chips(
             states, masks = population.init_chunk(trainer, params, chunk_maps, budgets)
             before = population.evaluate(trainer, states, masks, data)
             states = population.run_phase(
-                trainer, states, masks, data, phase_key, budgets, on_progress=meter)
+                trainer, states, masks, data, phase_key, budgets, on_progress=meter
+            )
             after = population.evaluate(trainer, states, masks, data)
             topup = np.zeros(size, np.int64)
             missing = retrain[np.pad(ids, (0, size - len(ids)), mode="edge")] & (after < target)
-            missing[len(ids):] = False
+            missing[len(ids) :] = False
             rnd = 0
             while missing.any() and topup_steps > 0 and rnd * topup_steps < max_topup_steps:
                 extra = np.where(missing, min(topup_steps, max_topup_steps - rnd * topup_steps), 0)
                 states = states.replace(budget=states.budget + jnp.asarray(extra, jnp.int32))
                 states = population.run_phase(
-                    trainer, states, masks, data, jax.random.fold_in(topup_key, rnd), extra)
+                    trainer, states, masks, data, jax.random.fold_in(topup_key, rnd), extra
+                )
                 topup += extra
                 after = np.where(missing, population.evaluate(trainer, states, masks, data), after)
                 missing &= after < target
                 rnd += 1
             m = len(ids)
-            store.put("retrain", ci, dict(
-                accuracy_before=before[:m].tolist(), accuracy_after=after[:m].tolist(),
-                topup_steps=topup[:m].tolist(),
-                diverged=np.asarray(states.diverged)[:m].tolist()))
+            store.put(
+                "retrain",
+                ci,
+                dict(
+                    accuracy_before=before[:m].tolist(),
+                    accuracy_after=after[:m].tolist(),
+                    topup_steps=topup[:m].tolist(),
+                    diverged=np.asarray(states.diverged)[:m].tolist(),
+                ),
+            )
             done = store.done("retrain")
             logging.info("retraining: chunk %d done (%d chips)", ci, m)
         for k in out:
@@ -179,7 +204,8 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     store = ProgressStore(cfg.workdir, cfg.as_dict(), overwrite)
     key = jax.random.key(cfg.seed)
     k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain = (
-        jax.random.fold_in(key, i) for i in range(5))
+        jax.random.fold_in(key, i) for i in range(5)
+    )
 
     t = time.perf_counter()
     ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
@@ -188,20 +214,36 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
 
     t = time.perf_counter()
     params, base_info = baseline_lib.get_baseline(
-        cfg.workdir, cfg.model, ds, k_base, cfg.baseline_epochs, cfg.batch_size,
-        cfg.baseline_optimizer, cfg.baseline_learning_rate, cfg.seed)
+        cfg.workdir,
+        cfg.model,
+        ds,
+        k_base,
+        cfg.baseline_epochs,
+        cfg.batch_size,
+        cfg.baseline_optimizer,
+        cfg.baseline_learning_rate,
+        cfg.seed,
+    )
     params = jax.tree.map(jnp.asarray, params)
     timing["baseline_s"] = time.perf_counter() - t
     timing["baseline_reused"] = base_info["reused"]
     model = models.get_model(cfg.model, ds.num_classes)
-    trainer = train.make_trainer(model, train.make_optimizer(cfg.optimizer, cfg.learning_rate),
-                                 cfg.batch_size, cfg.eval_batch_size)
+    trainer = train.make_trainer(
+        model,
+        train.make_optimizer(cfg.optimizer, cfg.learning_rate),
+        cfg.batch_size,
+        cfg.eval_batch_size,
+    )
     spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
     ones = jax.tree.map(lambda x: jnp.ones((1, *x.shape), x.dtype), params)
-    base_acc = float(trainer.evaluate(
-        jax.tree.map(lambda x: x[None], params), ones, data.test_images, data.test_labels)[0])
-    target = (cfg.target_accuracy if cfg.target_accuracy is not None
-              else base_acc - cfg.max_accuracy_drop)
+    base_acc = float(
+        trainer.evaluate(
+            jax.tree.map(lambda x: x[None], params), ones, data.test_images, data.test_labels
+        )[0]
+    )
+    target = (
+        cfg.target_accuracy if cfg.target_accuracy is not None else base_acc - cfg.max_accuracy_drop
+    )
     logging.info("baseline accuracy %.4f, target %.4f, %d steps per epoch", base_acc, target, spe)
 
     # 1. Resilience analysis.
@@ -210,15 +252,30 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     amounts = np.asarray(cfg.retrain_epochs, np.float64)
     amount_steps = train.epochs_to_steps(amounts, spe)
     k = cfg.maps_per_rate
-    amaps = np.asarray(faults.sample_fault_maps(
-        k_analysis_maps, len(rates) * k, cfg.array_rows, cfg.array_cols, np.repeat(rates, k),
-        cfg.analysis_fault_model, cfg.cluster_alpha)).reshape(len(rates), k,
-                                                              cfg.array_rows, cfg.array_cols)
+    amaps = np.asarray(
+        faults.sample_fault_maps(
+            k_analysis_maps,
+            len(rates) * k,
+            cfg.array_rows,
+            cfg.array_cols,
+            np.repeat(rates, k),
+            cfg.analysis_fault_model,
+            cfg.cluster_alpha,
+        )
+    ).reshape(len(rates), k, cfg.array_rows, cfg.array_cols)
     meter = Meter("resilience analysis", len(rates) * k * int(amount_steps.max()))
     accuracy, a_diverged = resilience.analyze(
-        trainer, params, data, amaps, amount_steps, k_analysis_data, cfg.chips_per_batch,
-        done=store.done("analysis"), on_chunk=lambda i, r: store.put("analysis", i, r),
-        on_progress=meter)
+        trainer,
+        params,
+        data,
+        amaps,
+        amount_steps,
+        k_analysis_data,
+        cfg.chips_per_batch,
+        done=store.done("analysis"),
+        on_chunk=lambda i, r: store.put("analysis", i, r),
+        on_progress=meter,
+    )
     timing["analysis_s"] = time.perf_counter() - t
 
     # 2. Resilience map, on the measured rates of the analysis maps.
@@ -228,17 +285,19 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     if np.any(np.diff(measured) <= 0):
         raise ConfigError(
             f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
-            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)")
-    required_steps = np.where(np.isfinite(required),
-                              train.epochs_to_steps(np.nan_to_num(required, posinf=0), spe),
-                              np.inf)
+            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)"
+        )
+    required_steps = np.where(
+        np.isfinite(required), train.epochs_to_steps(np.nan_to_num(required, posinf=0), spe), np.inf
+    )
 
     # 3. Per-chip amounts.
     maps = chip_fault_maps(cfg, k_chips)
     pe, eff = chip_rates(params, maps)
     chip_rate = pe if cfg.rate_measure == "pe" else eff
     sel_steps, status = resilience.retraining_amount(
-        measured, required_steps, chip_rate, cfg.interpolation)
+        measured, required_steps, chip_rate, cfg.interpolation
+    )
     sel_steps, status = np.asarray(sel_steps), np.asarray(status)
     ok = status == resilience.OK
     budgets = np.where(ok, sel_steps, 0).astype(np.int64)
@@ -246,10 +305,19 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     # 4-5. Retrain every chip for its own amount, verify, top up.
     t = time.perf_counter()
     res = retrain_chips(
-        trainer, params, data, maps, budgets, ok, target,
+        trainer,
+        params,
+        data,
+        maps,
+        budgets,
+        ok,
+        target,
         int(train.epochs_to_steps(cfg.topup_epochs, spe)),
         int(train.epochs_to_steps(cfg.max_topup_epochs, spe)),
-        k_retrain, cfg.chips_per_batch, store)
+        k_retrain,
+        cfg.chips_per_batch,
+        store,
+    )
     timing["retrain_s"] = time.perf_counter() - t
 
     # 6. Cost.
@@ -259,55 +327,89 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         if res["diverged"][i]:
             st = "diverged"
         meets = bool(res["accuracy_after"][i] >= target and not res["diverged"][i])
-        chips.append(dict(
-            chip=i, pe_fault_rate=float(pe[i]), effective_fault_rate=float(eff[i]), status=st,
-            selected_epochs=float(budgets[i] / spe) if ok[i] else None,
-            selected_steps=int(budgets[i]) if ok[i] else None,
-            topup_epochs=float(res["topup_steps"][i] / spe),
-            accuracy_before=float(res["accuracy_before"][i]),
-            accuracy_after=float(res["accuracy_after"][i]), meets_target=meets))
+        chips.append(
+            dict(
+                chip=i,
+                pe_fault_rate=float(pe[i]),
+                effective_fault_rate=float(eff[i]),
+                status=st,
+                selected_epochs=float(budgets[i] / spe) if ok[i] else None,
+                selected_steps=int(budgets[i]) if ok[i] else None,
+                topup_epochs=float(res["topup_steps"][i] / spe),
+                accuracy_before=float(res["accuracy_before"][i]),
+                accuracy_after=float(res["accuracy_after"][i]),
+                meets_target=meets,
+            )
+        )
     fixed_per_chip = float(cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max())
     reduce_epochs = float((budgets.sum() + res["topup_steps"].sum()) / spe)
     fixed_epochs = fixed_per_chip * len(maps)
     analysis_epochs = float(len(rates) * k * amounts.max())
     per_chip_saving = fixed_per_chip - reduce_epochs / len(maps)
     cost = dict(
-        reduce_epochs=reduce_epochs, reduce_steps=int(budgets.sum() + res["topup_steps"].sum()),
-        fixed_epochs=fixed_epochs, fixed_epochs_per_chip=fixed_per_chip,
-        analysis_epochs=analysis_epochs, savings=fixed_epochs - reduce_epochs,
+        reduce_epochs=reduce_epochs,
+        reduce_steps=int(budgets.sum() + res["topup_steps"].sum()),
+        fixed_epochs=fixed_epochs,
+        fixed_epochs_per_chip=fixed_per_chip,
+        analysis_epochs=analysis_epochs,
+        savings=fixed_epochs - reduce_epochs,
         savings_fraction=(fixed_epochs - reduce_epochs) / fixed_epochs,
         topup_epochs=float(res["topup_steps"].sum() / spe),
         chips_meeting_target=sum(c["meets_target"] for c in chips),
         chips_unrecoverable=int((~ok).sum()),
         chips_missing_target=sum(c["status"] == "ok" and not c["meets_target"] for c in chips),
         chips_diverged=int(res["diverged"].sum()),
-        break_even_chips=(math.ceil(analysis_epochs / per_chip_saving)
-                          if per_chip_saving > 0 else None),
-        steps_per_epoch=spe)
+        break_even_chips=(
+            math.ceil(analysis_epochs / per_chip_saving) if per_chip_saving > 0 else None
+        ),
+        steps_per_epoch=spe,
+    )
     timing["wall_s"] = time.perf_counter() - t_start
     summary = dict(
-        baseline_accuracy=base_acc, target_accuracy=float(target),
-        baseline=dict(steps=base_info["steps"], steps_per_epoch=spe,
-                      accuracy_at_training=base_info["test_accuracy"]),
+        baseline_accuracy=base_acc,
+        target_accuracy=float(target),
+        baseline=dict(
+            steps=base_info["steps"],
+            steps_per_epoch=spe,
+            accuracy_at_training=base_info["test_accuracy"],
+        ),
         resilience=dict(
-            fault_rates=rates.tolist(), measured_rates=measured.tolist(),
-            retrain_epochs=amounts.tolist(), retrain_steps=amount_steps.tolist(),
-            accuracy=accuracy.tolist(), statistic=cfg.statistic,
-            statistic_accuracy=stat.tolist(), diverged=a_diverged.tolist()),
+            fault_rates=rates.tolist(),
+            measured_rates=measured.tolist(),
+            retrain_epochs=amounts.tolist(),
+            retrain_steps=amount_steps.tolist(),
+            accuracy=accuracy.tolist(),
+            statistic=cfg.statistic,
+            statistic_accuracy=stat.tolist(),
+            diverged=a_diverged.tolist(),
+        ),
         resilience_map=dict(
-            fault_rates=rates.tolist(), measured_rates=measured.tolist(),
+            fault_rates=rates.tolist(),
+            measured_rates=measured.tolist(),
             required_epochs=[_none_if_inf(x) for x in required],
             required_steps=[None if not np.isfinite(x) else int(x) for x in required_steps],
-            rate_measure=cfg.rate_measure),
-        chips=chips, cost=cost, config=dict(cfg.as_dict(), overwrite=overwrite),
+            rate_measure=cfg.rate_measure,
+        ),
+        chips=chips,
+        cost=cost,
+        config=dict(cfg.as_dict(), overwrite=overwrite),
         timing=timing,
-        mapping=[dict(m, shape=list(m["shape"]), matrix=list(m["matrix"]))
-                 for m in systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols)],
+        mapping=[
+            dict(m, shape=list(m["shape"]), matrix=list(m["matrix"]))
+            for m in systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols)
+        ],
     )
     if cfg.workdir:
         report.write_outputs(summary, cfg.workdir)
-    logging.info("Reduce: %.2f epochs vs fixed %.2f (saves %.1f%%); %d/%d chips meet target; "
-                 "%d unrecoverable; break-even at %s chips", reduce_epochs, fixed_epochs,
-                 100 * cost["savings_fraction"], cost["chips_meeting_target"], len(maps),
-                 cost["chips_unrecoverable"], cost["break_even_chips"])
+    logging.info(
+        "Reduce: %.2f epochs vs fixed %.2f (saves %.1f%%); %d/%d chips meet target; "
+        "%d unrecoverable; break-even at %s chips",
+        reduce_epochs,
+        fixed_epochs,
+        100 * cost["savings_fraction"],
+        cost["chips_meeting_target"],
+        len(maps),
+        cost["chips_unrecoverable"],
+        cost["break_even_chips"],
+    )
     return summary

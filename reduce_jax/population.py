@@ -31,8 +31,12 @@ class DeviceData(NamedTuple):
 
     @classmethod
     def from_dataset(cls, data: Dataset) -> DeviceData:
-        return cls(*(jnp.asarray(a) for a in (
-            data.train_images, data.train_labels, data.test_images, data.test_labels)))
+        return cls(
+            *(
+                jnp.asarray(a)
+                for a in (data.train_images, data.train_labels, data.test_images, data.test_labels)
+            )
+        )
 
     @property
     def num_train(self) -> int:
@@ -102,8 +106,13 @@ def run_phase(
             size = bucket_size(active.size, chips)
             idx = np.concatenate([active, np.full(size - active.size, active[-1])])
             sub = trainer.run(
-                _take(states, idx), _take(masks, idx), data.train_images,
-                data.train_labels, phase_key, t, t_next - t,
+                _take(states, idx),
+                _take(masks, idx),
+                data.train_images,
+                data.train_labels,
+                phase_key,
+                t,
+                t_next - t,
             )
             states = _put(states, idx[: active.size], _take(sub, np.arange(active.size)))
         else:

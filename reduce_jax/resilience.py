@@ -94,8 +94,14 @@ def analyze(
             chunk_acc, prev = [], 0
             for s in steps:
                 states = population.run_phase(
-                    trainer, states, masks, data, phase_key,
-                    np.full(size, s - prev), on_progress=on_progress, start=prev,
+                    trainer,
+                    states,
+                    masks,
+                    data,
+                    phase_key,
+                    np.full(size, s - prev),
+                    on_progress=on_progress,
+                    start=prev,
                 )
                 prev = int(s)
                 chunk_acc.append(population.evaluate(trainer, states, masks, data)[: hi - lo])

@@ -84,9 +84,7 @@ def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
     return jax.tree.map(jnp.multiply, params, mask)
 
 
-def init_chip(
-    params: PyTree, mask: PyTree, tx: optax.GradientTransformation, budget
-) -> ChipState:
+def init_chip(params: PyTree, mask: PyTree, tx: optax.GradientTransformation, budget) -> ChipState:
     """A chip's state at the start of FAP+T: the baseline with bypassed weights zeroed."""
     params = apply_mask(params, mask)
     return ChipState(

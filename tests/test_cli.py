@@ -20,7 +20,11 @@ def run_cli(*args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
         [sys.executable, "-m", "experiments.resilience", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -40,8 +44,16 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
     workdir, s, proc = smoke_run
-    for key in ("baseline_accuracy", "target_accuracy", "resilience", "resilience_map", "chips",
-                "cost", "config", "timing"):
+    for key in (
+        "baseline_accuracy",
+        "target_accuracy",
+        "resilience",
+        "resilience_map",
+        "chips",
+        "cost",
+        "config",
+        "timing",
+    ):
         assert key in s
     res, rmap, cost = s["resilience"], s["resilience_map"], s["cost"]
     f, a, k = len(res["fault_rates"]), len(res["retrain_epochs"]), s["config"]["maps_per_rate"]
@@ -50,15 +62,25 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
     finite = [x for x in rmap["required_epochs"] if x is not None]
     assert finite == sorted(finite)
     assert s["target_accuracy"] == pytest.approx(
-        s["baseline_accuracy"] - s["config"]["max_accuracy_drop"])
+        s["baseline_accuracy"] - s["config"]["max_accuracy_drop"]
+    )
     chips = s["chips"]
     assert len(chips) == s["config"]["num_chips"]
-    chip_keys = {"chip", "pe_fault_rate", "effective_fault_rate", "selected_epochs",
-                 "topup_epochs", "accuracy_before", "accuracy_after", "meets_target"}
+    chip_keys = {
+        "chip",
+        "pe_fault_rate",
+        "effective_fault_rate",
+        "selected_epochs",
+        "topup_epochs",
+        "accuracy_before",
+        "accuracy_after",
+        "meets_target",
+    }
     for c in chips:
         assert chip_keys <= set(c)
-        assert c["meets_target"] == (c["accuracy_after"] >= s["target_accuracy"]
-                                     and c["status"] != "diverged")
+        assert c["meets_target"] == (
+            c["accuracy_after"] >= s["target_accuracy"] and c["status"] != "diverged"
+        )
         if c["selected_epochs"] is None:
             assert c["topup_epochs"] == 0 and c["accuracy_after"] == c["accuracy_before"]
     total = sum((c["selected_epochs"] or 0) + c["topup_epochs"] for c in chips)

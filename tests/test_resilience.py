@@ -19,12 +19,14 @@ def table(stat_rows, spread=0.0):
 
 
 def test_map_min_statistic_picks_first_amount_meeting_target():
-    acc = table([[0.95, 0.95, 0.95, 0.95], [0.80, 0.91, 0.95, 0.96], [0.5, 0.7, 0.85, 0.92]],
-                spread=0.01)
+    acc = table(
+        [[0.95, 0.95, 0.95, 0.95], [0.80, 0.91, 0.95, 0.96], [0.5, 0.7, 0.85, 0.92]], spread=0.01
+    )
     required, stat = resilience.resilience_map(acc, AMOUNTS, target=0.905, statistic="min")
     # min over samples = value - 0.01
-    np.testing.assert_allclose(stat, table([[0.95] * 4, [0.80, 0.91, 0.95, 0.96],
-                                            [0.5, 0.7, 0.85, 0.92]])[..., 0] - 0.01)
+    np.testing.assert_allclose(
+        stat, table([[0.95] * 4, [0.80, 0.91, 0.95, 0.96], [0.5, 0.7, 0.85, 0.92]])[..., 0] - 0.01
+    )
     np.testing.assert_array_equal(required, [0.0, 1.0, 2.0])
 
 
@@ -39,8 +41,15 @@ def test_map_mean_and_quantile_statistics():
 
 def test_map_is_non_decreasing_and_unrecoverable_propagates():
     # Rate 0.2 happens to recover faster than rate 0.1 (noise): the map must not decrease.
-    acc = table([[0.95] * 4, [0.5, 0.8, 0.8, 0.95], [0.5, 0.95, 0.95, 0.95],
-                 [0.3, 0.4, 0.5, 0.6], [0.5, 0.6, 0.95, 0.95]])
+    acc = table(
+        [
+            [0.95] * 4,
+            [0.5, 0.8, 0.8, 0.95],
+            [0.5, 0.95, 0.95, 0.95],
+            [0.3, 0.4, 0.5, 0.6],
+            [0.5, 0.6, 0.95, 0.95],
+        ]
+    )
     required, _ = resilience.resilience_map(acc, AMOUNTS, 0.9, "min")
     np.testing.assert_array_equal(required, [0.0, 2.0, 2.0, np.inf, np.inf])
     assert np.all(np.diff(required[np.isfinite(required)]) >= 0)
@@ -77,8 +86,9 @@ def test_out_of_grid_and_unrecoverable_flagged_not_clipped():
     for mode in resilience.INTERPOLATIONS:
         steps, status = resilience.retraining_amount(GRID, req, rates, mode)
         np.testing.assert_array_equal(
-            status, [resilience.OK, resilience.UNRECOVERABLE, resilience.ABOVE_GRID,
-                     resilience.ABOVE_GRID])
+            status,
+            [resilience.OK, resilience.UNRECOVERABLE, resilience.ABOVE_GRID, resilience.ABOVE_GRID],
+        )
         assert np.isfinite(steps[0]) and not np.isfinite(steps[1:]).any()
 
 

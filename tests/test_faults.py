@@ -1,0 +1,317 @@
+"""Fault-map sampling models and fault-map files."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from reduce_jax import faults
+from reduce_jax.faults import FaultMapError
+
+KEY = jax.random.key(42)
+
+
+# One cached jit with traced key, rates, alpha and first_chip: one compile per
+# (chips, rows, cols, model). Direct calls are checked against this wrapper in
+# ``test_same_key_same_maps_and_chip_independence``.
+_sample_jit = jax.jit(
+    faults.sample_fault_maps, static_argnames=("num_chips", "rows", "cols", "model")
+)
+
+
+def _sample(num_chips, rows, cols, rate, model, alpha=2.0, first_chip=0, key=KEY):
+    rates = np.broadcast_to(np.asarray(rate, np.float32), (num_chips,))
+    maps = _sample_jit(
+        key,
+        num_chips=num_chips,
+        rows=rows,
+        cols=cols,
+        rate=rates,
+        model=model,
+        alpha=np.float32(alpha),
+        first_chip=np.int32(first_chip),
+    )
+    return np.asarray(maps)
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("model", faults.FAULT_MODELS)
+def test_same_key_same_maps_and_chip_independence(model):
+    # The public function, called directly (it compiles on every call) ...
+    ten = np.asarray(faults.sample_fault_maps(KEY, 10, 16, 16, 0.2, model))
+    assert ten.shape == (10, 16, 16) and ten.dtype == bool
+    assert len({m.tobytes() for m in ten}) == 10  # the chips differ from each other
+    # ... gives chip i the same map in a population of 400: independent of the size.
+    many = _sample(400, 16, 16, 0.2, model)
+    np.testing.assert_array_equal(many[:10], ten)
+    np.testing.assert_array_equal(_sample(400, 16, 16, 0.2, model), many)
+    # Another key gives other maps.
+    assert not np.array_equal(_sample(400, 16, 16, 0.2, model, key=jax.random.key(7)), many)
+    # first_chip slices the population.
+    np.testing.assert_array_equal(_sample(400, 16, 16, 0.2, model, first_chip=4)[:396], many[4:])
+    # Chip i is drawn from fold_in(key, i) (jitted: the eager clustered sampler is slow).
+    sample_one = jax.jit(faults.sample_fault_map, static_argnums=(1, 2, 4))
+    single = sample_one(jax.random.fold_in(KEY, 5), 16, 16, 0.2, model)
+    np.testing.assert_array_equal(single, ten[5])
+
+
+@pytest.mark.parametrize(
+    "rows, cols, rate",
+    [(16, 16, 0.1), (16, 16, 0.37), (16, 16, 0.0), (16, 16, 1.0), (7, 9, 0.37), (5, 3, 0.5)],
+)
+def test_exact_gives_round_p_rc_faults(rows, cols, rate):
+    maps = _sample(400, rows, cols, rate, "exact")
+    expected = round(rate * rows * cols)  # 26, 95, 0, 256, 23, 8 (7.5 rounds to even)
+    np.testing.assert_array_equal(maps.sum(axis=(1, 2)), expected)
+    if 0 < expected < rows * cols:  # placement varies between chips
+        assert len({m.tobytes() for m in maps}) > 100
+
+
+def test_exact_placement_is_uniform():
+    maps = _sample(400, 16, 16, 0.25, "exact")  # 64 faults per chip
+    per_pe = maps.mean(axis=0)
+    # Each PE is faulty with probability 0.25; 400 chips -> std ~0.0217 per PE.
+    assert np.all(np.abs(per_pe - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 400)), per_pe
+
+
+def test_bernoulli_rate_within_statistical_tolerance():
+    p, chips, rows, cols = 0.1, 400, 16, 16
+    maps = _sample(chips, rows, cols, p, "bernoulli")
+    n = chips * rows * cols
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(maps.mean() - p) < 4 * sigma, maps.mean()
+    # Per-chip rates vary like a binomial: variance p(1-p)/(R*C).
+    per_chip = maps.mean(axis=(1, 2))
+    assert per_chip.var() == pytest.approx(p * (1 - p) / (rows * cols), rel=0.3)
+    # Chips are independent: no PE is special.
+    assert np.all(np.abs(maps.mean(axis=0) - p) < 5 * np.sqrt(p * (1 - p) / chips))
+
+
+def test_clustered_mean_near_p_and_more_variable_than_bernoulli():
+    p, chips, rows, cols = 0.1, 400, 16, 16
+    clustered = _sample(chips, rows, cols, p, "clustered", alpha=2.0)
+    bernoulli = _sample(chips, rows, cols, p, "bernoulli")
+    assert clustered.mean() == pytest.approx(p, rel=0.25)
+    var_c = clustered.mean(axis=(1, 2)).var()
+    var_b = bernoulli.mean(axis=(1, 2)).var()
+    assert var_c > 3 * var_b, (var_c, var_b)
+    # Some chips come out (nearly) clean and some much worse than p: a yield-model spread.
+    per_chip = clustered.mean(axis=(1, 2))
+    assert per_chip.min() < p / 4 and per_chip.max() > 2 * p
+
+
+def test_clustered_alpha_controls_spread():
+    tight = _sample(400, 16, 16, 0.1, "clustered", alpha=100.0)
+    loose = _sample(400, 16, 16, 0.1, "clustered", alpha=0.5)
+    assert tight.mean() == pytest.approx(0.1, rel=0.1)
+    assert loose.mean(axis=(1, 2)).var() > 5 * tight.mean(axis=(1, 2)).var()
+
+
+def _faulty_neighbour_share(maps):
+    """Mean share of faulty 4-neighbours of faulty PEs (outside the array counts as healthy)."""
+    padded = np.pad(maps, ((0, 0), (1, 1), (1, 1))).astype(np.int64)
+    neighbours = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2]
+    neighbours = neighbours + padded[:, 1:-1, 2:]
+    return neighbours[maps].mean() / 4
+
+
+def test_clustered_faults_are_spatially_clustered():
+    clustered = _sample(400, 16, 16, 0.1, "clustered", alpha=50.0)
+    exact = _sample(400, 16, 16, 0.1, "exact")
+    assert _faulty_neighbour_share(clustered) > 2 * _faulty_neighbour_share(exact)
+
+
+def test_per_chip_rate_arrays():
+    rates = np.full(400, 0.25)
+    rates[:4] = [0.0, 0.05, 0.5, 1.0]
+    maps = _sample(400, 16, 16, rates, "exact")
+    np.testing.assert_array_equal(maps.sum(axis=(1, 2)), [0, 13, 128, 256] + [64] * 396)
+    # A per-chip rate gives chip i the same map as a population-wide rate would.
+    np.testing.assert_array_equal(maps[4:], _sample(400, 16, 16, 0.25, "exact")[4:])
+    bern = _sample(400, 16, 16, [0.0, 1.0] * 100 + [0.5] * 200, "bernoulli")
+    assert not bern[0:200:2].any() and bern[1:200:2].all()
+    assert 0 < bern[200:].mean() < 1
+    clus = _sample(400, 16, 16, [0.0] * 200 + [0.3] * 200, "clustered")
+    assert not clus[:200].any() and clus[200:].any()
+    # Direct call with a per-chip rate array (the public API, not the test wrapper).
+    direct = faults.sample_fault_maps(KEY, 4, 8, 8, np.array([0.0, 0.5, 1.0, 0.25]), "exact")
+    np.testing.assert_array_equal(np.asarray(direct).sum(axis=(1, 2)), [0, 32, 64, 16])
+
+
+def test_unknown_model_rejected():
+    with pytest.raises(ValueError, match="bernoulli"):
+        faults.sample_fault_maps(KEY, 2, 4, 4, 0.1, "poisson")
+    with pytest.raises(ValueError, match="poisson"):
+        faults.sample_fault_map(KEY, 4, 4, 0.1, "poisson")
+
+
+# ------------------------------------------------------------------------------- files
+
+
+def _population():
+    maps = np.zeros((5, 4, 6), bool)
+    maps[1, 0, 0] = maps[1, 3, 5] = True
+    maps[2] = True
+    maps[3, 2, 1] = True
+    return maps  # chips 0 and 4 (the last) have no faults
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".csv"])
+def test_round_trip(tmp_path, suffix):
+    maps = _population()
+    path = str(tmp_path / f"maps{suffix}")
+    faults.save_fault_maps(path, maps)
+    loaded = faults.load_fault_maps(path)
+    assert loaded.dtype == bool and loaded.shape == (5, 4, 6)
+    np.testing.assert_array_equal(loaded, maps)
+    np.testing.assert_array_equal(faults.load_fault_maps(path, rows=4, cols=6), maps)
+    assert not (tmp_path / f"maps{suffix}.tmp").exists()
+
+
+def test_round_trip_sampled(tmp_path):
+    maps = _sample(400, 16, 16, 0.3, "clustered")[:10]
+    for suffix in (".npz", ".csv"):
+        path = str(tmp_path / f"s{suffix}")
+        faults.save_fault_maps(path, maps)
+        np.testing.assert_array_equal(faults.load_fault_maps(path, 16, 16), maps)
+        assert maps.any()
+
+
+def test_csv_format_and_zero_fault_chips(tmp_path):
+    path = tmp_path / "maps.csv"
+    faults.save_fault_maps(str(path), _population()[:2])
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#") and "chips=2" in lines[0]
+    assert lines[1:] == ["chip,row,col", "1,0,0", "1,3,5"]
+    # Without the comment the trailing fault-free chip is lost unless num_chips is given.
+    bare = tmp_path / "bare.csv"
+    bare.write_text("chip,row,col\n1,0,0\n1,3,5\n")
+    assert faults.load_fault_maps(str(bare), rows=4, cols=6).shape == (2, 4, 6)
+    assert faults.load_fault_maps(str(bare), rows=4, cols=6, num_chips=4).shape == (4, 4, 6)
+    # A file with no faulty PE at all still has its chips.
+    empty = str(tmp_path / "empty.csv")
+    faults.save_fault_maps(empty, np.zeros((3, 2, 2), bool))
+    np.testing.assert_array_equal(faults.load_fault_maps(empty), np.zeros((3, 2, 2), bool))
+
+
+def test_npz_integer_zero_one_accepted(tmp_path):
+    path = str(tmp_path / "ints.npz")
+    np.savez(path, fault_maps=_population().astype(np.int8))
+    np.testing.assert_array_equal(faults.load_fault_maps(path), _population())
+
+
+def _rejects(path, match=None, **kwargs):
+    with pytest.raises(FaultMapError) as info:
+        faults.load_fault_maps(str(path), **kwargs)
+    message = str(info.value)
+    assert str(path) in message, message
+    assert "\n" not in message
+    if match is not None:
+        assert match in message, message
+    return message
+
+
+def test_bad_npz_files_rejected(tmp_path):
+    two_d = tmp_path / "two_d.npz"
+    np.savez(two_d, fault_maps=np.zeros((4, 4), bool))
+    _rejects(two_d, "(4, 4)")
+
+    halves = tmp_path / "float.npz"
+    np.savez(halves, fault_maps=np.full((2, 4, 4), 0.5))
+    _rejects(halves, "float64")
+
+    twos = tmp_path / "twos.npz"
+    np.savez(twos, fault_maps=np.full((2, 4, 4), 2, np.int32))
+    _rejects(twos)
+
+    no_chips = tmp_path / "empty.npz"
+    np.savez(no_chips, fault_maps=np.zeros((0, 4, 4), bool))
+    _rejects(no_chips)
+
+    missing = tmp_path / "missing_key.npz"
+    np.savez(missing, maps=_population())
+    _rejects(missing, "fault_maps")
+
+    truncated = tmp_path / "truncated.npz"
+    faults.save_fault_maps(str(truncated), _sample(400, 16, 16, 0.3, "bernoulli")[:10])
+    raw = truncated.read_bytes()
+    for cut in (len(raw) // 2, 30, 3):
+        truncated.write_bytes(raw[:cut])
+        _rejects(truncated)
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a zip file at all")
+    _rejects(garbage)
+
+
+def test_wrong_array_size_rejected_npz(tmp_path):
+    path = tmp_path / "maps.npz"
+    faults.save_fault_maps(str(path), _population())  # 4 x 6
+    message = _rejects(path, rows=8, cols=8)
+    assert "4x6" in message and "8x8" in message
+    _rejects(path, rows=4, cols=5)
+    _rejects(path, rows=6)
+
+
+def test_bad_csv_files_rejected(tmp_path):
+    header = tmp_path / "header.csv"
+    header.write_text("# chips=2 rows=4 cols=4\nchip,r,c\n0,1,1\n")
+    _rejects(header, "chip,row,col")
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    _rejects(empty, rows=4, cols=4)
+
+    out_of_range = tmp_path / "range.csv"
+    out_of_range.write_text("# chips=2 rows=4 cols=4\nchip,row,col\n0,1,1\n1,4,0\n")
+    _rejects(out_of_range, "row=4")
+    negative = tmp_path / "negative.csv"
+    negative.write_text("chip,row,col\n0,1,-1\n")
+    _rejects(negative, rows=4, cols=4)
+    bad_chip = tmp_path / "chip.csv"
+    bad_chip.write_text("# chips=2 rows=4 cols=4\nchip,row,col\n2,0,0\n")
+    _rejects(bad_chip, "chip=2")
+
+    not_ints = tmp_path / "not_ints.csv"
+    not_ints.write_text("chip,row,col\n0,1,x\n")
+    _rejects(not_ints, "'0,1,x'", rows=4, cols=4)
+    short = tmp_path / "short.csv"
+    short.write_text("chip,row,col\n0,1\n")
+    _rejects(short, rows=4, cols=4)
+
+    unknown_size = tmp_path / "size.csv"
+    unknown_size.write_text("chip,row,col\n0,1,1\n")
+    _rejects(unknown_size, "--array_rows")
+
+    smaller = tmp_path / "smaller.csv"
+    faults.save_fault_maps(str(smaller), _population())  # 4 x 6, PE (3, 5) of chip 1 faulty
+    _rejects(smaller, rows=4, cols=5)
+
+
+def test_wrong_array_size_rejected_csv(tmp_path):
+    path = tmp_path / "maps.csv"
+    faults.save_fault_maps(str(path), _population())  # comment says rows=4 cols=6
+    _rejects(path, rows=8, cols=8)
+
+
+def test_csv_bad_comment_rejected(tmp_path):
+    path = tmp_path / "comment.csv"
+    path.write_text("# chips=two rows=4 cols=4\nchip,row,col\n0,1,1\n")
+    _rejects(path)
+
+
+def test_missing_file_and_extension(tmp_path):
+    _rejects(tmp_path / "nope.npz", "not found")
+    txt = tmp_path / "maps.txt"
+    txt.write_text("chip,row,col\n")
+    _rejects(txt, ".npz or .csv")
+    with pytest.raises(FaultMapError, match="maps.txt"):
+        faults.save_fault_maps(str(txt), _population())
+
+
+def test_save_rejects_non_3d():
+    with pytest.raises(FaultMapError, match=r"\(4, 4\)"):
+        faults.save_fault_maps("unused.npz", np.zeros((4, 4), bool))
