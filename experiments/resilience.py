@@ -89,6 +89,11 @@ EVAL_BATCH_SIZE = flags.DEFINE_integer(
     "eval_batch_size", _D.eval_batch_size, "Test images per evaluation batch."
 )
 SEED = flags.DEFINE_integer("seed", _D.seed, "Seed of every random stream.")
+COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host runs: host:port of process 0 (jax.distributed)."
+)
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host runs: number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host runs: this process's index.")
 OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False, "Discard progress in --workdir saved with other settings."
 )
@@ -152,7 +157,18 @@ def main(argv: list[str]) -> int:
         if cfg.workdir is None:
             raise config_lib.ConfigError("--workdir is required (the output directory)")
         config_lib.validate(cfg)
-        from reduce_jax import pipeline  # heavy imports only after validation
+        if NUM_PROCESSES.value < 1 or not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
+            raise config_lib.ConfigError(
+                f"--process_id={PROCESS_ID.value} must be in [0, --num_processes="
+                f"{NUM_PROCESSES.value})"
+            )
+        if NUM_PROCESSES.value > 1 and not COORDINATOR_ADDRESS.value:
+            raise config_lib.ConfigError(
+                "--coordinator_address=host:port is required when --num_processes > 1"
+            )
+        from reduce_jax import pipeline, sharding  # heavy imports only after validation
+
+        sharding.initialize(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
 
         summary = pipeline.run(cfg, overwrite=OVERWRITE.value)
     except (config_lib.ConfigError, DatasetError, FaultMapError) as e:

@@ -139,6 +139,10 @@ def get_baseline(
       ``reused`` (True when loaded from the checkpoint).
     """
     model = models.get_model(model_name, data.num_classes)
+    if jax.process_count() > 1:
+        # Orbax saves collectively across processes; the baseline is cheap next to the
+        # study, so multi-host runs train it on every process (same seed, same params).
+        workdir = None
     config = baseline_config(data.name, model_name, epochs, batch_size, optimizer, lr, seed)
     if workdir is not None:
         abstract = jax.eval_shape(

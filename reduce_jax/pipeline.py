@@ -20,7 +20,7 @@ from absl import logging
 
 from reduce_jax import baseline as baseline_lib
 from reduce_jax import data as data_lib
-from reduce_jax import faults, models, population, report, resilience, systolic, train
+from reduce_jax import faults, models, population, report, resilience, sharding, systolic, train
 from reduce_jax.config import ConfigError, ReduceConfig, validate
 
 PROGRESS_FILE = "progress.json"
@@ -57,7 +57,7 @@ class ProgressStore:
 
     def put(self, phase: str, index: int, result: dict) -> None:
         self.state["phases"].setdefault(phase, {})[str(index)] = result
-        if self.path:
+        if self.path and jax.process_index() == 0:
             report.write_json_atomic(self.path, self.state)
 
 
@@ -145,7 +145,7 @@ def retrain_chips(
     n = len(maps)
     steps = np.where(retrain, steps, 0).astype(np.int64)
     order = np.argsort(steps, kind="stable")
-    size = min(chips_per_batch, n)
+    size = population.chunk_size(n, chips_per_batch)
     phase_key, topup_key = jax.random.split(key)
     out = {k: np.zeros(n) for k in ("accuracy_before", "accuracy_after", "topup_steps")}
     out["diverged"] = np.zeros(n, bool)
@@ -167,7 +167,9 @@ def retrain_chips(
             rnd = 0
             while missing.any() and topup_steps > 0 and rnd * topup_steps < max_topup_steps:
                 extra = np.where(missing, min(topup_steps, max_topup_steps - rnd * topup_steps), 0)
-                states = states.replace(budget=states.budget + jnp.asarray(extra, jnp.int32))
+                states = states.replace(
+                    budget=states.budget + sharding.shard_chips(jnp.asarray(extra, jnp.int32))
+                )
                 states = population.run_phase(
                     trainer, states, masks, data, jax.random.fold_in(topup_key, rnd), extra
                 )
@@ -183,7 +185,7 @@ def retrain_chips(
                     accuracy_before=before[:m].tolist(),
                     accuracy_after=after[:m].tolist(),
                     topup_steps=topup[:m].tolist(),
-                    diverged=np.asarray(states.diverged)[:m].tolist(),
+                    diverged=sharding.to_host(states.diverged)[:m].tolist(),
                 ),
             )
             done = store.done("retrain")
@@ -224,7 +226,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         cfg.baseline_learning_rate,
         cfg.seed,
     )
-    params = jax.tree.map(jnp.asarray, params)
+    params = sharding.replicate(jax.tree.map(jnp.asarray, params))
     timing["baseline_s"] = time.perf_counter() - t
     timing["baseline_reused"] = base_info["reused"]
     model = models.get_model(cfg.model, ds.num_classes)
@@ -399,7 +401,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
             for m in systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols)
         ],
     )
-    if cfg.workdir:
+    if cfg.workdir and jax.process_index() == 0:
         report.write_outputs(summary, cfg.workdir)
     logging.info(
         "Reduce: %.2f epochs vs fixed %.2f (saves %.1f%%); %d/%d chips meet target; "

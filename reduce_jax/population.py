@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reduce_jax import systolic, train
+from reduce_jax import sharding, systolic, train
 from reduce_jax.data import Dataset
 
 PyTree = Any
@@ -31,12 +31,8 @@ class DeviceData(NamedTuple):
 
     @classmethod
     def from_dataset(cls, data: Dataset) -> DeviceData:
-        return cls(
-            *(
-                jnp.asarray(a)
-                for a in (data.train_images, data.train_labels, data.test_images, data.test_labels)
-            )
-        )
+        arrays = (data.train_images, data.train_labels, data.test_images, data.test_labels)
+        return cls(*sharding.replicate([jnp.asarray(a) for a in arrays]))
 
     @property
     def num_train(self) -> int:
@@ -49,14 +45,24 @@ def population_masks(params: PyTree, fault_maps: jax.Array) -> PyTree:
     return jax.vmap(systolic.weight_masks, in_axes=(None, 0))(params, fault_maps)
 
 
+def chunk_size(num_chips: int, chips_per_batch: int) -> int:
+    """Chips per chunk: at most ``chips_per_batch``, a multiple of the number of devices."""
+    return sharding.round_up(min(chips_per_batch, num_chips))
+
+
 def bucket_size(n: int, cap: int) -> int:
-    """Smallest power of two >= ``n``, at most ``cap``."""
-    return min(cap, 1 << max(0, int(n) - 1).bit_length())
+    """Smallest power of two >= ``n`` (and a multiple of the device count), at most ``cap``."""
+    return min(cap, sharding.round_up(1 << max(0, int(n) - 1).bit_length()))
+
+
+def _gather(tree: PyTree, idx: np.ndarray) -> PyTree:
+    idx = jnp.asarray(idx)
+    return jax.tree.map(lambda x: x[idx], tree)
 
 
 def _take(tree: PyTree, idx: np.ndarray) -> PyTree:
-    idx = jnp.asarray(idx)
-    return jax.tree.map(lambda x: x[idx], tree)
+    """Chips ``idx`` (a multiple of the device count), sharded over the devices."""
+    return sharding.shard_chips(_gather(tree, idx))
 
 
 def _put(tree: PyTree, idx: np.ndarray, values: PyTree) -> PyTree:
@@ -114,7 +120,7 @@ def run_phase(
                 t,
                 t_next - t,
             )
-            states = _put(states, idx[: active.size], _take(sub, np.arange(active.size)))
+            states = _put(states, idx[: active.size], _gather(sub, np.arange(active.size)))
         else:
             states = trainer.run(
                 states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
@@ -129,7 +135,7 @@ def run_phase(
 def evaluate(trainer: train.Trainer, states: train.ChipState, masks: PyTree, data: DeviceData):
     """Test accuracy ``float64[chips]`` (numpy) of every chip."""
     acc = trainer.evaluate(states.params, masks, data.test_images, data.test_labels)
-    return np.asarray(acc, np.float64)
+    return sharding.to_host(acc).astype(np.float64)
 
 
 def init_chunk(
@@ -143,9 +149,9 @@ def init_chunk(
     Returns:
       ``(states[n], masks[n])``.
     """
-    maps = jnp.asarray(fault_maps)
+    maps, budgets = sharding.shard_chips((jnp.asarray(fault_maps), jnp.asarray(budgets, jnp.int32)))
     masks = population_masks(params, maps)
-    states = trainer.init_population(params, masks, jnp.asarray(budgets, jnp.int32))
+    states = trainer.init_population(params, masks, budgets)
     return states, masks
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reduce_jax import population, train
+from reduce_jax import population, sharding, train
 
 STATISTICS_HELP = "min, mean, or quantile:q with q in [0, 1]"
 INTERPOLATIONS = ("conservative", "linear")
@@ -80,7 +80,7 @@ def analyze(
         raise ValueError(f"amount_steps must be non-negative and sorted, got {steps}")
     flat_maps = np.asarray(fault_maps).reshape(num_f * k, *fault_maps.shape[2:])
     n = len(flat_maps)
-    size = min(chips_per_batch, n)
+    size = population.chunk_size(n, chips_per_batch)
     acc = np.zeros((n, len(steps)))
     diverged = np.zeros(n, bool)
     done = dict(done or {})
@@ -107,7 +107,7 @@ def analyze(
                 chunk_acc.append(population.evaluate(trainer, states, masks, data)[: hi - lo])
             done[ci] = dict(
                 accuracy=np.stack(chunk_acc, 1).tolist(),
-                diverged=np.asarray(states.diverged)[: hi - lo].tolist(),
+                diverged=sharding.to_host(states.diverged)[: hi - lo].tolist(),
             )
             if on_chunk is not None:
                 on_chunk(ci, done[ci])

@@ -1,0 +1,71 @@
+"""Sharding the chips axis over devices, on one host or many (``jax.distributed``).
+
+Every population array (chip states, masks) has a leading ``chips`` axis, laid out with
+``NamedSharding(mesh, P("chips"))`` over a 1-D mesh of all devices; the data is replicated.
+Since chips are independent, XLA partitions the vmapped step with no communication.
+With one device every function here is the identity.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+PyTree = Any
+
+AXIS = "chips"
+
+
+def initialize(coordinator_address: str | None, num_processes: int, process_id: int) -> None:
+    """Joins a multi-host run (``jax.distributed.initialize``); a no-op for one process."""
+    if num_processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+
+
+@functools.cache
+def mesh() -> Mesh:
+    """1-D mesh of every device (of every process), axis ``chips``."""
+    return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+
+def num_shards() -> int:
+    """Devices the chips axis is split over; chunk sizes are multiples of this."""
+    return jax.device_count()
+
+
+def round_up(n: int) -> int:
+    """``n`` rounded up to a multiple of the number of devices."""
+    k = num_shards()
+    return -(-int(n) // k) * k
+
+
+def shard_chips(tree: PyTree) -> PyTree:
+    """Lays the leading ``chips`` axis of every leaf out over the devices."""
+    if num_shards() == 1:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh(), P(AXIS)))
+
+
+def replicate(tree: PyTree) -> PyTree:
+    """Copies ``tree`` to every device (the data every chip reads)."""
+    if num_shards() == 1:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh(), P()))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as numpy on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
