@@ -51,7 +51,7 @@ class ReduceConfig:
     baseline_optimizer: str = "adam"
     baseline_learning_rate: float = 1e-3
     chips_per_batch: int = 64
-    eval_batch_size: int = 500
+    eval_batch_size: int = 100
     seed: int = 0
 
     def as_dict(self) -> dict:

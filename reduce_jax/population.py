@@ -3,7 +3,7 @@
 The population is processed in chunks of at most ``chips_per_batch`` chips (bounded memory).
 Inside a chunk, a *phase* runs every chip for its own number of steps: the chips run
 together until the smallest remaining budget is reached, then finished chips are dropped
-and the rest continue, compacted to a power-of-two number of chips so that only a few
+and the rest continue, compacted to a power-of-four number of chips so that only a few
 shapes are ever compiled (``Trainer.run`` never recompiles for new step counts).
 """
 
@@ -51,8 +51,16 @@ def chunk_size(num_chips: int, chips_per_batch: int) -> int:
 
 
 def bucket_size(n: int, cap: int) -> int:
-    """Smallest power of two >= ``n`` (and a multiple of the device count), at most ``cap``."""
-    return min(cap, sharding.round_up(1 << max(0, int(n) - 1).bit_length()))
+    """Chips to compute for ``n`` active chips: the smallest power of 4 >= ``n`` (a multiple
+    of the device count), at most ``cap``.
+
+    Every distinct size is compiled once (seconds on a CPU); powers of 4 bound the number of
+    sizes to ``log4(cap) + 1`` while never computing more than 4x the active chips.
+    """
+    size = 1
+    while size < n:
+        size *= 4
+    return min(cap, sharding.round_up(size))
 
 
 def _gather(tree: PyTree, idx: np.ndarray) -> PyTree:
@@ -95,7 +103,8 @@ def run_phase(
       phase_key: key of the phase's batch order.
       phase_steps: ``int[chips]`` steps to run per chip.
       compact: drop finished chips (False: run all chips to the longest, gated by budgets).
-      on_progress: called with the number of chip-steps just completed.
+      on_progress: called with the number of chip-steps just completed (budgeted steps,
+        not padding or gated steps).
       start: first phase step (batch ``batch_indices(phase_key, start)``).
 
     Returns:
@@ -126,7 +135,7 @@ def run_phase(
                 states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
             )
         if on_progress is not None:
-            on_progress(int(active.size) * (t_next - t))
+            on_progress(int((np.minimum(ends[active], t_next) - t).sum()))
         t = t_next
         active = active[ends[active] > t]
     return states

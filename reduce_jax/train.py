@@ -168,7 +168,7 @@ def make_trainer(
     model: nn.Module,
     tx: optax.GradientTransformation,
     batch_size: int,
-    eval_batch_size: int = 500,
+    eval_batch_size: int = 100,
     max_traces: int | None = None,
 ) -> Trainer:
     """Builds the jitted single-chip and population functions.
