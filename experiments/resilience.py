@@ -7,6 +7,7 @@ Flags are validated before any compute; a bad value exits with a one-line messag
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -147,6 +148,11 @@ def config_from_flags() -> config_lib.ReduceConfig:
     )
 
 
+def _interrupt(signum, frame):
+    del frame
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
@@ -170,10 +176,21 @@ def main(argv: list[str]) -> int:
 
         sharding.initialize(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
 
+        signal.signal(signal.SIGTERM, _interrupt)
         summary = pipeline.run(cfg, overwrite=OVERWRITE.value)
     except (config_lib.ConfigError, DatasetError, FaultMapError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; finished work is saved in {WORKDIR.value}: run the same command "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
     cost = summary["cost"]
     print(
         f"baseline {summary['baseline_accuracy']:.4f}, target {summary['target_accuracy']:.4f}; "

@@ -128,6 +128,21 @@ def _sample_many(key, ids, rates, alpha, rows, cols, model):
     return jax.vmap(lambda k, r: sample_fault_map(k, rows, cols, r, model, alpha))(keys, rates)
 
 
+def fuse_fault_maps(fault_maps: jax.Array) -> jax.Array:
+    """The fused map of a group of chips (eFAT): the union of their faulty PEs.
+
+    A model retrained with the fused map's masks runs unchanged on every member chip, since
+    each member's faulty PEs are bypassed in it already.
+
+    Args:
+      fault_maps: ``bool[members, R, C]``.
+
+    Returns:
+      ``bool[R, C]``.
+    """
+    return jnp.any(jnp.asarray(fault_maps, bool), axis=0)
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -163,6 +163,7 @@ def retrain_chips(
             after = population.evaluate(trainer, states, masks, data)
             topup = np.zeros(size, np.int64)
             missing = retrain[np.pad(ids, (0, size - len(ids)), mode="edge")] & (after < target)
+            missing &= ~sharding.to_host(states.diverged)
             missing[len(ids) :] = False
             rnd = 0
             while missing.any() and topup_steps > 0 and rnd * topup_steps < max_topup_steps:
@@ -175,9 +176,15 @@ def retrain_chips(
                 )
                 topup += extra
                 after = np.where(missing, population.evaluate(trainer, states, masks, data), after)
-                missing &= after < target
+                missing &= (after < target) & ~sharding.to_host(states.diverged)
                 rnd += 1
             m = len(ids)
+            diverged = sharding.to_host(states.diverged)[:m]
+            for chip in ids[diverged]:
+                logging.warning(
+                    "chip %d: loss or weights became non-finite; stopped, reported as diverged",
+                    chip,
+                )
             store.put(
                 "retrain",
                 ci,
@@ -185,7 +192,7 @@ def retrain_chips(
                     accuracy_before=before[:m].tolist(),
                     accuracy_after=after[:m].tolist(),
                     topup_steps=topup[:m].tolist(),
-                    diverged=sharding.to_host(states.diverged)[:m].tolist(),
+                    diverged=diverged.tolist(),
                 ),
             )
             done = store.done("retrain")
@@ -201,18 +208,17 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     validate(cfg)
     t_start = time.perf_counter()
     timing = {}
+    # Everything that can be wrong with the inputs is found before the workdir is touched.
+    ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
+    store = ProgressStore(cfg.workdir, cfg.as_dict(), overwrite)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
-    store = ProgressStore(cfg.workdir, cfg.as_dict(), overwrite)
+    data = population.DeviceData.from_dataset(ds)
+    timing["load_data_s"] = time.perf_counter() - t_start
     key = jax.random.key(cfg.seed)
     k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain = (
         jax.random.fold_in(key, i) for i in range(5)
     )
-
-    t = time.perf_counter()
-    ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
-    data = population.DeviceData.from_dataset(ds)
-    timing["load_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     params, base_info = baseline_lib.get_baseline(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from reduce_jax import population, sharding, train
 
@@ -104,17 +105,22 @@ def analyze(
                     start=prev,
                 )
                 prev = int(s)
-                chunk_acc.append(population.evaluate(trainer, states, masks, data)[: hi - lo])
-            done[ci] = dict(
-                accuracy=np.stack(chunk_acc, 1).tolist(),
-                diverged=sharding.to_host(states.diverged)[: hi - lo].tolist(),
-            )
+                acc_now = population.evaluate(trainer, states, masks, data)[: hi - lo]
+                # A diverged chip is frozen at its last finite state; it never counts as
+                # recovered from the amount at which it diverged on.
+                div_now = sharding.to_host(states.diverged)[: hi - lo]
+                chunk_acc.append(np.where(div_now, 0.0, acc_now))
+            for j in np.flatnonzero(div_now):
+                logging.warning(
+                    "analysis chip %d: loss or weights became non-finite; its "
+                    "accuracy counts as 0 from then on",
+                    lo + j,
+                )
+            done[ci] = dict(accuracy=np.stack(chunk_acc, 1).tolist(), diverged=div_now.tolist())
             if on_chunk is not None:
                 on_chunk(ci, done[ci])
         acc[lo:hi] = np.asarray(done[ci]["accuracy"])
         diverged[lo:hi] = np.asarray(done[ci]["diverged"])
-    # A diverged chip never counts as recovered.
-    acc = np.where(diverged[:, None], 0.0, acc)
     return acc.reshape(num_f, k, -1).transpose(0, 2, 1), diverged.reshape(num_f, k)
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reduce_jax import systolic
+from reduce_jax import faults, systolic
 
 # ----------------------------------------------------------------------- hand-computed masks
 
@@ -297,3 +297,22 @@ def test_mask_zeroes_exactly_faulty_pes_and_more_faults_never_give_a_larger_mask
     assert int((np.asarray(mask_b["layer"]["kernel"]) == 0).sum()) == int(load[fault_b].sum())
     np.testing.assert_array_equal(mask_a["layer"]["bias"], 1.0)
     np.testing.assert_array_equal(mask_b["layer"]["bias"], 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    members=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+    rate=st.floats(0.0, 0.5),
+)
+def test_fused_map_is_superset_and_its_masks_bypass_every_member(members, seed, rate):
+    maps = np.random.default_rng(seed).random((members, 4, 6)) < rate
+    fused = np.asarray(faults.fuse_fault_maps(maps))
+    assert fused.shape == (4, 6)
+    for m in maps:
+        assert not (m & ~fused).any()  # superset
+    params = {"dense": {"kernel": np.ones((9, 7), np.float32)}}
+    fused_mask = np.asarray(systolic.weight_masks(params, fused)["dense"]["kernel"])
+    for m in maps:
+        member_mask = np.asarray(systolic.weight_masks(params, m)["dense"]["kernel"])
+        assert (fused_mask <= member_mask).all()

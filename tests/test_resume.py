@@ -1,0 +1,161 @@
+"""Interrupted runs resume to the same result; results do not depend on chunk size; a
+diverging chip is reported and does not stop the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from reduce_jax import config, pipeline, population
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def cli(workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "experiments.resilience",
+        f"--flagfile={SMOKE}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+
+
+def finish(workdir, *extra) -> dict:
+    proc = subprocess.run(
+        cli(workdir, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def kill_when(workdir, phase: str, *extra) -> int:
+    """Starts a run and SIGKILLs it once ``phase`` has its first finished chunk saved."""
+    proc = subprocess.Popen(
+        cli(workdir, *extra),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    path = os.path.join(workdir, "progress.json")
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with open(path) as f:
+                    chunks = json.load(f)["phases"].get(phase, {})
+            except (OSError, ValueError):
+                chunks = {}
+            if chunks:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return len(chunks)
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    raise AssertionError(f"run ended (rc={proc.returncode}) before any {phase} chunk was saved")
+
+
+def strip(summary, *config_keys):
+    """The summary less timing, the workdir and the given config keys."""
+    out = {k: v for k, v in summary.items() if k != "timing"}
+    drop = ("workdir", *config_keys)
+    out["config"] = {k: v for k, v in summary["config"].items() if k not in drop}
+    return out
+
+
+@pytest.mark.slow
+def test_killed_twice_then_resumed_equals_uninterrupted_and_chunk_size_does_not_matter(
+    tmp_path,
+):
+    small_chunks = ("--chips_per_batch=2",)  # analysis: 3 chunks, retraining: 4 chunks
+    reference = finish(str(tmp_path / "reference"), *small_chunks)
+
+    workdir = str(tmp_path / "killed")
+    saved = kill_when(workdir, "analysis", *small_chunks)
+    assert saved < 3, "killed too late to test resuming the analysis"
+    kill_when(workdir, "retrain", *small_chunks)
+    with open(os.path.join(workdir, "progress.json")) as f:
+        progress = json.load(f)["phases"]
+    assert len(progress["analysis"]) == 3 and 1 <= len(progress["retrain"]) < 4
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    resumed = finish(workdir, *small_chunks)
+    assert strip(resumed) == strip(reference)
+
+    other_chunks = finish(str(tmp_path / "chunk8"), "--chips_per_batch=8")
+    assert strip(other_chunks, "chips_per_batch") == strip(reference, "chips_per_batch")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_a_resume_hint(tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = subprocess.Popen(
+        cli(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(workdir, "baseline.json")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert "run the same command to resume" in err
+
+
+@pytest.mark.slow
+def test_diverging_chip_is_reported_and_run_goes_on(tmp_path, monkeypatch):
+    cfg = config.ReduceConfig(
+        workdir=str(tmp_path / "w"),
+        dataset="digits",
+        model="mlp",
+        array_rows=8,
+        array_cols=8,
+        fault_rates=(0.0, 0.1, 0.3),
+        retrain_epochs=(0.0, 0.5, 1.0),
+        maps_per_rate=2,
+        num_chips=8,
+        chip_fault_rate=0.15,
+        max_accuracy_drop=0.05,
+        batch_size=64,
+        learning_rate=3e-3,
+        baseline_epochs=5,
+        chips_per_batch=8,
+        topup_epochs=0.5,
+    )
+    original = population.init_chunk
+    sabotaged = []
+
+    def init_chunk(trainer, params, maps, budgets):
+        states, masks = original(trainer, params, maps, budgets)
+        victim = int(np.argmax(budgets))  # the chip that trains longest
+        lr = states.opt_state.hyperparams["learning_rate"]
+        states.opt_state.hyperparams["learning_rate"] = lr.at[victim].set(1e30)
+        sabotaged.append(victim)
+        return states, masks
+
+    original_retrain = pipeline.retrain_chips
+
+    def retrain_chips(*args, **kwargs):
+        monkeypatch.setattr(population, "init_chunk", init_chunk)
+        return original_retrain(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "retrain_chips", retrain_chips)
+    summary = pipeline.run(cfg)
+    diverged = [c for c in summary["chips"] if c["status"] == "diverged"]
+    assert len(sabotaged) == 1 and len(diverged) == 1
+    assert not diverged[0]["meets_target"] and diverged[0]["topup_epochs"] == 0
+    assert summary["cost"]["chips_diverged"] == 1
+    others = [c for c in summary["chips"] if c["status"] != "diverged"]
+    assert all(np.isfinite(c["accuracy_after"]) for c in others)
+    assert sum(c["meets_target"] for c in others) >= len(others) - 1
