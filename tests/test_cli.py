@@ -128,9 +128,20 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--num_chips=0"], "--num_chips"),
         (["--fault_rates=0,0.5,0.2"], "--fault_rates"),
         (["--statistic=median"], "--statistic"),
+        (["--retrain_epochs=0,1,x"], "--retrain_epochs"),
+        (["--dataset=mnist", "--data_dir={tmp}/idx"], "train-images-idx3-ubyte"),
+        (["--chip_fault_maps={tmp}/float_maps.npz"], "float_maps.npz"),
+        (["--chip_fault_maps={tmp}/maps.csv"], "maps.csv"),
     ],
 )
 def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
+    (tmp_path / "idx").mkdir()
+    for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "idx" / name).write_bytes(b"")
+    (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03trunc")
+    np.savez(tmp_path / "float_maps.npz", fault_maps=np.full((2, 8, 8), 0.5))
+    (tmp_path / "maps.csv").write_text("chip,row,col\n0,9,1\n")  # row 9 on an 8x8 array
+    args = [a.format(tmp=tmp_path) for a in args]
     proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
