@@ -116,6 +116,63 @@ def chip_rates(params, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(pe, np.float64), np.asarray(eff, np.float64)
 
 
+def _retrain_chunk(
+    trainer: train.Trainer,
+    params,
+    data: population.DeviceData,
+    maps: np.ndarray,
+    budgets: np.ndarray,
+    retrain: np.ndarray,
+    target: float,
+    topup_steps: int,
+    max_topup_steps: int,
+    phase_key: jax.Array,
+    topup_key: jax.Array,
+    size: int,
+    meter: Meter,
+) -> dict[str, list]:
+    """One chunk of ``m <= size`` chips: retrain, verify, top up; results as lists over chips."""
+    m = len(maps)
+    chunk_maps, chunk_budgets = population.pad_chunk(maps, budgets, size)
+    states, masks = population.init_chunk(trainer, params, chunk_maps, chunk_budgets)
+    before = population.evaluate(trainer, states, masks, data)
+    states = population.run_phase(
+        trainer, states, masks, data, phase_key, chunk_budgets, on_progress=meter
+    )
+    after = population.evaluate(trainer, states, masks, data)
+    topup = np.zeros(size, np.int64)
+    missing = np.zeros(size, bool)
+    missing[:m] = retrain & (after[:m] < target)
+    rnd = 0
+    while True:
+        # A diverged chip is frozen: more steps cannot help it.
+        missing &= ~sharding.to_host(states.diverged)
+        left = max_topup_steps - rnd * topup_steps
+        if not missing.any() or topup_steps <= 0 or left <= 0:
+            break
+        extra = np.where(missing, min(topup_steps, left), 0)
+        budget = states.budget + sharding.shard_chips(jnp.asarray(extra, jnp.int32))
+        states = population.run_phase(
+            trainer,
+            states.replace(budget=budget),
+            masks,
+            data,
+            jax.random.fold_in(topup_key, rnd),
+            extra,
+        )
+        topup += extra
+        after = np.where(missing, population.evaluate(trainer, states, masks, data), after)
+        missing &= after < target
+        rnd += 1
+    diverged = sharding.to_host(states.diverged)[:m]
+    return dict(
+        accuracy_before=before[:m].tolist(),
+        accuracy_after=after[:m].tolist(),
+        topup_steps=topup[:m].tolist(),
+        diverged=diverged.tolist(),
+    )
+
+
 def retrain_chips(
     trainer: train.Trainer,
     params,
@@ -132,7 +189,8 @@ def retrain_chips(
 ) -> dict[str, np.ndarray]:
     """Retrains every chip for its own steps, verifies it, and tops up those that miss.
 
-    Chips are sorted by budget before chunking, so a chunk holds similar budgets.
+    Chips are sorted by budget before chunking, so a chunk holds similar budgets. Each
+    finished chunk is saved in ``store``; chunks already there are not redone.
 
     Args:
       maps: ``bool[chips, R, C]``; steps: ``int[chips]`` budgets; retrain: ``bool[chips]``
@@ -147,59 +205,39 @@ def retrain_chips(
     order = np.argsort(steps, kind="stable")
     size = population.chunk_size(n, chips_per_batch)
     phase_key, topup_key = jax.random.split(key)
-    out = {k: np.zeros(n) for k in ("accuracy_before", "accuracy_after", "topup_steps")}
-    out["diverged"] = np.zeros(n, bool)
     done = store.done("retrain")
     meter = Meter("retraining", int(steps.sum()))
+    out = {k: np.zeros(n) for k in ("accuracy_before", "accuracy_after")}
+    out["topup_steps"] = np.zeros(n, np.int64)
+    out["diverged"] = np.zeros(n, bool)
     for ci, lo in enumerate(range(0, n, size)):
         ids = order[lo : lo + size]
         if ci not in done:
-            chunk_maps, budgets = population.pad_chunk(maps[ids], steps[ids], size)
-            states, masks = population.init_chunk(trainer, params, chunk_maps, budgets)
-            before = population.evaluate(trainer, states, masks, data)
-            states = population.run_phase(
-                trainer, states, masks, data, phase_key, budgets, on_progress=meter
+            result = _retrain_chunk(
+                trainer,
+                params,
+                data,
+                maps[ids],
+                steps[ids],
+                retrain[ids],
+                target,
+                topup_steps,
+                max_topup_steps,
+                phase_key,
+                topup_key,
+                size,
+                meter,
             )
-            after = population.evaluate(trainer, states, masks, data)
-            topup = np.zeros(size, np.int64)
-            missing = retrain[np.pad(ids, (0, size - len(ids)), mode="edge")] & (after < target)
-            missing &= ~sharding.to_host(states.diverged)
-            missing[len(ids) :] = False
-            rnd = 0
-            while missing.any() and topup_steps > 0 and rnd * topup_steps < max_topup_steps:
-                extra = np.where(missing, min(topup_steps, max_topup_steps - rnd * topup_steps), 0)
-                states = states.replace(
-                    budget=states.budget + sharding.shard_chips(jnp.asarray(extra, jnp.int32))
-                )
-                states = population.run_phase(
-                    trainer, states, masks, data, jax.random.fold_in(topup_key, rnd), extra
-                )
-                topup += extra
-                after = np.where(missing, population.evaluate(trainer, states, masks, data), after)
-                missing &= (after < target) & ~sharding.to_host(states.diverged)
-                rnd += 1
-            m = len(ids)
-            diverged = sharding.to_host(states.diverged)[:m]
-            for chip in ids[diverged]:
+            for chip in ids[np.asarray(result["diverged"], bool)]:
                 logging.warning(
                     "chip %d: loss or weights became non-finite; stopped, reported as diverged",
                     chip,
                 )
-            store.put(
-                "retrain",
-                ci,
-                dict(
-                    accuracy_before=before[:m].tolist(),
-                    accuracy_after=after[:m].tolist(),
-                    topup_steps=topup[:m].tolist(),
-                    diverged=diverged.tolist(),
-                ),
-            )
-            done = store.done("retrain")
-            logging.info("retraining: chunk %d done (%d chips)", ci, m)
+            store.put("retrain", ci, result)
+            done[ci] = result
+            logging.info("retraining: chunk %d done (%d chips)", ci, len(ids))
         for k in out:
             out[k][ids] = done[ci][k]
-    out["topup_steps"] = out["topup_steps"].astype(np.int64)
     return out
 
 
