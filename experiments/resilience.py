@@ -202,5 +202,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a one-line message and exit code 2 for a bad or unknown flag."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

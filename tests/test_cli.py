@@ -129,6 +129,8 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--fault_rates=0,0.5,0.2"], "--fault_rates"),
         (["--statistic=median"], "--statistic"),
         (["--retrain_epochs=0,1,x"], "--retrain_epochs"),
+        (["--num_chips=abc"], "--num_chips"),
+        (["--no_such_flag=1"], "no_such_flag"),
         (["--dataset=mnist", "--data_dir={tmp}/idx"], "train-images-idx3-ubyte"),
         (["--chip_fault_maps={tmp}/float_maps.npz"], "float_maps.npz"),
         (["--chip_fault_maps={tmp}/maps.csv"], "maps.csv"),
