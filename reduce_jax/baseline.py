@@ -66,7 +66,7 @@ def train_baseline(
     trainer = train.make_trainer(model, tx, batch_size)
     spe = train.steps_per_epoch(len(data.train_labels), batch_size)
     total = int(train.epochs_to_steps(epochs, spe))
-    ones = jax.tree.map(lambda x: jnp.ones((1, *x.shape), x.dtype), params)
+    ones = train.unit_masks(params)
     state = trainer.init_population(params, ones, jnp.array([total], jnp.int32))
     images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
     test_x, test_y = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
@@ -91,13 +91,15 @@ def train_baseline(
 def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> None:
     """Writes the checkpoint and its metadata; the metadata file is written last, atomically."""
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    meta = os.path.join(workdir, "baseline.json")
+    if os.path.exists(meta):  # first, so a kill below never pairs old metadata with new params
+        os.remove(meta)
     if os.path.exists(path):
         shutil.rmtree(path)
     with _quiet_orbax():
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(path, params)
         ckpt.wait_until_finished()
-    meta = os.path.join(workdir, "baseline.json")
     with open(meta + ".tmp", "w") as f:
         json.dump(dict(config=config, info=info), f, indent=1)
     os.replace(meta + ".tmp", meta)

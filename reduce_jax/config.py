@@ -135,6 +135,12 @@ def validate(cfg: ReduceConfig) -> None:
     )
     if cfg.fixed_epochs is not None:
         _require(cfg.fixed_epochs > 0, f"--fixed_epochs={cfg.fixed_epochs} must be > 0")
+    else:
+        _require(
+            max(cfg.retrain_epochs, default=0) > 0,
+            "--retrain_epochs needs an amount > 0 (it sets the fixed policy's amount), "
+            "or give --fixed_epochs",
+        )
     _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
     _require(cfg.max_topup_epochs >= 0, f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")
     for name in ("batch_size", "chips_per_batch", "eval_batch_size"):

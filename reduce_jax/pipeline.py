@@ -8,6 +8,7 @@ continues where it stopped and ends with the same ``summary.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from reduce_jax import baseline as baseline_lib
+from reduce_jax import cost as cost_lib
 from reduce_jax import data as data_lib
 from reduce_jax import faults, models, population, report, resilience, sharding, systolic, train
 from reduce_jax.config import ConfigError, ReduceConfig, validate
@@ -85,6 +87,13 @@ class Meter:
                 rate,
                 eta,
             )
+
+
+def _sha256(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _none_if_inf(x) -> float | None:
@@ -248,7 +257,17 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     timing = {}
     # Everything that can be wrong with the inputs is found before the workdir is touched.
     ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
-    store = ProgressStore(cfg.workdir, cfg.as_dict(), overwrite)
+    # Saved chunks are reused only with the same settings, the same device count (it sets
+    # the chunk sizes) and the same fault-map file contents.
+    store = ProgressStore(
+        cfg.workdir,
+        dict(
+            cfg.as_dict(),
+            devices=jax.device_count(),
+            chip_fault_maps_sha256=_sha256(cfg.chip_fault_maps),
+        ),
+        overwrite,
+    )
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
     data = population.DeviceData.from_dataset(ds)
@@ -281,7 +300,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         cfg.eval_batch_size,
     )
     spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
-    ones = jax.tree.map(lambda x: jnp.ones((1, *x.shape), x.dtype), params)
+    ones = train.unit_masks(params)
     base_acc = float(
         trainer.evaluate(
             jax.tree.map(lambda x: x[None], params), ones, data.test_images, data.test_labels
@@ -309,6 +328,15 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
             cfg.cluster_alpha,
         )
     ).reshape(len(rates), k, cfg.array_rows, cfg.array_cols)
+    # The map is interpolated at the measured rates of the analysis maps: check them now,
+    # not after the analysis.
+    a_pe, a_eff = chip_rates(params, amaps.reshape(-1, cfg.array_rows, cfg.array_cols))
+    measured = (a_pe if cfg.rate_measure == "pe" else a_eff).reshape(len(rates), k).mean(1)
+    if np.any(np.diff(measured) <= 0):
+        raise ConfigError(
+            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
+            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)"
+        )
     meter = Meter("resilience analysis", len(rates) * k * int(amount_steps.max()))
     accuracy, a_diverged = resilience.analyze(
         trainer,
@@ -326,19 +354,15 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
 
     # 2. Resilience map, on the measured rates of the analysis maps.
     required, stat = resilience.resilience_map(accuracy, amounts, target, cfg.statistic)
-    a_pe, a_eff = chip_rates(params, amaps.reshape(-1, cfg.array_rows, cfg.array_cols))
-    measured = (a_pe if cfg.rate_measure == "pe" else a_eff).reshape(len(rates), k).mean(1)
-    if np.any(np.diff(measured) <= 0):
-        raise ConfigError(
-            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
-            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)"
-        )
     required_steps = np.where(
         np.isfinite(required), train.epochs_to_steps(np.nan_to_num(required, posinf=0), spe), np.inf
     )
 
     # 3. Per-chip amounts.
     maps = chip_fault_maps(cfg, k_chips)
+    if cfg.chip_fault_maps is not None:
+        logging.info("%d chips from %s (--num_chips, --chip_fault_rate and --fault_model are "
+                     "not used)", len(maps), cfg.chip_fault_maps)
     pe, eff = chip_rates(params, maps)
     chip_rate = pe if cfg.rate_measure == "pe" else eff
     sel_steps, status = resilience.retraining_amount(
@@ -367,49 +391,9 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     timing["retrain_s"] = time.perf_counter() - t
 
     # 6. Cost.
-    chips = []
-    for i in range(len(maps)):
-        st = resilience.STATUS_NAMES[int(status[i])]
-        if res["diverged"][i]:
-            st = "diverged"
-        meets = bool(res["accuracy_after"][i] >= target and not res["diverged"][i])
-        chips.append(
-            dict(
-                chip=i,
-                pe_fault_rate=float(pe[i]),
-                effective_fault_rate=float(eff[i]),
-                status=st,
-                selected_epochs=float(budgets[i] / spe) if ok[i] else None,
-                selected_steps=int(budgets[i]) if ok[i] else None,
-                topup_epochs=float(res["topup_steps"][i] / spe),
-                accuracy_before=float(res["accuracy_before"][i]),
-                accuracy_after=float(res["accuracy_after"][i]),
-                meets_target=meets,
-            )
-        )
+    chips = cost_lib.chip_records(pe, eff, status, budgets, res, target, spe)
     fixed_per_chip = float(cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max())
-    reduce_epochs = float((budgets.sum() + res["topup_steps"].sum()) / spe)
-    fixed_epochs = fixed_per_chip * len(maps)
-    analysis_epochs = float(len(rates) * k * amounts.max())
-    per_chip_saving = fixed_per_chip - reduce_epochs / len(maps)
-    cost = dict(
-        reduce_epochs=reduce_epochs,
-        reduce_steps=int(budgets.sum() + res["topup_steps"].sum()),
-        fixed_epochs=fixed_epochs,
-        fixed_epochs_per_chip=fixed_per_chip,
-        analysis_epochs=analysis_epochs,
-        savings=fixed_epochs - reduce_epochs,
-        savings_fraction=(fixed_epochs - reduce_epochs) / fixed_epochs,
-        topup_epochs=float(res["topup_steps"].sum() / spe),
-        chips_meeting_target=sum(c["meets_target"] for c in chips),
-        chips_unrecoverable=int((~ok).sum()),
-        chips_missing_target=sum(c["status"] == "ok" and not c["meets_target"] for c in chips),
-        chips_diverged=int(res["diverged"].sum()),
-        break_even_chips=(
-            math.ceil(analysis_epochs / per_chip_saving) if per_chip_saving > 0 else None
-        ),
-        steps_per_epoch=spe,
-    )
+    cost = cost_lib.cost_summary(chips, fixed_per_chip, len(rates) * k * amounts.max(), spe)
     timing["wall_s"] = time.perf_counter() - t_start
     summary = dict(
         baseline_accuracy=base_acc,
@@ -450,8 +434,8 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     logging.info(
         "Reduce: %.2f epochs vs fixed %.2f (saves %.1f%%); %d/%d chips meet target; "
         "%d unrecoverable; break-even at %s chips",
-        reduce_epochs,
-        fixed_epochs,
+        cost["reduce_epochs"],
+        cost["fixed_epochs"],
         100 * cost["savings_fraction"],
         cost["chips_meeting_target"],
         len(maps),

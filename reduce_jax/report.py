@@ -159,7 +159,10 @@ def _plot_accuracy(summary: dict, ax) -> None:
 
 def _plot_required(summary: dict, ax) -> None:
     rmap = summary["resilience_map"]
-    rates, required = _floats(rmap["fault_rates"]), _floats(rmap["required_epochs"])
+    # The map is interpolated at the measured rates of the analysis maps (same measure as
+    # the chips' rates), so that is where its points are drawn.
+    rates = _floats(rmap.get("measured_rates", rmap["fault_rates"]))
+    required = _floats(rmap["required_epochs"])
     measure = rmap.get("rate_measure", "pe")
     chips = [c for c in summary["chips"] if c.get("selected_epochs") is not None]
     chip_x = _floats(c[f"{measure}_fault_rate"] for c in chips)
@@ -217,7 +220,7 @@ def _plot_cost(summary: dict, ax) -> None:
     cost, n_chips = summary["cost"], len(summary["chips"])
     be = cost.get("break_even_chips")
     n_max = max(n_chips, 1, int(np.ceil(1.25 * be)) if be is not None else 0)
-    n = np.arange(n_max + 1)
+    n = np.linspace(0, n_max, 200)
     # reduce_epochs: the population's per-chip amounts plus top-ups, without the analysis.
     per_chip = cost["reduce_epochs"] / n_chips if n_chips else 0.0
     analysis, fixed = cost["analysis_epochs"], cost["fixed_epochs_per_chip"]

@@ -100,7 +100,7 @@ def analyze(
                     masks,
                     data,
                     phase_key,
-                    np.full(size, s - prev),
+                    np.where(np.arange(size) < hi - lo, s - prev, 0),
                     on_progress=on_progress,
                     start=prev,
                 )

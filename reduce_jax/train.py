@@ -4,7 +4,8 @@ The forward pass uses ``param * mask``, so gradients of bypassed weights are zer
 are masked too, so bypassed weights stay exactly zero. A population is a ``ChipState`` with
 a leading ``chips`` axis; one jitted step updates every chip on the same data batch. Each
 chip has a step budget: once ``step == budget`` (or once it has diverged) its state no
-longer changes, so a chip's result does not depend on which chips it was trained with.
+longer changes, so a chip's trajectory does not depend on which chips it is trained with
+(up to the last bits: XLA may pick other GEMM kernels for other numbers of chips).
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def init_chip(params: PyTree, mask: PyTree, tx: optax.GradientTransformation, bu
         budget=jnp.asarray(budget, jnp.int32),
         diverged=jnp.zeros((), bool),
     )
+
+
+def unit_masks(params: PyTree, chips: int = 1) -> PyTree:
+    """All-ones masks ``[chips, ...]`` (fault-free chips) for ``params``."""
+    return jax.tree.map(lambda x: jnp.ones((chips, *x.shape), x.dtype), params)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
