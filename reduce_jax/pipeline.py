@@ -268,14 +268,39 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         ),
         overwrite,
     )
-    if cfg.workdir:
-        os.makedirs(cfg.workdir, exist_ok=True)
     data = population.DeviceData.from_dataset(ds)
     timing["load_data_s"] = time.perf_counter() - t_start
     key = jax.random.key(cfg.seed)
     k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain = (
         jax.random.fold_in(key, i) for i in range(5)
     )
+    model = models.get_model(cfg.model, ds.num_classes)
+    rates = np.asarray(cfg.fault_rates, np.float64)
+    amounts = np.asarray(cfg.retrain_epochs, np.float64)
+    k = cfg.maps_per_rate
+    amaps = np.asarray(
+        faults.sample_fault_maps(
+            k_analysis_maps,
+            len(rates) * k,
+            cfg.array_rows,
+            cfg.array_cols,
+            np.repeat(rates, k),
+            cfg.analysis_fault_model,
+            cfg.cluster_alpha,
+        )
+    ).reshape(len(rates), k, cfg.array_rows, cfg.array_cols)
+    # The map is interpolated at the measured rates of the analysis maps (rates need only the
+    # parameter shapes): check them before any training.
+    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), ds.image_shape))
+    a_pe, a_eff = chip_rates(abstract, amaps.reshape(-1, cfg.array_rows, cfg.array_cols))
+    measured = (a_pe if cfg.rate_measure == "pe" else a_eff).reshape(len(rates), k).mean(1)
+    if np.any(np.diff(measured) <= 0):
+        raise ConfigError(
+            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
+            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)"
+        )
+    if cfg.workdir:
+        os.makedirs(cfg.workdir, exist_ok=True)
 
     t = time.perf_counter()
     params, base_info = baseline_lib.get_baseline(
@@ -292,7 +317,6 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     params = sharding.replicate(jax.tree.map(jnp.asarray, params))
     timing["baseline_s"] = time.perf_counter() - t
     timing["baseline_reused"] = base_info["reused"]
-    model = models.get_model(cfg.model, ds.num_classes)
     trainer = train.make_trainer(
         model,
         train.make_optimizer(cfg.optimizer, cfg.learning_rate),
@@ -313,30 +337,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
 
     # 1. Resilience analysis.
     t = time.perf_counter()
-    rates = np.asarray(cfg.fault_rates, np.float64)
-    amounts = np.asarray(cfg.retrain_epochs, np.float64)
     amount_steps = train.epochs_to_steps(amounts, spe)
-    k = cfg.maps_per_rate
-    amaps = np.asarray(
-        faults.sample_fault_maps(
-            k_analysis_maps,
-            len(rates) * k,
-            cfg.array_rows,
-            cfg.array_cols,
-            np.repeat(rates, k),
-            cfg.analysis_fault_model,
-            cfg.cluster_alpha,
-        )
-    ).reshape(len(rates), k, cfg.array_rows, cfg.array_cols)
-    # The map is interpolated at the measured rates of the analysis maps: check them now,
-    # not after the analysis.
-    a_pe, a_eff = chip_rates(params, amaps.reshape(-1, cfg.array_rows, cfg.array_cols))
-    measured = (a_pe if cfg.rate_measure == "pe" else a_eff).reshape(len(rates), k).mean(1)
-    if np.any(np.diff(measured) <= 0):
-        raise ConfigError(
-            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
-            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)"
-        )
     meter = Meter("resilience analysis", len(rates) * k * int(amount_steps.max()))
     accuracy, a_diverged = resilience.analyze(
         trainer,
@@ -361,8 +362,11 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     # 3. Per-chip amounts.
     maps = chip_fault_maps(cfg, k_chips)
     if cfg.chip_fault_maps is not None:
-        logging.info("%d chips from %s (--num_chips, --chip_fault_rate and --fault_model are "
-                     "not used)", len(maps), cfg.chip_fault_maps)
+        logging.info(
+            "%d chips from %s (--num_chips, --chip_fault_rate and --fault_model are not used)",
+            len(maps),
+            cfg.chip_fault_maps,
+        )
     pe, eff = chip_rates(params, maps)
     chip_rate = pe if cfg.rate_measure == "pe" else eff
     sel_steps, status = resilience.retraining_amount(

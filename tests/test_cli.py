@@ -133,6 +133,7 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--statistic=median"], "--statistic"),
         (["--retrain_epochs=0,1,x"], "--retrain_epochs"),
         (["--num_chips=abc"], "--num_chips"),
+        (["--fault_rates=0,0.001,0.5"], "--fault_rates"),  # 0.001 of 64 PEs rounds to 0
         (["--no_such_flag=1"], "no_such_flag"),
         (["--dataset=mnist", "--data_dir={tmp}/idx"], "train-images-idx3-ubyte"),
         (["--chip_fault_maps={tmp}/float_maps.npz"], "float_maps.npz"),
