@@ -2,14 +2,13 @@
 verification with top-ups, and cost accounting.
 
 ``run(config)`` is what the CLI calls. Progress is saved per chunk of chips in
-``<workdir>/progress.json`` (with the config that produced it), so an interrupted run
-continues where it stopped and ends with the same ``summary.json``.
+``<workdir>/progress.json`` (``progress.ProgressStore``), so an interrupted run continues
+where it stopped and ends with the same ``summary.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -24,69 +23,7 @@ from reduce_jax import cost as cost_lib
 from reduce_jax import data as data_lib
 from reduce_jax import faults, models, population, report, resilience, sharding, systolic, train
 from reduce_jax.config import ConfigError, ReduceConfig, validate
-
-PROGRESS_FILE = "progress.json"
-# Settings that do not change results: a resumed run may differ in these.
-_NOT_RESULT_KEYS = ("workdir",)
-
-
-class ProgressStore:
-    """Per-chunk results of the phases of a run, saved atomically after each chunk."""
-
-    def __init__(self, workdir: str | None, config: dict, overwrite: bool):
-        self.path = os.path.join(workdir, PROGRESS_FILE) if workdir else None
-        key = {k: v for k, v in config.items() if k not in _NOT_RESULT_KEYS}
-        self.state = {"config": key, "phases": {}}
-        if self.path and os.path.isfile(self.path):
-            with open(self.path) as f:
-                saved = json.load(f)
-            if saved.get("config") != key and not overwrite:
-                diff = sorted(
-                    k
-                    for k in set(key) | set(saved.get("config", {}))
-                    if key.get(k) != saved.get("config", {}).get(k)
-                )
-                raise ConfigError(
-                    f"--workdir={workdir} holds a run with other settings (differs in: "
-                    f"{', '.join(diff)}); pass --overwrite or choose another --workdir"
-                )
-            if saved.get("config") == key:
-                self.state = saved
-                logging.info("resuming from %s", self.path)
-
-    def done(self, phase: str) -> dict[int, dict]:
-        return {int(k): v for k, v in self.state["phases"].get(phase, {}).items()}
-
-    def put(self, phase: str, index: int, result: dict) -> None:
-        self.state["phases"].setdefault(phase, {})[str(index)] = result
-        if self.path and jax.process_index() == 0:
-            report.write_json_atomic(self.path, self.state)
-
-
-class Meter:
-    """Logs progress of a long phase (units done, rate, ETA) at most every ``every_s``."""
-
-    def __init__(self, label: str, total: int, unit: str = "chip-steps", every_s: float = 5.0):
-        self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter() - self.start
-        if now - self.last >= self.every_s or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            logging.info(
-                "%s: %d/%d %s (%.0f%%), %.1f/s, ETA %.0f s",
-                self.label,
-                self.done,
-                self.total,
-                self.unit,
-                100 * self.done / self.total,
-                rate,
-                eta,
-            )
+from reduce_jax.progress import Meter, ProgressStore
 
 
 def _sha256(path: str | None) -> str | None:
@@ -123,6 +60,38 @@ def chip_rates(params, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pe = systolic.pe_fault_rate(maps)
     eff = jax.vmap(lambda m: systolic.effective_fault_rate(params, m))(maps)
     return np.asarray(pe, np.float64), np.asarray(eff, np.float64)
+
+
+def analysis_fault_maps(cfg: ReduceConfig, key: jax.Array, params) -> tuple[np.ndarray, np.ndarray]:
+    """The analysis chips' fault maps and the measured rate of each grid point.
+
+    The map is interpolated at the measured rates (in ``--rate_measure``), which need only
+    the parameter shapes, so a grid too fine for the array is rejected before any training.
+
+    Returns:
+      ``(bool[F, K, R, C], float64[F])``.
+    """
+    rates, k = np.asarray(cfg.fault_rates, np.float64), cfg.maps_per_rate
+    rows, cols = cfg.array_rows, cfg.array_cols
+    maps = np.asarray(
+        faults.sample_fault_maps(
+            key,
+            len(rates) * k,
+            rows,
+            cols,
+            np.repeat(rates, k),
+            cfg.analysis_fault_model,
+            cfg.cluster_alpha,
+        )
+    )
+    pe, eff = chip_rates(params, maps)
+    measured = (pe if cfg.rate_measure == "pe" else eff).reshape(len(rates), k).mean(1)
+    if np.any(np.diff(measured) <= 0):
+        raise ConfigError(
+            f"--fault_rates: grid points too close for a {rows}x{cols} array (measured rates "
+            f"{np.round(measured, 4).tolist()} are not increasing)"
+        )
+    return maps.reshape(len(rates), k, rows, cols), measured
 
 
 def _retrain_chunk(
@@ -278,27 +247,8 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     rates = np.asarray(cfg.fault_rates, np.float64)
     amounts = np.asarray(cfg.retrain_epochs, np.float64)
     k = cfg.maps_per_rate
-    amaps = np.asarray(
-        faults.sample_fault_maps(
-            k_analysis_maps,
-            len(rates) * k,
-            cfg.array_rows,
-            cfg.array_cols,
-            np.repeat(rates, k),
-            cfg.analysis_fault_model,
-            cfg.cluster_alpha,
-        )
-    ).reshape(len(rates), k, cfg.array_rows, cfg.array_cols)
-    # The map is interpolated at the measured rates of the analysis maps (rates need only the
-    # parameter shapes): check them before any training.
     abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), ds.image_shape))
-    a_pe, a_eff = chip_rates(abstract, amaps.reshape(-1, cfg.array_rows, cfg.array_cols))
-    measured = (a_pe if cfg.rate_measure == "pe" else a_eff).reshape(len(rates), k).mean(1)
-    if np.any(np.diff(measured) <= 0):
-        raise ConfigError(
-            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
-            f"array (measured rates {np.round(measured, 4).tolist()} are not increasing)"
-        )
+    amaps, measured = analysis_fault_maps(cfg, k_analysis_maps, abstract)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
 

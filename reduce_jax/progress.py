@@ -1,0 +1,76 @@
+"""Progress of a long run: per-chunk results saved for resuming, and a progress meter."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+from reduce_jax import report
+from reduce_jax.config import ConfigError
+
+PROGRESS_FILE = "progress.json"
+# Settings that do not change results: a resumed run may differ in these.
+_NOT_RESULT_KEYS = ("workdir",)
+
+
+class ProgressStore:
+    """Per-chunk results of the phases of a run, saved atomically after each chunk."""
+
+    def __init__(self, workdir: str | None, config: dict, overwrite: bool):
+        self.path = os.path.join(workdir, PROGRESS_FILE) if workdir else None
+        key = {k: v for k, v in config.items() if k not in _NOT_RESULT_KEYS}
+        self.state = {"config": key, "phases": {}}
+        if self.path and os.path.isfile(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+            if saved.get("config") != key and not overwrite:
+                diff = sorted(
+                    k
+                    for k in set(key) | set(saved.get("config", {}))
+                    if key.get(k) != saved.get("config", {}).get(k)
+                )
+                raise ConfigError(
+                    f"--workdir={workdir} holds a run with other settings (differs in: "
+                    f"{', '.join(diff)}); pass --overwrite or choose another --workdir"
+                )
+            if saved.get("config") == key:
+                self.state = saved
+                logging.info("resuming from %s", self.path)
+
+    def done(self, phase: str) -> dict[int, dict]:
+        return {int(k): v for k, v in self.state["phases"].get(phase, {}).items()}
+
+    def put(self, phase: str, index: int, result: dict) -> None:
+        self.state["phases"].setdefault(phase, {})[str(index)] = result
+        if self.path and jax.process_index() == 0:
+            report.write_json_atomic(self.path, self.state)
+
+
+class Meter:
+    """Logs progress of a long phase (units done, rate, ETA) at most every ``every_s``."""
+
+    def __init__(self, label: str, total: int, unit: str = "chip-steps", every_s: float = 5.0):
+        self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter() - self.start
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            logging.info(
+                "%s: %d/%d %s (%.0f%%), %.1f/s, ETA %.0f s",
+                self.label,
+                self.done,
+                self.total,
+                self.unit,
+                100 * self.done / self.total,
+                rate,
+                eta,
+            )
