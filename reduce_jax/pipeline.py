@@ -183,40 +183,34 @@ def retrain_chips(
     order = np.argsort(steps, kind="stable")
     size = population.chunk_size(n, chips_per_batch)
     phase_key, topup_key = jax.random.split(key)
-    done = store.done("retrain")
     meter = Meter("retraining", int(steps.sum()))
-    out = {k: np.zeros(n) for k in ("accuracy_before", "accuracy_after")}
-    out["topup_steps"] = np.zeros(n, np.int64)
-    out["diverged"] = np.zeros(n, bool)
-    for ci, lo in enumerate(range(0, n, size)):
-        ids = order[lo : lo + size]
-        if ci not in done:
-            result = _retrain_chunk(
-                trainer,
-                params,
-                data,
-                maps[ids],
-                steps[ids],
-                retrain[ids],
-                target,
-                topup_steps,
-                max_topup_steps,
-                phase_key,
-                topup_key,
-                size,
-                meter,
+
+    def compute(ids: np.ndarray) -> dict[str, list]:
+        result = _retrain_chunk(
+            trainer,
+            params,
+            data,
+            maps[ids],
+            steps[ids],
+            retrain[ids],
+            target,
+            topup_steps,
+            max_topup_steps,
+            phase_key,
+            topup_key,
+            size,
+            meter,
+        )
+        for chip in ids[np.asarray(result["diverged"], bool)]:
+            logging.warning(
+                "chip %d: loss or weights became non-finite; stopped, reported as diverged", chip
             )
-            for chip in ids[np.asarray(result["diverged"], bool)]:
-                logging.warning(
-                    "chip %d: loss or weights became non-finite; stopped, reported as diverged",
-                    chip,
-                )
-            store.put("retrain", ci, result)
-            done[ci] = result
-            logging.info("retraining: chunk %d done (%d chips)", ci, len(ids))
-        for k in out:
-            out[k][ids] = done[ci][k]
-    return out
+        logging.info("retraining: %d chips done", len(ids))
+        return result
+
+    return population.map_chunks(
+        order, size, store.done("retrain"), compute, lambda i, r: store.put("retrain", i, r)
+    )
 
 
 def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:

@@ -9,6 +9,7 @@ shapes are ever compiled (``Trainer.run`` never recompiles for new step counts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -162,6 +163,44 @@ def init_chunk(
     masks = population_masks(params, maps)
     states = trainer.init_population(params, masks, budgets)
     return states, masks
+
+
+def map_chunks(
+    ids: np.ndarray,
+    size: int,
+    done: dict[int, dict] | None,
+    compute: Callable[[np.ndarray], dict[str, list]],
+    on_chunk: Callable[[int, dict], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Runs ``compute`` on each chunk of ``size`` chips of ``ids`` that is not ``done`` yet.
+
+    This is where resuming happens: chunk ``i`` (chips ``ids[i*size : (i+1)*size]``) is
+    computed only if ``i`` is not in ``done``, and ``on_chunk(i, result)`` saves it.
+
+    Args:
+      ids: ``int[chips]`` chip ids in processing order (a permutation of ``0..chips-1``).
+      size: chips per chunk.
+      done: results of chunks finished earlier (not modified).
+      compute: chunk chip ids -> dict of per-chip lists (JSON-able).
+      on_chunk: called with ``(chunk_index, result)`` after each computed chunk.
+
+    Returns:
+      For every key of the results, a numpy array over all chips, indexed by chip id.
+    """
+    done = dict(done or {})
+    results = []
+    for ci, lo in enumerate(range(0, len(ids), size)):
+        if ci not in done:
+            done[ci] = compute(ids[lo : lo + size])
+            if on_chunk is not None:
+                on_chunk(ci, done[ci])
+        results.append(done[ci])
+    out = {}
+    for key in results[0]:
+        values = np.concatenate([np.asarray(r[key]) for r in results])
+        out[key] = np.empty_like(values)
+        out[key][ids] = values
+    return out
 
 
 def pad_chunk(fault_maps: np.ndarray, budgets: np.ndarray, size: int):

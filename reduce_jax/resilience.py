@@ -82,45 +82,41 @@ def analyze(
     flat_maps = np.asarray(fault_maps).reshape(num_f * k, *fault_maps.shape[2:])
     n = len(flat_maps)
     size = population.chunk_size(n, chips_per_batch)
-    acc = np.zeros((n, len(steps)))
-    diverged = np.zeros(n, bool)
-    done = dict(done or {})
-    for ci, lo in enumerate(range(0, n, size)):
-        hi = min(lo + size, n)
-        if ci not in done:
-            maps, budgets = population.pad_chunk(
-                flat_maps[lo:hi], np.full(hi - lo, steps.max(), np.int64), size
+
+    def compute(ids: np.ndarray) -> dict[str, list]:
+        m = len(ids)
+        maps, budgets = population.pad_chunk(
+            flat_maps[ids], np.full(m, steps.max(), np.int64), size
+        )
+        states, masks = population.init_chunk(trainer, params, maps, budgets)
+        chunk_acc, prev = [], 0
+        for s in steps:
+            states = population.run_phase(
+                trainer,
+                states,
+                masks,
+                data,
+                phase_key,
+                np.where(np.arange(size) < m, s - prev, 0),
+                on_progress=on_progress,
+                start=prev,
             )
-            states, masks = population.init_chunk(trainer, params, maps, budgets)
-            chunk_acc, prev = [], 0
-            for s in steps:
-                states = population.run_phase(
-                    trainer,
-                    states,
-                    masks,
-                    data,
-                    phase_key,
-                    np.where(np.arange(size) < hi - lo, s - prev, 0),
-                    on_progress=on_progress,
-                    start=prev,
-                )
-                prev = int(s)
-                acc_now = population.evaluate(trainer, states, masks, data)[: hi - lo]
-                # A diverged chip is frozen at its last finite state; it never counts as
-                # recovered from the amount at which it diverged on.
-                div_now = sharding.to_host(states.diverged)[: hi - lo]
-                chunk_acc.append(np.where(div_now, 0.0, acc_now))
-            for j in np.flatnonzero(div_now):
-                logging.warning(
-                    "analysis chip %d: loss or weights became non-finite; its "
-                    "accuracy counts as 0 from then on",
-                    lo + j,
-                )
-            done[ci] = dict(accuracy=np.stack(chunk_acc, 1).tolist(), diverged=div_now.tolist())
-            if on_chunk is not None:
-                on_chunk(ci, done[ci])
-        acc[lo:hi] = np.asarray(done[ci]["accuracy"])
-        diverged[lo:hi] = np.asarray(done[ci]["diverged"])
+            prev = int(s)
+            acc_now = population.evaluate(trainer, states, masks, data)[:m]
+            # A diverged chip is frozen at its last finite state; it never counts as
+            # recovered from the amount at which it diverged on.
+            div_now = sharding.to_host(states.diverged)[:m]
+            chunk_acc.append(np.where(div_now, 0.0, acc_now))
+        for chip in ids[div_now]:
+            logging.warning(
+                "analysis chip %d: loss or weights became non-finite; its "
+                "accuracy counts as 0 from then on",
+                chip,
+            )
+        return dict(accuracy=np.stack(chunk_acc, 1).tolist(), diverged=div_now.tolist())
+
+    out = population.map_chunks(np.arange(n), size, done, compute, on_chunk)
+    acc, diverged = out["accuracy"], out["diverged"]
     return acc.reshape(num_f, k, -1).transpose(0, 2, 1), diverged.reshape(num_f, k)
 
 

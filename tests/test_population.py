@@ -54,3 +54,19 @@ def test_phase_from_nonzero_start_continues_the_batch_order(digits, tiny_mlp, ti
     s2, _ = population.init_chunk(trainer, tiny_mlp_params, maps, budgets)
     s2 = population.run_phase(trainer, s2, masks, data, key, budgets)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s1, s2)
+
+
+def test_map_chunks_skips_done_chunks_and_scatters_by_chip_id():
+    ids = np.array([4, 0, 3, 1, 2])  # processing order
+    calls, saved = [], {}
+
+    def compute(chunk):
+        calls.append(chunk.tolist())
+        return dict(value=(chunk * 10).tolist(), flag=(chunk % 2 == 0).tolist())
+
+    done = {1: dict(value=[-1, -1], flag=[True, True])}  # chunk 1 (chips 3, 1) saved earlier
+    out = population.map_chunks(ids, 2, done, compute, lambda i, r: saved.setdefault(i, r))
+    assert calls == [[4, 0], [2]] and sorted(saved) == [0, 2]
+    assert out["value"].tolist() == [0, -1, 20, -1, 40]
+    assert out["flag"].dtype == bool and out["flag"].tolist() == [True, True, True, True, True]
+    assert list(done) == [1]  # the caller's dict is not modified
