@@ -7,6 +7,7 @@ Flags are validated before any compute; a bad value exits with a one-line messag
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 
@@ -19,77 +20,61 @@ from reduce_jax.faults import FaultMapError
 _D = config_lib.ReduceConfig()
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; reused to resume).")
-DATASET = flags.DEFINE_string(
-    "dataset", _D.dataset, "mnist5k | digits | mnist | cifar10 | cifar100."
-)
-DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX / CIFAR files.")
-MODEL = flags.DEFINE_string("model", _D.model, "mlp | lenet5 | vgg_small.")
-ARRAY_ROWS = flags.DEFINE_integer("array_rows", _D.array_rows, "Systolic array rows R.")
-ARRAY_COLS = flags.DEFINE_integer("array_cols", _D.array_cols, "Systolic array columns C.")
-FAULT_MODEL = flags.DEFINE_string(
+flags.DEFINE_string("dataset", _D.dataset, "mnist5k | digits | mnist | cifar10 | cifar100.")
+flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX / CIFAR files.")
+flags.DEFINE_string("model", _D.model, "mlp | lenet5 | vgg_small.")
+flags.DEFINE_integer("array_rows", _D.array_rows, "Systolic array rows R.")
+flags.DEFINE_integer("array_cols", _D.array_cols, "Systolic array columns C.")
+flags.DEFINE_string(
     "fault_model", _D.fault_model, "Population fault model: bernoulli | exact | clustered."
 )
-CLUSTER_ALPHA = flags.DEFINE_float(
+flags.DEFINE_float(
     "cluster_alpha", _D.cluster_alpha, "Clustering parameter of the clustered model (> 0)."
 )
-ANALYSIS_FAULT_MODEL = flags.DEFINE_string(
+flags.DEFINE_string(
     "analysis_fault_model", _D.analysis_fault_model, "Fault model of the resilience analysis."
 )
-FAULT_RATES = flags.DEFINE_list(
+flags.DEFINE_list(
     "fault_rates", [str(x) for x in _D.fault_rates], "Analysis grid of PE fault rates."
 )
-RETRAIN_EPOCHS = flags.DEFINE_list(
+flags.DEFINE_list(
     "retrain_epochs", [str(x) for x in _D.retrain_epochs], "Analysis grid of retraining epochs."
 )
-MAPS_PER_RATE = flags.DEFINE_integer("maps_per_rate", _D.maps_per_rate, "Fault maps K per rate.")
-NUM_CHIPS = flags.DEFINE_integer("num_chips", _D.num_chips, "Chips in the sampled population.")
-CHIP_FAULT_RATE = flags.DEFINE_float(
+flags.DEFINE_integer("maps_per_rate", _D.maps_per_rate, "Fault maps K per rate.")
+flags.DEFINE_integer("num_chips", _D.num_chips, "Chips in the sampled population.")
+flags.DEFINE_float(
     "chip_fault_rate", _D.chip_fault_rate, "Mean PE fault rate of the sampled population."
 )
-CHIP_FAULT_MAPS = flags.DEFINE_string(
+flags.DEFINE_string(
     "chip_fault_maps",
     None,
     "Population fault maps file (.npz bool[chips,R,C] or .csv chip,row,col); replaces sampling.",
 )
-MAX_ACCURACY_DROP = flags.DEFINE_float(
-    "max_accuracy_drop", _D.max_accuracy_drop, "Target = baseline accuracy - this."
-)
-TARGET_ACCURACY = flags.DEFINE_float(
+flags.DEFINE_float("max_accuracy_drop", _D.max_accuracy_drop, "Target = baseline accuracy - this.")
+flags.DEFINE_float(
     "target_accuracy", None, "Absolute accuracy target (overrides --max_accuracy_drop)."
 )
-STATISTIC = flags.DEFINE_string(
-    "statistic", _D.statistic, "Over the maps of a rate: min | mean | quantile:q."
-)
-INTERPOLATION = flags.DEFINE_string("interpolation", _D.interpolation, "conservative | linear.")
-RATE_MEASURE = flags.DEFINE_string(
+flags.DEFINE_string("statistic", _D.statistic, "Over the maps of a rate: min | mean | quantile:q.")
+flags.DEFINE_string("interpolation", _D.interpolation, "conservative | linear.")
+flags.DEFINE_string(
     "rate_measure", _D.rate_measure, "Chip rate that selects the amount: pe | effective."
 )
-FIXED_EPOCHS = flags.DEFINE_float(
+flags.DEFINE_float(
     "fixed_epochs", None, "Per-chip epochs of the fixed policy (default: max retrain_epochs)."
 )
-TOPUP_EPOCHS = flags.DEFINE_float("topup_epochs", _D.topup_epochs, "Top-up increment (epochs).")
-MAX_TOPUP_EPOCHS = flags.DEFINE_float(
-    "max_topup_epochs", _D.max_topup_epochs, "Cap on a chip's top-up (epochs)."
-)
-BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch size.")
-OPTIMIZER = flags.DEFINE_string(
-    "optimizer", _D.optimizer, "Retraining optimizer: adam | sgd | momentum."
-)
-LEARNING_RATE = flags.DEFINE_float("learning_rate", _D.learning_rate, "Retraining learning rate.")
-BASELINE_EPOCHS = flags.DEFINE_float("baseline_epochs", _D.baseline_epochs, "Baseline epochs.")
-BASELINE_OPTIMIZER = flags.DEFINE_string(
-    "baseline_optimizer", _D.baseline_optimizer, "Baseline optimizer."
-)
-BASELINE_LEARNING_RATE = flags.DEFINE_float(
-    "baseline_learning_rate", _D.baseline_learning_rate, "Baseline learning rate."
-)
-CHIPS_PER_BATCH = flags.DEFINE_integer(
+flags.DEFINE_float("topup_epochs", _D.topup_epochs, "Top-up increment (epochs).")
+flags.DEFINE_float("max_topup_epochs", _D.max_topup_epochs, "Cap on a chip's top-up (epochs).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch size.")
+flags.DEFINE_string("optimizer", _D.optimizer, "Retraining optimizer: adam | sgd | momentum.")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Retraining learning rate.")
+flags.DEFINE_float("baseline_epochs", _D.baseline_epochs, "Baseline epochs.")
+flags.DEFINE_string("baseline_optimizer", _D.baseline_optimizer, "Baseline optimizer.")
+flags.DEFINE_float("baseline_learning_rate", _D.baseline_learning_rate, "Baseline learning rate.")
+flags.DEFINE_integer(
     "chips_per_batch", _D.chips_per_batch, "Chips retrained together (bounds memory)."
 )
-EVAL_BATCH_SIZE = flags.DEFINE_integer(
-    "eval_batch_size", _D.eval_batch_size, "Test images per evaluation batch."
-)
-SEED = flags.DEFINE_integer("seed", _D.seed, "Seed of every random stream.")
+flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Test images per evaluation batch.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of every random stream.")
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host runs: host:port of process 0 (jax.distributed)."
 )
@@ -110,42 +95,15 @@ def _floats(name: str, values: list[str]) -> tuple[float, ...]:
 
 
 def config_from_flags() -> config_lib.ReduceConfig:
-    """The run's configuration from the parsed flags."""
-    target = TARGET_ACCURACY.value
-    return config_lib.ReduceConfig(
-        workdir=WORKDIR.value,
-        dataset=DATASET.value,
-        data_dir=DATA_DIR.value,
-        model=MODEL.value,
-        array_rows=ARRAY_ROWS.value,
-        array_cols=ARRAY_COLS.value,
-        fault_model=FAULT_MODEL.value,
-        cluster_alpha=CLUSTER_ALPHA.value,
-        analysis_fault_model=ANALYSIS_FAULT_MODEL.value,
-        fault_rates=_floats("fault_rates", FAULT_RATES.value),
-        retrain_epochs=_floats("retrain_epochs", RETRAIN_EPOCHS.value),
-        maps_per_rate=MAPS_PER_RATE.value,
-        num_chips=NUM_CHIPS.value,
-        chip_fault_rate=CHIP_FAULT_RATE.value,
-        chip_fault_maps=CHIP_FAULT_MAPS.value,
-        max_accuracy_drop=None if target is not None else MAX_ACCURACY_DROP.value,
-        target_accuracy=target,
-        statistic=STATISTIC.value,
-        interpolation=INTERPOLATION.value,
-        rate_measure=RATE_MEASURE.value,
-        fixed_epochs=FIXED_EPOCHS.value,
-        topup_epochs=TOPUP_EPOCHS.value,
-        max_topup_epochs=MAX_TOPUP_EPOCHS.value,
-        batch_size=BATCH_SIZE.value,
-        optimizer=OPTIMIZER.value,
-        learning_rate=LEARNING_RATE.value,
-        baseline_epochs=BASELINE_EPOCHS.value,
-        baseline_optimizer=BASELINE_OPTIMIZER.value,
-        baseline_learning_rate=BASELINE_LEARNING_RATE.value,
-        chips_per_batch=CHIPS_PER_BATCH.value,
-        eval_batch_size=EVAL_BATCH_SIZE.value,
-        seed=SEED.value,
-    )
+    """The run's configuration from the parsed flags (one flag per ``ReduceConfig`` field)."""
+    values = {
+        f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(config_lib.ReduceConfig)
+    }
+    for name in ("fault_rates", "retrain_epochs"):
+        values[name] = _floats(name, values[name])
+    if values["target_accuracy"] is not None:  # an absolute target replaces the drop
+        values["max_accuracy_drop"] = None
+    return config_lib.ReduceConfig(**values)
 
 
 def _interrupt(signum, frame):
