@@ -26,10 +26,15 @@ flags.DEFINE_string("model", _D.model, "mlp | lenet5 | vgg_small.")
 flags.DEFINE_integer("array_rows", _D.array_rows, "Systolic array rows R.")
 flags.DEFINE_integer("array_cols", _D.array_cols, "Systolic array columns C.")
 flags.DEFINE_string(
-    "fault_model", _D.fault_model, "Population fault model: bernoulli | exact | clustered."
+    "fault_model", _D.fault_model, "Population fault model: bernoulli | exact | clustered | lines."
 )
 flags.DEFINE_float(
     "cluster_alpha", _D.cluster_alpha, "Clustering parameter of the clustered model (> 0)."
+)
+flags.DEFINE_float(
+    "line_fraction",
+    _D.line_fraction,
+    "lines model: share of the rate from whole failed rows/columns, in [0, 1] (rest: PE faults).",
 )
 flags.DEFINE_string(
     "analysis_fault_model", _D.analysis_fault_model, "Fault model of the resilience analysis."
@@ -57,8 +62,20 @@ flags.DEFINE_float(
 flags.DEFINE_string("statistic", _D.statistic, "Over the maps of a rate: min | mean | quantile:q.")
 flags.DEFINE_string("interpolation", _D.interpolation, "conservative | linear.")
 flags.DEFINE_string(
-    "rate_measure", _D.rate_measure, "Chip rate that selects the amount: pe | effective."
+    "rate_measure",
+    _D.rate_measure,
+    "Chip rate that selects the amount: pe | effective | importance.",
 )
+flags.DEFINE_integer(
+    "predictor_chips",
+    _D.predictor_chips,
+    "Validation chips of the predictor study (0 = no study): which rate measure predicts the "
+    "retraining a chip needs.",
+)
+flags.DEFINE_string(
+    "grouping", _D.grouping, "none | greedy: fuse chips' fault maps into shared retrainings."
+)
+flags.DEFINE_integer("max_group_size", _D.max_group_size, "Most chips in one fused group (>= 2).")
 flags.DEFINE_float(
     "fixed_epochs", None, "Per-chip epochs of the fixed policy (default: max retrain_epochs)."
 )
@@ -154,7 +171,12 @@ def main(argv: list[str]) -> int:
         f"baseline {summary['baseline_accuracy']:.4f}, target {summary['target_accuracy']:.4f}; "
         f"Reduce {cost['reduce_epochs']:.2f} epochs vs fixed {cost['fixed_epochs']:.2f} "
         f"({100 * cost['savings_fraction']:.1f}% saved); "
-        f"{cost['chips_meeting_target']}/{len(summary['chips'])} chips meet the target, "
+        + (
+            f"grouped {cost['grouped_epochs']:.2f} epochs in {cost['groups']} groups; "
+            if cost["grouped_epochs"] is not None
+            else ""
+        )
+        + f"{cost['chips_meeting_target']}/{len(summary['chips'])} chips meet the target, "
         f"{cost['chips_unrecoverable']} unrecoverable; outputs in {cfg.workdir}"
     )
     return 0

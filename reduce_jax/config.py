@@ -8,9 +8,7 @@ import tempfile
 from collections.abc import Sequence
 
 from reduce_jax import data as data_lib
-from reduce_jax import faults, models, resilience, train
-
-RATE_MEASURES = ("pe", "effective")
+from reduce_jax import faults, grouping, models, resilience, systolic, train
 
 
 class ConfigError(ValueError):
@@ -29,6 +27,7 @@ class ReduceConfig:
     array_cols: int = 16
     fault_model: str = "clustered"
     cluster_alpha: float = 2.0
+    line_fraction: float = 1.0
     analysis_fault_model: str = "exact"
     fault_rates: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
     retrain_epochs: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -41,6 +40,9 @@ class ReduceConfig:
     statistic: str = "min"
     interpolation: str = "conservative"
     rate_measure: str = "pe"
+    predictor_chips: int = 0
+    grouping: str = "none"
+    max_group_size: int = 8
     fixed_epochs: float | None = None
     topup_epochs: float = 0.25
     max_topup_epochs: float = 1.0
@@ -99,6 +101,9 @@ def validate(cfg: ReduceConfig) -> None:
             v in faults.FAULT_MODELS, f"--{name}={v!r}; allowed: {', '.join(faults.FAULT_MODELS)}"
         )
     _require(cfg.cluster_alpha > 0, f"--cluster_alpha={cfg.cluster_alpha} must be > 0")
+    _require(
+        0.0 <= cfg.line_fraction <= 1.0, f"--line_fraction={cfg.line_fraction} is outside [0, 1]"
+    )
     _check_grid("fault_rates", list(cfg.fault_rates), 0.0, 1.0)
     _check_grid("retrain_epochs", list(cfg.retrain_epochs), 0.0, None)
     _require(cfg.maps_per_rate >= 1, f"--maps_per_rate={cfg.maps_per_rate} must be >= 1")
@@ -130,8 +135,20 @@ def validate(cfg: ReduceConfig) -> None:
         f"--interpolation={cfg.interpolation!r}; allowed: {', '.join(resilience.INTERPOLATIONS)}",
     )
     _require(
-        cfg.rate_measure in RATE_MEASURES,
-        f"--rate_measure={cfg.rate_measure!r}; allowed: {', '.join(RATE_MEASURES)}",
+        cfg.rate_measure in systolic.RATE_MEASURES,
+        f"--rate_measure={cfg.rate_measure!r}; allowed: {', '.join(systolic.RATE_MEASURES)}",
+    )
+    _require(
+        0 <= cfg.predictor_chips <= 1 << 20,
+        f"--predictor_chips={cfg.predictor_chips} is outside [0, {1 << 20}]",
+    )
+    _require(
+        cfg.grouping in grouping.GROUPINGS,
+        f"--grouping={cfg.grouping!r}; allowed: {', '.join(grouping.GROUPINGS)}",
+    )
+    _require(
+        2 <= cfg.max_group_size <= 1 << 20,
+        f"--max_group_size={cfg.max_group_size} is outside [2, {1 << 20}]",
     )
     if cfg.fixed_epochs is not None:
         _require(cfg.fixed_epochs > 0, f"--fixed_epochs={cfg.fixed_epochs} must be > 0")

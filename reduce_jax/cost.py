@@ -12,24 +12,27 @@ CHIP_STATUSES = ("ok", "missed_target", "above_grid", "unrecoverable", "diverged
 
 
 def chip_records(
-    pe_rate: np.ndarray,
-    effective_rate: np.ndarray,
+    rates: dict[str, np.ndarray],
     status: np.ndarray,
     budgets: np.ndarray,
     result: dict[str, np.ndarray],
     target: float,
     steps_per_epoch: int,
+    served_by: dict[int, int] | None = None,
 ) -> list[dict]:
     """One record per chip (the ``chips`` entries of ``summary.json``).
 
     Args:
-      pe_rate, effective_rate: ``float[chips]``.
+      rates: measure -> ``float[chips]`` (each becomes ``<measure>_fault_rate``).
       status: ``int[chips]`` from ``resilience.retraining_amount``.
       budgets: ``int[chips]`` selected steps (0 where not retrained).
-      result: from ``pipeline.retrain_chips``: ``accuracy_before``, ``accuracy_after``,
-        ``topup_steps``, ``diverged`` over chips.
+      result: ``accuracy_before``, ``accuracy_after`` (of the model that served the chip, on
+        the chip), ``topup_steps`` (the chip's own top-ups, when retrained on its own),
+        ``diverged`` over chips.
       target: the accuracy target.
       steps_per_epoch: to express steps in epochs.
+      served_by: chip -> index of the group whose retraining served it (``group`` field;
+        None for chips not retrained).
 
     Returns:
       Dicts with ``status`` one of ``CHIP_STATUSES``: ``ok`` (meets the target),
@@ -50,8 +53,7 @@ def chip_records(
         records.append(
             dict(
                 chip=i,
-                pe_fault_rate=float(pe_rate[i]),
-                effective_fault_rate=float(effective_rate[i]),
+                **{f"{m}_fault_rate": float(r[i]) for m, r in rates.items()},
                 status=name,
                 selected_epochs=float(budgets[i] / steps_per_epoch) if selected else None,
                 selected_steps=int(budgets[i]) if selected else None,
@@ -60,18 +62,28 @@ def chip_records(
                 accuracy_before=float(result["accuracy_before"][i]),
                 accuracy_after=float(result["accuracy_after"][i]),
                 meets_target=meets,
+                group=(served_by or {}).get(i),
             )
         )
     return records
 
 
 def cost_summary(
-    chips: list[dict], fixed_epochs_per_chip: float, analysis_epochs: float, steps_per_epoch: int
+    chips: list[dict],
+    fixed_epochs_per_chip: float,
+    analysis_epochs: float,
+    steps_per_epoch: int,
+    groups: list[dict] | None = None,
 ) -> dict:
     """Reduce's retraining cost against the fixed policy, from the chip records.
 
     ``reduce_epochs`` is the sum of every chip's selected amount and top-up (chips that are
     not retrained cost nothing); the fixed policy retrains every chip ``fixed_epochs_per_chip``.
+    With ``groups`` (a grouped run), chips were retrained in groups: ``reduce_epochs`` is then
+    per-chip Reduce's *planned* cost (selected amounts, plus top-ups only of chips that were
+    retrained on their own; ``reduce_measured`` is False), and ``grouped_epochs`` the
+    measured cost of the grouped retraining: every group's amount and top-ups, split
+    groups and the retraining of their members included.
     ``*_recoverable`` compare the two on the chips Reduce retrains only, which is the fair
     comparison when many chips are unrecoverable. ``break_even_chips`` is the population size
     from which Reduce plus its one-off analysis costs less than the fixed policy, at this
@@ -91,8 +103,20 @@ def cost_summary(
     def fraction(saved: float, total: float) -> float | None:
         return saved / total if total > 0 else None
 
+    grouped_steps = (
+        None if groups is None else sum(g["amount_steps"] + g["topup_steps"] for g in groups)
+    )
     return dict(
         reduce_epochs=reduce_epochs,
+        reduce_measured=groups is None,
+        reduce_planned_epochs=sum(c["selected_steps"] or 0 for c in chips) / steps_per_epoch,
+        grouped_epochs=None if groups is None else grouped_steps / steps_per_epoch,
+        grouped_steps=grouped_steps,
+        groups=None if groups is None else len(groups),
+        groups_split=None if groups is None else sum(g["split"] for g in groups),
+        grouped_savings_vs_reduce=(
+            None if groups is None else reduce_epochs - grouped_steps / steps_per_epoch
+        ),
         reduce_steps=int(reduce_steps),
         fixed_epochs=fixed_epochs,
         fixed_epochs_per_chip=float(fixed_epochs_per_chip),

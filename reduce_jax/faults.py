@@ -3,6 +3,26 @@
 A fault map is ``bool[R, C]`` (True = faulty PE); a population is ``bool[chips, R, C]``.
 Chip ``i`` is always sampled from ``fold_in(key, i)``, so its map does not depend on how
 many chips are sampled.
+
+Fault models (``rate`` is the mean fraction of faulty PEs over the population):
+
+- ``bernoulli``: every PE faulty independently with probability ``rate``; the textbook
+  model of permanent-fault studies of systolic arrays (Zhang et al., "Analyzing and
+  mitigating the impact of permanent faults on a systolic array based neural network
+  accelerator", VTS 2018). Chip rates vary only binomially around ``rate``.
+- ``exact``: exactly ``round(rate * R * C)`` faulty PEs, uniformly placed; every chip at
+  the same rate (what a resilience analysis at a fixed rate needs).
+- ``clustered``: the negative-binomial yield model (Stapper, "Modeling of defects in
+  integrated circuit photolithographic patterns", IBM J. Res. Dev. 1983; Koren and Koren,
+  "Defect tolerance in VLSI circuits: techniques and yield analysis", Proc. IEEE 1998):
+  the chip's defect density is ``rate * Gamma(alpha) / alpha``, so chips differ in rate
+  (variance ``rate^2 / alpha`` on top of the binomial; small ``alpha`` = strong
+  chip-to-chip variation), and the defects sit in spatial clusters.
+- ``lines``: whole rows and columns of PEs fail (a broken link or shared bus in the
+  array, the line defects that spare-row/column repair targets: Kuo and Fuchs, "Efficient
+  spare allocation for reconfigurable arrays", IEEE Design & Test 1987), alone
+  (``line_fraction = 1``) or mixed with independent PE faults; the number of failed lines
+  varies from chip to chip.
 """
 
 from __future__ import annotations
@@ -16,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAULT_MODELS = ("bernoulli", "exact", "clustered")
+FAULT_MODELS = ("bernoulli", "exact", "clustered", "lines")
 
 # Clustered model: defects per cluster and relative cluster radius. A cluster of defects
 # on a wafer covers a few neighbouring PEs; these values give visibly clustered maps on
@@ -60,6 +80,28 @@ def _clustered_map(
     return (rank < count).reshape(rows, cols)
 
 
+def _lines_map(
+    key: jax.Array, rows: int, cols: int, rate: jax.Array, line_fraction: jax.Array
+) -> jax.Array:
+    """Whole failed rows and columns, optionally mixed with independent PE faults.
+
+    A broken link or shared bus takes out a line of PEs: every row and every column fails
+    independently with probability ``q``, chosen so that lines cover ``line_fraction * rate``
+    of the PEs on average (``1 - (1 - q)^2 = line_fraction * rate``). The remaining PEs fail
+    independently with the probability that brings the mean faulty fraction to ``rate``.
+    """
+    k_rows, k_cols, k_pe = jax.random.split(key, 3)
+    line_cover = jnp.clip(line_fraction * rate, 0.0, 1.0)
+    q = 1.0 - jnp.sqrt(1.0 - line_cover)
+    failed_rows = jax.random.bernoulli(k_rows, q, (rows, 1))
+    failed_cols = jax.random.bernoulli(k_cols, q, (1, cols))
+    p_pe = jnp.where(
+        line_cover < 1.0, 1.0 - (1.0 - rate) / jnp.maximum(1.0 - line_cover, 1e-12), 0.0
+    )
+    pe = jax.random.bernoulli(k_pe, jnp.clip(p_pe, 0.0, 1.0), (rows, cols))
+    return failed_rows | failed_cols | pe
+
+
 def sample_fault_map(
     key: jax.Array,
     rows: int,
@@ -67,6 +109,7 @@ def sample_fault_map(
     rate: float | jax.Array,
     model: str = "bernoulli",
     alpha: float = 2.0,
+    line_fraction: float | jax.Array = 1.0,
 ) -> jax.Array:
     """One chip's fault map.
 
@@ -76,6 +119,8 @@ def sample_fault_map(
       rate: fault rate in [0, 1] (mean rate for ``clustered``); may be traced.
       model: one of ``FAULT_MODELS``.
       alpha: clustering parameter of the ``clustered`` model (> 0).
+      line_fraction: share of the rate due to whole failed lines in the ``lines`` model
+        (1 = lines only, 0 = independent PE faults only).
 
     Returns:
       ``bool[rows, cols]``.
@@ -88,6 +133,8 @@ def sample_fault_map(
         return _exact_map(key, rows, cols, count)
     if model == "clustered":
         return _clustered_map(key, rows, cols, rate, alpha)
+    if model == "lines":
+        return _lines_map(key, rows, cols, rate, jnp.asarray(line_fraction, jnp.float32))
     raise ValueError(f"unknown fault model {model!r}; allowed: {', '.join(FAULT_MODELS)}")
 
 
@@ -100,6 +147,7 @@ def sample_fault_maps(
     model: str = "bernoulli",
     alpha: float = 2.0,
     first_chip: int = 0,
+    line_fraction: float = 1.0,
 ) -> jax.Array:
     """Fault maps of ``num_chips`` chips; chip ``i`` from ``fold_in(key, first_chip + i)``.
 
@@ -111,6 +159,7 @@ def sample_fault_maps(
       model: one of ``FAULT_MODELS``.
       alpha: clustering parameter of the ``clustered`` model.
       first_chip: id of the first chip (to sample a slice of a larger population).
+      line_fraction: share of the rate from whole failed lines (``lines`` model).
 
     Returns:
       ``bool[num_chips, rows, cols]``.
@@ -119,28 +168,24 @@ def sample_fault_maps(
         raise ValueError(f"unknown fault model {model!r}; allowed: {', '.join(FAULT_MODELS)}")
     rates = jnp.broadcast_to(jnp.asarray(rate, jnp.float32), (num_chips,))
     ids = first_chip + jnp.arange(num_chips)
-    return _sample_many(key, ids, rates, jnp.asarray(alpha, jnp.float32), rows, cols, model)
+    return _sample_many(
+        key,
+        ids,
+        rates,
+        jnp.asarray(alpha, jnp.float32),
+        jnp.asarray(line_fraction, jnp.float32),
+        rows,
+        cols,
+        model,
+    )
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _sample_many(key, ids, rates, alpha, rows, cols, model):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _sample_many(key, ids, rates, alpha, line_fraction, rows, cols, model):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-    return jax.vmap(lambda k, r: sample_fault_map(k, rows, cols, r, model, alpha))(keys, rates)
-
-
-def fuse_fault_maps(fault_maps: jax.Array) -> jax.Array:
-    """The fused map of a group of chips (eFAT): the union of their faulty PEs.
-
-    A model retrained with the fused map's masks runs unchanged on every member chip, since
-    each member's faulty PEs are bypassed in it already.
-
-    Args:
-      fault_maps: ``bool[members, R, C]``.
-
-    Returns:
-      ``bool[R, C]``.
-    """
-    return jnp.any(jnp.asarray(fault_maps, bool), axis=0)
+    return jax.vmap(lambda k, r: sample_fault_map(k, rows, cols, r, model, alpha, line_fraction))(
+        keys, rates
+    )
 
 
 # --------------------------------------------------------------------------- files

@@ -21,7 +21,19 @@ from absl import logging
 from reduce_jax import baseline as baseline_lib
 from reduce_jax import cost as cost_lib
 from reduce_jax import data as data_lib
-from reduce_jax import faults, models, population, report, resilience, sharding, systolic, train
+from reduce_jax import (
+    faults,
+    grouping,
+    models,
+    population,
+    predictor,
+    report,
+    resilience,
+    retraining,
+    sharding,
+    systolic,
+    train,
+)
 from reduce_jax.config import ConfigError, ReduceConfig, validate
 from reduce_jax.progress import Meter, ProgressStore
 
@@ -50,167 +62,186 @@ def chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
             cfg.chip_fault_rate,
             cfg.fault_model,
             cfg.cluster_alpha,
+            line_fraction=cfg.line_fraction,
         )
     )
 
 
-def chip_rates(params, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(pe_rate float64[chips], effective_rate float64[chips])``."""
+def measure_weights(params, rows: int, cols: int, measures=systolic.RATE_MEASURES) -> dict:
+    """Per-PE weights ``float64[R, C]`` of each rate measure (``systolic.pe_weights``)."""
+    return {m: systolic.pe_weights(params, rows, cols, m) for m in measures}
+
+
+def chip_rates(weights: dict[str, np.ndarray], maps: np.ndarray) -> dict[str, np.ndarray]:
+    """Every chip's rate in each measure: measure -> ``float64[chips]``."""
     maps = jnp.asarray(maps)
-    pe = systolic.pe_fault_rate(maps)
-    eff = jax.vmap(lambda m: systolic.effective_fault_rate(params, m))(maps)
-    return np.asarray(pe, np.float64), np.asarray(eff, np.float64)
+    return {m: np.asarray(systolic.fault_rate(w, maps), np.float64) for m, w in weights.items()}
 
 
-def analysis_fault_maps(cfg: ReduceConfig, key: jax.Array, params) -> tuple[np.ndarray, np.ndarray]:
-    """The analysis chips' fault maps and the measured rate of each grid point.
+def grid_rates(weights: dict[str, np.ndarray], maps: np.ndarray) -> dict[str, np.ndarray]:
+    """The measured rate of each grid point (mean over its K maps ``bool[F, K, R, C]``)."""
+    return {m: r.mean(1) for m, r in chip_rates(weights, maps).items()}
 
-    The map is interpolated at the measured rates (in ``--rate_measure``), which need only
-    the parameter shapes, so a grid too fine for the array is rejected before any training.
 
-    Returns:
-      ``(bool[F, K, R, C], float64[F])``.
-    """
-    rates, k = np.asarray(cfg.fault_rates, np.float64), cfg.maps_per_rate
-    rows, cols = cfg.array_rows, cfg.array_cols
-    maps = np.asarray(
-        faults.sample_fault_maps(
-            key,
-            len(rates) * k,
-            rows,
-            cols,
-            np.repeat(rates, k),
-            cfg.analysis_fault_model,
-            cfg.cluster_alpha,
-        )
-    )
-    pe, eff = chip_rates(params, maps)
-    measured = (pe if cfg.rate_measure == "pe" else eff).reshape(len(rates), k).mean(1)
+def check_grid(measured: np.ndarray, cfg: ReduceConfig, measure: str) -> None:
+    """The map is interpolated at the measured rates, so they must increase."""
     if np.any(np.diff(measured) <= 0):
         raise ConfigError(
-            f"--fault_rates: grid points too close for a {rows}x{cols} array (measured rates "
-            f"{np.round(measured, 4).tolist()} are not increasing)"
+            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
+            f"array (measured {measure} rates {np.round(measured, 4).tolist()} are not "
+            "increasing)"
         )
-    return maps.reshape(len(rates), k, rows, cols), measured
 
 
-def _retrain_chunk(
+def analysis_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
+    """The analysis chips' fault maps ``bool[F, K, R, C]`` (``--analysis_fault_model``)."""
+    rates, k = np.asarray(cfg.fault_rates, np.float64), cfg.maps_per_rate
+    rows, cols = cfg.array_rows, cfg.array_cols
+    maps = faults.sample_fault_maps(
+        key,
+        len(rates) * k,
+        rows,
+        cols,
+        np.repeat(rates, k),
+        cfg.analysis_fault_model,
+        cfg.cluster_alpha,
+        line_fraction=cfg.line_fraction,
+    )
+    return np.asarray(maps).reshape(len(rates), k, rows, cols)
+
+
+def predictor_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
+    """Validation chips of the predictor study: ``bool[predictor_chips, R, C]`` of
+    ``--fault_model``, with (mean) rates spread evenly over ``[0, max(--fault_rates)]``."""
+    n = cfg.predictor_chips
+    rates = np.linspace(0.0, max(cfg.fault_rates), n)
+    maps = faults.sample_fault_maps(
+        key,
+        n,
+        cfg.array_rows,
+        cfg.array_cols,
+        rates,
+        cfg.fault_model,
+        cfg.cluster_alpha,
+        line_fraction=cfg.line_fraction,
+    )
+    return np.asarray(maps)
+
+
+def plan_units(
+    cfg: ReduceConfig,
+    maps: np.ndarray,
+    ok: np.ndarray,
+    weights: np.ndarray,
+    amount: grouping.AmountFn,
+) -> list[list[int]]:
+    """The retraining units: groups of chips sharing one retraining (``--grouping``).
+
+    Chips that cannot be served (``~ok``) stay on their own; with ``none`` every chip is
+    its own unit. Returns lists of chip ids, ordered by first member.
+    """
+    ids = np.flatnonzero(ok)
+    if cfg.grouping == "none" or len(ids) < 2:
+        return [[int(i)] for i in range(len(maps))]
+    groups = grouping.greedy_groups(maps[ids], weights, amount, cfg.max_group_size)
+    units = [[int(ids[i]) for i in g] for g in groups]
+    units += [[int(i)] for i in np.flatnonzero(~ok)]
+    return sorted(units, key=lambda u: u[0])
+
+
+def retrain_plan(
     trainer: train.Trainer,
     params,
     data: population.DeviceData,
+    cfg: ReduceConfig,
+    units: list[list[int]],
     maps: np.ndarray,
-    budgets: np.ndarray,
-    retrain: np.ndarray,
+    unit_steps: np.ndarray,
+    unit_ok: np.ndarray,
+    chip_steps: np.ndarray,
     target: float,
-    topup_steps: int,
-    max_topup_steps: int,
-    phase_key: jax.Array,
-    topup_key: jax.Array,
-    size: int,
-    meter: Meter,
-) -> dict[str, list]:
-    """One chunk of ``m <= size`` chips: retrain, verify, top up; results as lists over chips."""
-    m = len(maps)
-    chunk_maps, chunk_budgets = population.pad_chunk(maps, budgets, size)
-    states, masks = population.init_chunk(trainer, params, chunk_maps, chunk_budgets)
-    before = population.evaluate(trainer, states, masks, data)
-    states = population.run_phase(
-        trainer, states, masks, data, phase_key, chunk_budgets, on_progress=meter
-    )
-    after = population.evaluate(trainer, states, masks, data)
-    topup = np.zeros(size, np.int64)
-    missing = np.zeros(size, bool)
-    missing[:m] = retrain & (after[:m] < target)
-    rnd = 0
-    while True:
-        # A diverged chip is frozen: more steps cannot help it.
-        missing &= ~sharding.to_host(states.diverged)
-        left = max_topup_steps - rnd * topup_steps
-        if not missing.any() or topup_steps <= 0 or left <= 0:
-            break
-        extra = np.where(missing, min(topup_steps, left), 0)
-        budget = states.budget + sharding.shard_chips(jnp.asarray(extra, jnp.int32))
-        states = population.run_phase(
-            trainer,
-            states.replace(budget=budget),
-            masks,
-            data,
-            jax.random.fold_in(topup_key, rnd),
-            extra,
-        )
-        topup += extra
-        after = np.where(missing, population.evaluate(trainer, states, masks, data), after)
-        missing &= after < target
-        rnd += 1
-    diverged = sharding.to_host(states.diverged)[:m]
-    return dict(
-        accuracy_before=before[:m].tolist(),
-        accuracy_after=after[:m].tolist(),
-        topup_steps=topup[:m].tolist(),
-        diverged=diverged.tolist(),
-    )
-
-
-def retrain_chips(
-    trainer: train.Trainer,
-    params,
-    data: population.DeviceData,
-    maps: np.ndarray,
-    steps: np.ndarray,
-    retrain: np.ndarray,
-    target: float,
-    topup_steps: int,
-    max_topup_steps: int,
+    spe: int,
     key: jax.Array,
-    chips_per_batch: int,
     store: ProgressStore,
-) -> dict[str, np.ndarray]:
-    """Retrains every chip for its own steps, verifies it, and tops up those that miss.
+) -> list[dict]:
+    """Retrains every unit, verifies it on its members, splits the groups that miss.
 
-    Chips are sorted by budget before chunking, so a chunk holds similar budgets. Each
-    finished chunk is saved in ``store``; chunks already there are not redone.
-
-    Args:
-      maps: ``bool[chips, R, C]``; steps: ``int[chips]`` budgets; retrain: ``bool[chips]``
-        which chips to retrain (the others are only evaluated).
+    A group (2+ chips) whose model misses the target on any member after its top-ups is
+    split: its members are retrained on their own for their per-chip amounts (``chip_steps``)
+    in a second round. Every round's steps count in the cost.
 
     Returns:
-      numpy arrays over chips: ``accuracy_before``, ``accuracy_after``, ``topup_steps``,
-      ``diverged``.
+      One record per unit retrained or evaluated, in order (first round, then splits):
+      ``members``, ``steps``, ``topup_steps``, ``retrained``, ``accuracy_before``,
+      ``accuracy_after``, ``member_accuracy``, ``diverged``, ``meets_target``, ``split``,
+      ``split_from`` (index of the split group, or None).
     """
-    n = len(maps)
-    steps = np.where(retrain, steps, 0).astype(np.int64)
-    order = np.argsort(steps, kind="stable")
-    size = population.chunk_size(n, chips_per_batch)
-    phase_key, topup_key = jax.random.split(key)
-    meter = Meter("retraining", int(steps.sum()))
+    topup = int(train.epochs_to_steps(cfg.topup_epochs, spe))
+    max_topup = int(train.epochs_to_steps(cfg.max_topup_epochs, spe))
+    records: list[dict] = []
 
-    def compute(ids: np.ndarray) -> dict[str, list]:
-        result = _retrain_chunk(
+    def run_round(
+        stage: str, round_units, steps, ok, split_from, round_key: jax.Array
+    ) -> list[dict]:
+        unit_maps = np.stack([maps[u].any(0) for u in round_units])
+        res = retraining.retrain_units(
             trainer,
             params,
             data,
-            maps[ids],
-            steps[ids],
-            retrain[ids],
+            unit_maps,
+            np.where(ok, steps, 0).astype(np.int64),
+            ok,
+            [maps[u] for u in round_units],
             target,
-            topup_steps,
-            max_topup_steps,
-            phase_key,
-            topup_key,
-            size,
-            meter,
+            topup,
+            max_topup,
+            round_key,
+            cfg.chips_per_batch,
+            done=store.done(stage),
+            on_chunk=lambda i, r: store.put(stage, i, r),
+            label=stage,
         )
-        for chip in ids[np.asarray(result["diverged"], bool)]:
-            logging.warning(
-                "chip %d: loss or weights became non-finite; stopped, reported as diverged", chip
+        out = []
+        for i, u in enumerate(round_units):
+            member_acc = [float(a) for a in res["member_accuracy"][i][: len(u)]]
+            diverged = bool(res["diverged"][i])
+            out.append(
+                dict(
+                    members=list(u),
+                    steps=int(steps[i]) if ok[i] else None,
+                    topup_steps=int(res["topup_steps"][i]),
+                    retrained=bool(ok[i]),
+                    accuracy_before=float(res["accuracy_before"][i]),
+                    accuracy_after=float(res["accuracy_after"][i]),
+                    member_accuracy=member_acc,
+                    diverged=diverged,
+                    meets_target=not diverged and min(member_acc) >= target,
+                    split=False,
+                    split_from=split_from[i],
+                )
             )
-        logging.info("retraining: %d chips done", len(ids))
-        return result
+        return out
 
-    return population.map_chunks(
-        order, size, store.done("retrain"), compute, lambda i, r: store.put("retrain", i, r)
-    )
+    k_first, k_split = jax.random.split(key)
+    records = run_round("retrain", units, unit_steps, unit_ok, [None] * len(units), k_first)
+    failed = [
+        i
+        for i, r in enumerate(records)
+        if len(r["members"]) > 1 and r["retrained"] and not r["meets_target"]
+    ]
+    if failed:
+        logging.info(
+            "%d groups missed the target; retraining their chips on their own", len(failed)
+        )
+        split_units = [[c] for i in failed for c in records[i]["members"]]
+        split_from = [i for i in failed for _ in records[i]["members"]]
+        for i in failed:
+            records[i]["split"] = True
+        steps = np.array([chip_steps[u[0]] for u in split_units])
+        records += run_round(
+            "split", split_units, steps, np.ones(len(split_units), bool), split_from, k_split
+        )
+    return records
 
 
 def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
@@ -234,15 +265,21 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     data = population.DeviceData.from_dataset(ds)
     timing["load_data_s"] = time.perf_counter() - t_start
     key = jax.random.key(cfg.seed)
-    k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain = (
-        jax.random.fold_in(key, i) for i in range(5)
+    k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain, k_pred_maps, k_pred_data = (
+        jax.random.fold_in(key, i) for i in range(7)
     )
     model = models.get_model(cfg.model, ds.num_classes)
     rates = np.asarray(cfg.fault_rates, np.float64)
     amounts = np.asarray(cfg.retrain_epochs, np.float64)
     k = cfg.maps_per_rate
+    rows, cols = cfg.array_rows, cfg.array_cols
+    amaps = analysis_fault_maps(cfg, k_analysis_maps)
+    # Measures of shapes only are checked before any training; ``importance`` needs the
+    # trained weights and is checked once the baseline exists.
     abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), ds.image_shape))
-    amaps, measured = analysis_fault_maps(cfg, k_analysis_maps, abstract)
+    if cfg.rate_measure != "importance":
+        shape_weights = measure_weights(abstract, rows, cols, (cfg.rate_measure,))
+        check_grid(grid_rates(shape_weights, amaps)[cfg.rate_measure], cfg, cfg.rate_measure)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
 
@@ -258,6 +295,10 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         cfg.baseline_learning_rate,
         cfg.seed,
     )
+    weights = measure_weights(params, rows, cols)
+    measured_all = grid_rates(weights, amaps)
+    measured = measured_all[cfg.rate_measure]
+    check_grid(measured, cfg, cfg.rate_measure)
     params = sharding.replicate(jax.tree.map(jnp.asarray, params))
     timing["baseline_s"] = time.perf_counter() - t
     timing["baseline_reused"] = base_info["reused"]
@@ -303,6 +344,50 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         np.isfinite(required), train.epochs_to_steps(np.nan_to_num(required, posinf=0), spe), np.inf
     )
 
+    # Which rate measure predicts the retraining a chip really needs (validation chips).
+    predictor_summary = None
+    if cfg.predictor_chips > 0:
+        t = time.perf_counter()
+        pmaps = predictor_fault_maps(cfg, k_pred_maps)
+        p_acc, p_div = resilience.analyze(
+            trainer,
+            params,
+            data,
+            pmaps[:, None],
+            amount_steps,
+            k_pred_data,
+            cfg.chips_per_batch,
+            done=store.done("predictor"),
+            on_chunk=lambda i, r: store.put("predictor", i, r),
+            on_progress=Meter("predictor study", len(pmaps) * int(amount_steps.max())),
+        )
+        needed = predictor.needed_steps(p_acc[:, :, 0], amount_steps, target)
+        predictor_summary = dict(
+            chips=len(pmaps),
+            fault_model=cfg.fault_model,
+            requested_rates=np.linspace(0.0, max(cfg.fault_rates), len(pmaps)).tolist(),
+            needed_epochs=[_none_if_inf(x / spe) for x in needed],
+            accuracy=p_acc[:, :, 0].tolist(),
+            diverged=p_div[:, 0].tolist(),
+            epochs=float(len(pmaps) * amounts.max()),
+            **predictor.study(
+                chip_rates(weights, pmaps),
+                measured_all,
+                required_steps,
+                needed,
+                cfg.interpolation,
+                spe,
+            ),
+        )
+        timing["predictor_s"] = time.perf_counter() - t
+        logging.info(
+            "predictor study: rank correlation of rate and needed retraining: %s",
+            ", ".join(
+                f"{m} {v['spearman_rate']:.3f}" if v["spearman_rate"] is not None else f"{m} -"
+                for m, v in predictor_summary["measures"].items()
+            ),
+        )
+
     # 3. Per-chip amounts.
     maps = chip_fault_maps(cfg, k_chips)
     if cfg.chip_fault_maps is not None:
@@ -311,37 +396,100 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
             len(maps),
             cfg.chip_fault_maps,
         )
-    pe, eff = chip_rates(params, maps)
-    chip_rate = pe if cfg.rate_measure == "pe" else eff
+    rates_by_measure = chip_rates(weights, maps)
     sel_steps, status = resilience.retraining_amount(
-        measured, required_steps, chip_rate, cfg.interpolation
+        measured, required_steps, rates_by_measure[cfg.rate_measure], cfg.interpolation
     )
     sel_steps, status = np.asarray(sel_steps), np.asarray(status)
     ok = status == resilience.OK
     budgets = np.where(ok, sel_steps, 0).astype(np.int64)
 
-    # 4-5. Retrain every chip for its own amount, verify, top up.
+    # 4-5. Plan the units (single chips, or fused groups), retrain each for its own amount,
+    # verify on every member chip, top up; split the groups that still miss.
     t = time.perf_counter()
-    res = retrain_chips(
+    amount = grouping.amount_fn(measured, required_steps, cfg.interpolation)
+    units = plan_units(cfg, maps, ok, weights[cfg.rate_measure], amount)
+    unit_rates = grouping.fused_rates(maps, weights[cfg.rate_measure], units)
+    unit_steps = amount(unit_rates)
+    unit_ok = np.isfinite(unit_steps)
+    records = retrain_plan(
         trainer,
         params,
         data,
+        cfg,
+        units,
         maps,
+        np.where(unit_ok, unit_steps, 0).astype(np.int64),
+        unit_ok,
         budgets,
-        ok,
         target,
-        int(train.epochs_to_steps(cfg.topup_epochs, spe)),
-        int(train.epochs_to_steps(cfg.max_topup_epochs, spe)),
+        spe,
         k_retrain,
-        cfg.chips_per_batch,
         store,
     )
     timing["retrain_s"] = time.perf_counter() - t
 
     # 6. Cost.
-    chips = cost_lib.chip_records(pe, eff, status, budgets, res, target, spe)
+    pe_weights = weights["pe"]
+    groups, served_by, chip_result = [], {}, _empty_chip_result(len(maps))
+    for r in records:
+        if not r["retrained"]:
+            chip = r["members"][0]
+            for key_, value in (
+                ("accuracy_before", r["accuracy_before"]),
+                ("accuracy_after", r["accuracy_after"]),
+                ("diverged", r["diverged"]),
+            ):
+                chip_result[key_][chip] = value
+            continue
+        gid = len(groups)
+        fused = maps[r["members"]].any(0)
+        groups.append(
+            dict(
+                group=gid,
+                fused_pe_rate=float(pe_weights[fused].sum()),
+                fused_rate=float(weights[cfg.rate_measure][fused].sum()),
+                amount_epochs=r["steps"] / spe,
+                amount_steps=r["steps"],
+                topup_epochs=r["topup_steps"] / spe,
+                topup_steps=r["topup_steps"],
+                **{
+                    k_: r[k_]
+                    for k_ in (
+                        "members",
+                        "member_accuracy",
+                        "accuracy_before",
+                        "accuracy_after",
+                        "diverged",
+                        "meets_target",
+                        "split",
+                    )
+                },
+                split_from=None,
+            )
+        )
+        r["group"] = gid
+        for j, chip in enumerate(r["members"]):
+            served_by[chip] = gid
+            chip_result["accuracy_before"][chip] = r["accuracy_before"]
+            chip_result["accuracy_after"][chip] = r["member_accuracy"][j]
+            chip_result["diverged"][chip] = r["diverged"]
+            if len(r["members"]) == 1:
+                chip_result["topup_steps"][chip] = r["topup_steps"]
+    for g, r in zip(groups, [r for r in records if r["retrained"]], strict=True):
+        if r["split_from"] is not None:
+            g["split_from"] = records[r["split_from"]]["group"]
+    chips = cost_lib.chip_records(
+        rates_by_measure, status, budgets, chip_result, target, spe, served_by
+    )
     fixed_per_chip = float(cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max())
-    cost = cost_lib.cost_summary(chips, fixed_per_chip, len(rates) * k * amounts.max(), spe)
+    cost = cost_lib.cost_summary(
+        chips,
+        fixed_per_chip,
+        len(rates) * k * amounts.max(),
+        spe,
+        groups if cfg.grouping != "none" else None,
+    )
     timing["wall_s"] = time.perf_counter() - t_start
     summary = dict(
         baseline_accuracy=base_acc,
@@ -354,6 +502,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         resilience=dict(
             fault_rates=rates.tolist(),
             measured_rates=measured.tolist(),
+            measured_rates_by_measure={m: v.tolist() for m, v in measured_all.items()},
             retrain_epochs=amounts.tolist(),
             retrain_steps=amount_steps.tolist(),
             accuracy=accuracy.tolist(),
@@ -369,25 +518,39 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
             rate_measure=cfg.rate_measure,
         ),
         chips=chips,
+        groups=groups,
         cost=cost,
+        predictor_study=predictor_summary,
         config=dict(cfg.as_dict(), overwrite=overwrite),
         timing=timing,
         mapping=[
             dict(m, shape=list(m["shape"]), matrix=list(m["matrix"]))
-            for m in systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols)
+            for m in systolic.describe_mapping(params, rows, cols)
         ],
     )
     if cfg.workdir and jax.process_index() == 0:
         report.write_outputs(summary, cfg.workdir)
     logging.info(
-        "Reduce: %.2f epochs vs fixed %.2f (saves %.1f%%); %d/%d chips meet target; "
+        "Reduce: %.2f epochs vs fixed %.2f (saves %.1f%%)%s; %d/%d chips meet target; "
         "%d unrecoverable; break-even at %s chips",
         cost["reduce_epochs"],
         cost["fixed_epochs"],
         100 * cost["savings_fraction"],
+        f"; grouped {cost['grouped_epochs']:.2f} in {cost['groups']} groups"
+        if cost["grouped_epochs"] is not None
+        else "",
         cost["chips_meeting_target"],
         len(maps),
         cost["chips_unrecoverable"],
         cost["break_even_chips"],
     )
     return summary
+
+
+def _empty_chip_result(n: int) -> dict[str, np.ndarray]:
+    return dict(
+        accuracy_before=np.zeros(n),
+        accuracy_after=np.zeros(n),
+        topup_steps=np.zeros(n, np.int64),
+        diverged=np.zeros(n, bool),
+    )

@@ -121,23 +121,90 @@ def pe_load(params: PyTree, rows: int, cols: int) -> np.ndarray:
     return load
 
 
+def magnitude_load(params: PyTree, rows: int, cols: int) -> np.ndarray:
+    """Each PE's share of every kernel's weight magnitude, summed over kernels.
+
+    Each kernel's ``|W|`` is normalised to sum 1 before it is spread over the PEs, so every
+    layer counts equally, however many weights it has: a small layer whose few weights all
+    matter (the first convolution, the classifier) weighs as much as a large one.
+
+    Args:
+      params: a parameter pytree with concrete kernel values (the trained network).
+      rows, cols: the array size.
+
+    Returns:
+      ``float64[R, C]``, non-negative, summing to the number of kernels with any weight.
+    """
+    load = np.zeros(rows * cols, np.float64)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not is_kernel_path(path):
+            continue
+        k, n = matrix_shape(tuple(leaf.shape))
+        mag = np.abs(np.asarray(leaf, np.float64)).reshape(k, n)
+        total = mag.sum()
+        if total == 0:
+            continue
+        pe_row, pe_col = pe_coordinates(tuple(leaf.shape), rows, cols)
+        pe = (pe_row * cols + pe_col).reshape(-1)
+        load += np.bincount(pe, weights=(mag / total).reshape(-1), minlength=rows * cols)
+    return load.reshape(rows, cols)
+
+
+RATE_MEASURES = ("pe", "effective", "importance")
+
+
+def pe_weights(params: PyTree, rows: int, cols: int, measure: str) -> np.ndarray:
+    """Per-PE weights of a fault-rate measure: the rate of a map is ``sum(weights[map])``.
+
+    Every measure is linear in the fault map (a weighted count of faulty PEs), so the rate
+    of a fused map and of any subset of PEs is cheap to compute.
+
+    Args:
+      params: a parameter pytree (only shapes are used, except for ``importance``).
+      rows, cols: the array size.
+      measure: ``pe`` (fraction of faulty PEs), ``effective`` (fraction of kernel weights
+        bypassed) or ``importance`` (fraction of the trained network's weight magnitude
+        bypassed, every layer counting equally: ``magnitude_load``).
+
+    Returns:
+      ``float64[R, C]``, non-negative, summing to 1.
+    """
+    if measure == "pe":
+        load = np.ones((rows, cols), np.float64)
+    elif measure == "effective":
+        load = pe_load(params, rows, cols).astype(np.float64)
+    elif measure == "importance":
+        load = magnitude_load(params, rows, cols)
+    else:
+        raise ValueError(f"unknown rate measure {measure!r}; allowed: {', '.join(RATE_MEASURES)}")
+    total = load.sum()
+    if total == 0:
+        raise ValueError("params have no leaf named 'kernel' with non-zero weights")
+    return load / total
+
+
+def fault_rate(weights: jax.Array, fault_map: jax.Array) -> jax.Array:
+    """A map's rate in a measure: ``float32[...]`` from weights ``[R, C]`` and ``bool[..., R, C]``.
+
+    ``weights`` from ``pe_weights``; 0 for a fault-free map, 1 when every PE is faulty, and
+    non-decreasing as PEs are added to the map.
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    return jnp.sum(jnp.where(fault_map, w, 0.0), axis=(-2, -1))
+
+
 def effective_fault_rate(params: PyTree, fault_map: jax.Array) -> jax.Array:
     """Fraction of the network's kernel weights that a chip's fault map zeroes.
 
     Args:
       params: a parameter pytree (only shapes are used).
-      fault_map: ``bool[R, C]`` (vmap for a batch of chips).
+      fault_map: ``bool[R, C]`` (or ``bool[..., R, C]``).
 
     Returns:
-      ``float32[]`` in [0, 1]. Equals ``mean(fault_map)`` when every layer fills whole tiles.
+      ``float32[...]`` in [0, 1]. Equals ``mean(fault_map)`` when every layer fills whole tiles.
     """
-    rows, cols = fault_map.shape
-    load = pe_load(params, rows, cols)
-    total = load.sum()
-    if total == 0:
-        raise ValueError("params have no leaf named 'kernel'")
-    weights = jnp.asarray(load / total, jnp.float32)
-    return jnp.sum(jnp.where(fault_map, weights, 0.0))
+    rows, cols = fault_map.shape[-2:]
+    return fault_rate(pe_weights(params, rows, cols, "effective"), fault_map)
 
 
 def pe_fault_rate(fault_map: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ def records(target=0.9):
         diverged=np.array([False, False, False, False, False, True]),
     )
     pe = np.linspace(0.0, 0.5, 6)
-    return cost.chip_records(pe, pe * 0.9, status, budgets, result, target, SPE)
+    return cost.chip_records(dict(pe=pe, effective=pe * 0.9), status, budgets, result, target, SPE)
 
 
 def test_chip_statuses_and_amounts():

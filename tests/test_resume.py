@@ -144,13 +144,13 @@ def test_diverging_chip_is_reported_and_run_goes_on(tmp_path, monkeypatch):
         sabotaged.append(victim)
         return states, masks
 
-    original_retrain = pipeline.retrain_chips
+    original_retrain = pipeline.retrain_plan
 
-    def retrain_chips(*args, **kwargs):
+    def retrain_plan(*args, **kwargs):
         monkeypatch.setattr(population, "init_chunk", init_chunk)
         return original_retrain(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "retrain_chips", retrain_chips)
+    monkeypatch.setattr(pipeline, "retrain_plan", retrain_plan)
     summary = pipeline.run(cfg)
     diverged = [c for c in summary["chips"] if c["status"] == "diverged"]
     assert len(sabotaged) == 1 and len(diverged) == 1

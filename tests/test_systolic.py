@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reduce_jax import faults, systolic
+from reduce_jax import grouping, systolic
 
 # ----------------------------------------------------------------------- hand-computed masks
 
@@ -307,7 +307,7 @@ def test_mask_zeroes_exactly_faulty_pes_and_more_faults_never_give_a_larger_mask
 )
 def test_fused_map_is_superset_and_its_masks_bypass_every_member(members, seed, rate):
     maps = np.random.default_rng(seed).random((members, 4, 6)) < rate
-    fused = np.asarray(faults.fuse_fault_maps(maps))
+    fused = np.asarray(grouping.fuse(maps))
     assert fused.shape == (4, 6)
     for m in maps:
         assert not (m & ~fused).any()  # superset

@@ -1,0 +1,112 @@
+"""Which fault-rate measure predicts the retraining a chip really needs.
+
+For a validation set of chips, each chip is retrained up to the grid's largest amount and
+evaluated at every amount, which gives the least grid amount that really meets the target
+(``needed``). Each rate measure predicts an amount from the chip's rate through the
+resilience map; the study reports, per measure, the rank correlation of the rate and of the
+predicted amount with the needed one, and how many chips the prediction under-provisions
+(they would miss the target and need top-ups) or over-provisions (retraining wasted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+from reduce_jax import resilience
+
+
+def needed_steps(accuracy: np.ndarray, amount_steps: np.ndarray, target: float) -> np.ndarray:
+    """Least grid amount meeting the target per chip: ``float64[chips]`` (inf: none does).
+
+    Args:
+      accuracy: ``float[chips, A]`` accuracy after each amount; amount_steps: ``int[A]``.
+    """
+    ok = np.asarray(accuracy) >= target
+    steps = np.asarray(amount_steps, np.float64)
+    return np.where(ok.any(1), steps[np.argmax(ok, 1)], np.inf)
+
+
+def rank_correlation(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation (ties averaged, ``inf`` ranks highest); None if constant."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return None
+    return float(np.corrcoef(stats.rankdata(x), stats.rankdata(y))[0, 1])
+
+
+def score_measure(
+    rates: np.ndarray,
+    predicted: np.ndarray,
+    status: np.ndarray,
+    needed: np.ndarray,
+    steps_per_epoch: int,
+) -> dict:
+    """How well one measure's predictions match the needed amounts.
+
+    Args:
+      rates: ``float[chips]`` the chips' rates in the measure.
+      predicted: ``float[chips]`` predicted steps (``inf`` where not served).
+      status: ``int[chips]`` from ``resilience.retraining_amount``.
+      needed: ``float[chips]`` from ``needed_steps``.
+
+    Returns:
+      ``spearman_rate`` (rate vs needed), ``spearman_amount`` (predicted vs needed),
+      counts ``exact``, ``under`` (predicted < needed: the chip misses the target and needs
+      top-ups), ``over`` (predicted > needed), ``flagged`` (not served: above the grid or
+      unrecoverable) and ``flagged_recoverable`` (flagged though a grid amount served it),
+      and ``excess_epochs`` / ``shortfall_epochs`` summed over served chips whose need is
+      within the grid.
+    """
+    served = np.asarray(status) == resilience.OK
+    finite = np.isfinite(needed)
+    both = served & finite
+    gap = np.where(both, np.nan_to_num(predicted, posinf=0) - np.nan_to_num(needed, posinf=0), 0)
+    return dict(
+        spearman_rate=rank_correlation(rates, needed),
+        spearman_amount=rank_correlation(predicted, needed),
+        exact=int(np.sum(served & (predicted == needed))),
+        under=int(np.sum(served & (predicted < needed))),
+        over=int(np.sum(served & (predicted > needed))),
+        flagged=int(np.sum(~served)),
+        flagged_recoverable=int(np.sum(~served & finite)),
+        excess_epochs=float(np.maximum(gap, 0).sum() / steps_per_epoch),
+        shortfall_epochs=float(np.maximum(-gap, 0).sum() / steps_per_epoch),
+    )
+
+
+def study(
+    rates: dict[str, np.ndarray],
+    grid_rates: dict[str, np.ndarray],
+    required_steps: np.ndarray,
+    needed: np.ndarray,
+    interpolation: str,
+    steps_per_epoch: int,
+) -> dict:
+    """Scores every measure on the validation chips.
+
+    Args:
+      rates: measure -> ``float[chips]`` the validation chips' rates.
+      grid_rates: measure -> ``float[F]`` the grid's measured rates in that measure.
+      required_steps: ``float[F]`` the resilience map in steps.
+      needed: ``float[chips]`` from ``needed_steps``.
+
+    Returns:
+      ``{"measures": {measure: score_measure(...) + rates + predicted_epochs},
+      "best_measure": the measure with the highest spearman_rate}``.
+    """
+    out = {}
+    for name, r in rates.items():
+        predicted, status = resilience.retraining_amount(
+            grid_rates[name], required_steps, r, interpolation
+        )
+        predicted = np.asarray(predicted, np.float64)
+        score = score_measure(r, predicted, np.asarray(status), needed, steps_per_epoch)
+        score["rates"] = np.asarray(r, np.float64).tolist()
+        score["predicted_epochs"] = [
+            float(p / steps_per_epoch) if np.isfinite(p) else None for p in predicted
+        ]
+        out[name] = score
+    ranked = [n for n in out if out[n]["spearman_rate"] is not None]
+    best = max(ranked, key=lambda n: out[n]["spearman_rate"]) if ranked else None
+    return dict(measures=out, best_measure=best)
