@@ -80,8 +80,8 @@ def cost_summary(
     ``reduce_epochs`` is the sum of every chip's selected amount and top-up (chips that are
     not retrained cost nothing); the fixed policy retrains every chip ``fixed_epochs_per_chip``.
     With ``groups`` (a grouped run), chips were retrained in groups: ``reduce_epochs`` is then
-    per-chip Reduce's *planned* cost (selected amounts, plus top-ups only of chips that were
-    retrained on their own; ``reduce_measured`` is False), and ``grouped_epochs`` the
+    per-chip Reduce's *planned* cost, the sum of the selected amounts without top-ups (which
+    only a per-chip run measures; ``reduce_measured`` is False), and ``grouped_epochs`` the
     measured cost of the grouped retraining: every group's amount and top-ups, split
     groups and the retraining of their members included.
     ``*_recoverable`` compare the two on the chips Reduce retrains only, which is the fair
@@ -93,9 +93,18 @@ def cost_summary(
     if n == 0:
         raise ValueError("no chips")
     selected = [c for c in chips if c["selected_steps"] is not None]
-    reduce_steps = sum((c["selected_steps"] or 0) + c["topup_steps"] for c in chips)
+    planned_steps = sum(c["selected_steps"] or 0 for c in chips)
+    reduce_steps = (
+        sum((c["selected_steps"] or 0) + c["topup_steps"] for c in chips)
+        if groups is None
+        else planned_steps
+    )
     reduce_epochs = reduce_steps / steps_per_epoch
-    topup_epochs = sum(c["topup_epochs"] for c in chips)
+    topup_epochs = (
+        sum(c["topup_epochs"] for c in chips)
+        if groups is None
+        else sum(g["topup_steps"] for g in groups) / steps_per_epoch
+    )
     fixed_epochs = fixed_epochs_per_chip * n
     fixed_recoverable = fixed_epochs_per_chip * len(selected)
     per_chip_saving = fixed_epochs_per_chip - reduce_epochs / n
@@ -109,11 +118,16 @@ def cost_summary(
     return dict(
         reduce_epochs=reduce_epochs,
         reduce_measured=groups is None,
-        reduce_planned_epochs=sum(c["selected_steps"] or 0 for c in chips) / steps_per_epoch,
+        reduce_planned_epochs=planned_steps / steps_per_epoch,
         grouped_epochs=None if groups is None else grouped_steps / steps_per_epoch,
         grouped_steps=grouped_steps,
         groups=None if groups is None else len(groups),
         groups_split=None if groups is None else sum(g["split"] for g in groups),
+        grouped_savings_fraction=(
+            None
+            if groups is None
+            else fraction(fixed_epochs - grouped_steps / steps_per_epoch, fixed_epochs)
+        ),
         grouped_savings_vs_reduce=(
             None if groups is None else reduce_epochs - grouped_steps / steps_per_epoch
         ),

@@ -91,21 +91,31 @@ def greedy_groups(
     fault_maps: np.ndarray,
     weights: np.ndarray,
     amount: AmountFn,
+    levels: np.ndarray,
     max_group_size: int,
 ) -> list[list[int]]:
-    """Partitions chips into groups by greedy agglomeration on the reward.
+    """Partitions chips into groups: resilience-driven seeded growth, kept by reward.
 
-    Starts from singletons and repeatedly merges the two groups whose fusion saves the most
-    retraining (ties: the smaller fused rate, which leaves the most headroom for later
-    merges), as long as the saving is positive. A merge is never planned when the fused
-    map cannot be served (above the grid or unrecoverable) or when it would exceed
-    ``max_group_size`` chips. So the plan never costs more than per-chip Reduce on the same
-    map: every merge lowers the planned total.
+    Chips are taken as seeds in order of decreasing amount (then rate), like first-fit
+    decreasing bin packing. For a seed and every amount level ``L`` of the resilience map
+    at or above the seed's own amount, a group grows from the seed by adding the remaining
+    chip that saves the most (its own amount; ties: the one that adds the least rate) while
+    the fused map still needs at most ``L``. The level whose group has the largest reward
+    (members' amounts minus the fused amount) wins; if no group saves anything the seed
+    stays alone. Trying every level looks past a merge that saves nothing by itself (two
+    chips that each need ``a`` may fuse to a map needing ``2a``) to the third chip that then
+    rides for free.
+
+    Only groups with a positive reward are formed, and a fused map never exceeds the map's
+    largest finite amount (it is never unrecoverable or above the grid), so the plan never
+    costs more than per-chip Reduce on the same map. Rates are linear in the map
+    (``systolic.pe_weights``), so a group's rate with each candidate added is one product.
 
     Args:
       fault_maps: ``bool[n, R, C]`` maps of the chips to group (all servable on their own).
-      weights: ``float[R, C]`` per-PE weights of the rate measure (``systolic.pe_weights``).
+      weights: ``float[R, C]`` per-PE weights of the rate measure.
       amount: the resilience map as a function (``amount_fn``).
+      levels: ``float[L]`` the map's finite required amounts, in steps.
       max_group_size: most chips per group (>= 1).
 
     Returns:
@@ -121,40 +131,34 @@ def greedy_groups(
     amt = amount(rate)
     if not np.all(np.isfinite(amt)):
         raise ValueError("every chip to group must be servable on its own (finite amount)")
-    members = [[i] for i in range(n)]
-    alive = np.ones(n, bool)
+    levels = np.unique(np.asarray(levels, np.float64)[np.isfinite(levels)])
+    remaining = np.ones(n, bool)
+    groups = []
+    for seed in np.lexsort((-rate, -amt)):
+        if not remaining[seed]:
+            continue
+        remaining[seed] = False
+        best_reward, best = 0.0, [int(seed)]
+        for level in levels[levels >= amt[seed]]:
+            group, fused = [int(seed)], maps[seed].copy()
+            while len(group) < max_group_size:
+                grown = rate_with(fused, maps, w)
+                fits = remaining & (amt > 0) & (amount(grown) <= level)
+                fits[group] = False
+                if not fits.any():
+                    break
+                cand = np.flatnonzero(fits)
+                c = int(cand[np.lexsort((grown[cand], -amt[cand]))[0]])
+                group.append(c)
+                fused = np.maximum(fused, maps[c])
+            reward = amt[group].sum() - amount(np.array([fused @ w]))[0]
+            if reward > best_reward:
+                best_reward, best = reward, group
+        remaining[best] = False
+        groups.append(sorted(best))
+    return sorted(groups, key=lambda g: g[0])
 
-    def pair_scores(i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Reward and fused rate of groups ``i`` paired with every group: ``[len(i), n]``."""
-        union = rate[i, None] + rate[None, :] - (maps[i] * w) @ maps.T
-        fused = amount(union.reshape(-1)).reshape(union.shape)
-        reward = amt[i, None] + amt[None, :] - fused
-        sizes = np.array([len(m) for m in members])
-        invalid = (
-            ~np.isfinite(fused)
-            | ~alive[None, :]
-            | ~alive[i, None]
-            | (sizes[i, None] + sizes[None, :] > max_group_size)
-            | (i[:, None] == np.arange(n)[None, :])
-        )
-        return np.where(invalid, -np.inf, reward), union
 
-    reward, union = pair_scores(np.arange(n))
-    while True:
-        best = reward.max()
-        if not best > 0:
-            break
-        cand = np.argwhere(reward == best)
-        i, j = cand[np.argmin(union[cand[:, 0], cand[:, 1]])]
-        i, j = (int(i), int(j)) if i < j else (int(j), int(i))
-        maps[i] = np.maximum(maps[i], maps[j])
-        rate[i] = maps[i] @ w
-        amt[i] = amount(rate[i : i + 1])[0]
-        members[i] += members[j]
-        alive[j] = False
-        members[j] = []
-        row, row_union = pair_scores(np.array([i]))
-        reward[i], union[i] = row[0], row_union[0]
-        reward[:, i], union[:, i] = row[0], row_union[0]
-        reward[j], reward[:, j] = -np.inf, -np.inf
-    return sorted((sorted(m) for m in members if m), key=lambda m: m[0])
+def rate_with(fused: np.ndarray, maps: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Rate of the fused map ``float[RC]`` (0/1) with each chip of ``maps [n, RC]`` added."""
+    return fused @ w + maps @ (w * (1.0 - fused))

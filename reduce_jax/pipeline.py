@@ -134,6 +134,7 @@ def plan_units(
     ok: np.ndarray,
     weights: np.ndarray,
     amount: grouping.AmountFn,
+    levels: np.ndarray,
 ) -> list[list[int]]:
     """The retraining units: groups of chips sharing one retraining (``--grouping``).
 
@@ -143,7 +144,7 @@ def plan_units(
     ids = np.flatnonzero(ok)
     if cfg.grouping == "none" or len(ids) < 2:
         return [[int(i)] for i in range(len(maps))]
-    groups = grouping.greedy_groups(maps[ids], weights, amount, cfg.max_group_size)
+    groups = grouping.greedy_groups(maps[ids], weights, amount, levels, cfg.max_group_size)
     units = [[int(ids[i]) for i in g] for g in groups]
     units += [[int(i)] for i in np.flatnonzero(~ok)]
     return sorted(units, key=lambda u: u[0])
@@ -408,7 +409,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     # verify on every member chip, top up; split the groups that still miss.
     t = time.perf_counter()
     amount = grouping.amount_fn(measured, required_steps, cfg.interpolation)
-    units = plan_units(cfg, maps, ok, weights[cfg.rate_measure], amount)
+    units = plan_units(cfg, maps, ok, weights[cfg.rate_measure], amount, required_steps)
     unit_rates = grouping.fused_rates(maps, weights[cfg.rate_measure], units)
     unit_steps = amount(unit_rates)
     unit_ok = np.isfinite(unit_steps)

@@ -1,4 +1,6 @@
-"""Outputs of a run: ``summary.json``, ``resilience.csv``, ``chips.csv`` and PNG plots.
+"""Outputs of a run: ``summary.json``, ``resilience.csv``, ``chips.csv`` and PNG plots, plus
+``groups.csv`` and ``cost_grouping.png`` for grouped runs and ``predictor.png`` (and
+``predictor.csv``) when the run has a predictor study.
 
 Every file is written atomically (to a temporary name in the same directory, flushed and
 fsynced, then ``os.replace``d), so an interrupted run never leaves a truncated output and a
@@ -29,6 +31,8 @@ PLOT_NAMES = (
     "chip_epochs_histogram.png",
     "cost.png",
 )
+GROUPING_PLOT = "cost_grouping.png"
+PREDICTOR_PLOT = "predictor.png"
 
 
 def _check_finite(obj, path: str = "$") -> None:
@@ -108,6 +112,32 @@ def resilience_rows(summary: dict) -> list[dict]:
 def chip_rows(summary: dict) -> list[dict]:
     """One row per chip: the keys of each ``summary["chips"][i]``, in order."""
     return [dict(chip) for chip in summary["chips"]]
+
+
+def group_rows(summary: dict) -> list[dict]:
+    """One row per group of a grouped run (members space-separated)."""
+    rows = []
+    for g in summary.get("groups") or []:
+        row = {k: v for k, v in g.items() if k not in ("members", "member_accuracy")}
+        row["members"] = " ".join(str(m) for m in g["members"])
+        row["size"] = len(g["members"])
+        row["min_member_accuracy"] = min(g["member_accuracy"])
+        rows.append(row)
+    return rows
+
+
+def predictor_rows(summary: dict) -> list[dict]:
+    """One row per validation chip of the predictor study: its rate and predicted amount in
+    every measure, and the amount it really needed."""
+    study = summary["predictor_study"]
+    rows = []
+    for i, needed in enumerate(study["needed_epochs"]):
+        row = {"chip": i, "requested_rate": study["requested_rates"][i], "needed_epochs": needed}
+        for m, v in study["measures"].items():
+            row[f"{m}_rate"] = v["rates"][i]
+            row[f"{m}_predicted_epochs"] = v["predicted_epochs"][i]
+        rows.append(row)
+    return rows
 
 
 def write_csv_atomic(path: str, rows: list[dict]) -> None:
@@ -239,8 +269,58 @@ def _plot_cost(summary: dict, ax) -> None:
     ax.legend(fontsize=8, loc="upper left")
 
 
+def _plot_grouping(summary: dict, ax) -> None:
+    """Retraining cost of the population: fixed policy, per-chip Reduce, grouped Reduce."""
+    cost = summary["cost"]
+    names = ["fixed", "Reduce (per chip)", "Reduce (grouped)"]
+    values = [cost["fixed_epochs"], cost["reduce_epochs"], cost["grouped_epochs"]]
+    bars = ax.bar(names, values, color=["C3", "C0", "C2"], alpha=0.85)
+    for bar, v in zip(bars, values, strict=True):
+        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
+    planned = "" if cost["reduce_measured"] else " (per chip: planned amounts)"
+    ax.set(ylabel="retraining epochs, whole population")
+    ax.set_title(
+        f"{len(summary['chips'])} chips in {cost['groups']} groups "
+        f"({cost['groups_split']} split){planned}",
+        fontsize=10,
+    )
+
+
+def _plot_predictor(summary: dict, fig) -> None:
+    """Per measure: validation chips' rate against the retraining they really needed."""
+    study = summary["predictor_study"]
+    measures = study["measures"]
+    needed = np.array([np.nan if x is None else x for x in study["needed_epochs"]])
+    top = np.nanmax(needed) if np.isfinite(needed).any() else 1.0
+    shown = np.where(np.isnan(needed), 1.15 * top + 0.1, needed)
+    axes = fig.subplots(1, len(measures), sharey=True, squeeze=False)[0]
+    for ax, (name, v) in zip(axes, measures.items(), strict=True):
+        rates = np.asarray(v["rates"])
+        ax.scatter(rates[~np.isnan(needed)], shown[~np.isnan(needed)], s=18, color="C0")
+        ax.scatter(
+            rates[np.isnan(needed)],
+            shown[np.isnan(needed)],
+            s=18,
+            marker="x",
+            color="C3",
+            label="unrecoverable within the grid",
+        )
+        rho = v["spearman_rate"]
+        ax.set_title(
+            f"{name}: rank corr. {rho:.2f}\nunder {v['under']}, over {v['over']}"
+            if rho is not None
+            else name,
+            fontsize=9,
+        )
+        ax.set_xlabel(f"{name} fault rate")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("needed retraining (epochs)")
+    axes[0].legend(fontsize=7, loc="upper left")
+
+
 def plot_all(summary: dict, workdir: str) -> list[str]:
-    """Writes the four plots (``PLOT_NAMES``) into ``workdir``; returns their paths."""
+    """Writes the plots (``PLOT_NAMES``, then ``GROUPING_PLOT`` for grouped runs and
+    ``PREDICTOR_PLOT`` with a predictor study) into ``workdir``; returns their paths."""
     paths = []
     for name, draw in zip(
         PLOT_NAMES, (_plot_accuracy, _plot_required, _plot_histogram, _plot_cost), strict=True
@@ -252,6 +332,19 @@ def plot_all(summary: dict, workdir: str) -> list[str]:
         path = os.path.join(workdir, name)
         _save(fig, path)
         paths.append(path)
+    if summary["cost"].get("grouped_epochs") is not None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        _plot_grouping(summary, ax)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        paths.append(os.path.join(workdir, GROUPING_PLOT))
+        _save(fig, paths[-1])
+    if summary.get("predictor_study"):
+        fig = plt.figure(figsize=(4 * len(summary["predictor_study"]["measures"]), 4.0))
+        _plot_predictor(summary, fig)
+        fig.tight_layout()
+        paths.append(os.path.join(workdir, PREDICTOR_PLOT))
+        _save(fig, paths[-1])
     return paths
 
 
@@ -269,4 +362,10 @@ def write_outputs(summary: dict, workdir: str) -> list[str]:
     write_json_atomic(paths[0], summary)
     write_csv_atomic(paths[1], resilience_rows(summary))
     write_csv_atomic(paths[2], chip_rows(summary))
+    if summary.get("groups") and summary["cost"].get("grouped_epochs") is not None:
+        paths.append(os.path.join(workdir, "groups.csv"))
+        write_csv_atomic(paths[-1], group_rows(summary))
+    if summary.get("predictor_study"):
+        paths.append(os.path.join(workdir, "predictor.csv"))
+        write_csv_atomic(paths[-1], predictor_rows(summary))
     return paths + plot_all(summary, workdir)

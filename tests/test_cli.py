@@ -105,6 +105,56 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
 
 
 @pytest.mark.slow
+def test_grouping_predictor_lines_and_importance_end_to_end(tmp_path):
+    workdir = str(tmp_path / "grouped")
+    proc = run_cli(
+        f"--flagfile={SMOKE}",
+        f"--workdir={workdir}",
+        "--grouping=greedy",
+        "--max_group_size=4",
+        "--predictor_chips=6",
+        "--fault_model=lines",
+        "--line_fraction=0.5",
+        "--chip_fault_rate=0.08",
+        "--num_chips=12",
+        "--rate_measure=importance",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "groups" in proc.stdout
+    with open(os.path.join(workdir, "summary.json")) as f:
+        s = json.load(f)
+    target, chips, groups, cost = s["target_accuracy"], s["chips"], s["groups"], s["cost"]
+    assert s["resilience_map"]["rate_measure"] == "importance"
+    assert all("importance_fault_rate" in c for c in chips)
+    # Every retrained chip is served by exactly one final group that lists it.
+    for c in chips:
+        if c["status"] in ("above_grid", "unrecoverable"):
+            assert c["group"] is None
+            continue
+        g = groups[c["group"]]
+        assert c["chip"] in g["members"] and not g["split"]
+        j = g["members"].index(c["chip"])
+        assert c["accuracy_after"] == g["member_accuracy"][j]
+        assert c["meets_target"] == (c["accuracy_after"] >= target and c["status"] != "diverged")
+    for g in groups:
+        assert 1 <= len(g["members"]) <= 4
+        # The group's model gives the same accuracy on every member as on the fused chip.
+        assert all(a == g["accuracy_after"] for a in g["member_accuracy"])
+        if not g["split"]:
+            assert g["meets_target"] == (min(g["member_accuracy"]) >= target)
+    total = sum(g["amount_epochs"] + g["topup_epochs"] for g in groups)
+    assert cost["grouped_epochs"] == pytest.approx(total)
+    assert cost["groups"] == len(groups)
+    planned = sum(g["amount_epochs"] for g in groups if g["split_from"] is None)
+    assert planned <= cost["reduce_planned_epochs"] + 1e-9
+    study = s["predictor_study"]
+    assert study["chips"] == 6 and len(study["needed_epochs"]) == 6
+    assert set(study["measures"]) == {"pe", "effective", "importance"}
+    for name in ("groups.csv", "predictor.csv", "cost_grouping.png", "predictor.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 100
+
+
+@pytest.mark.slow
 def test_rerun_reuses_baseline_and_gives_identical_summary(smoke_run):
     workdir, first, _ = smoke_run
     proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}")
@@ -178,6 +228,10 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(statistic="quantile:1.5"), "--statistic"),
         (dict(interpolation="cubic"), "--interpolation"),
         (dict(rate_measure="area"), "--rate_measure"),
+        (dict(line_fraction=1.5), "--line_fraction"),
+        (dict(predictor_chips=-1), "--predictor_chips"),
+        (dict(grouping="optimal"), "--grouping"),
+        (dict(max_group_size=1), "--max_group_size"),
         (dict(fixed_epochs=0.0), "--fixed_epochs"),
         (dict(topup_epochs=0.0), "--topup_epochs"),
         (dict(batch_size=0), "--batch_size"),

@@ -95,3 +95,20 @@ def test_all_unrecoverable():
 def test_no_chips():
     with pytest.raises(ValueError):
         cost.cost_summary([], 4.0, 30.0, SPE)
+
+
+def test_grouped_cost_counts_every_group_and_split():
+    recs = records()
+    groups = [
+        dict(amount_steps=10, topup_steps=5, split=True),  # a group that missed, then split
+        dict(amount_steps=5, topup_steps=0, split=False),
+        dict(amount_steps=10, topup_steps=0, split=False),
+    ]
+    c = cost.cost_summary(recs, 2.0, 12.0, SPE, groups)
+    assert c["grouped_steps"] == 30 and c["grouped_epochs"] == pytest.approx(3.0)
+    assert (c["groups"], c["groups_split"]) == (3, 1)
+    assert c["reduce_measured"] is False
+    assert c["reduce_planned_epochs"] == pytest.approx((5 + 10 + 20 + 10) / SPE)
+    assert c["grouped_savings_vs_reduce"] == pytest.approx(c["reduce_epochs"] - 3.0)
+    plain = cost.cost_summary(recs, 2.0, 12.0, SPE)
+    assert plain["grouped_epochs"] is None and plain["reduce_measured"] is True

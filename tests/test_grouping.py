@@ -1,0 +1,221 @@
+"""Fusion of fault maps, rewards and the grouping search (eFAT), on hand-made maps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reduce_jax import grouping, models, pipeline, population, retraining, systolic, train
+from reduce_jax.config import ReduceConfig
+from reduce_jax.progress import ProgressStore
+
+ROWS = COLS = 4
+W_PE = np.full((ROWS, COLS), 1.0 / (ROWS * COLS))
+
+
+def single_fault_maps(positions):
+    """One map per position, with that one PE faulty."""
+    maps = np.zeros((len(positions), ROWS, COLS), bool)
+    for i, (r, c) in enumerate(positions):
+        maps[i, r, c] = True
+    return maps
+
+
+def test_fuse_is_the_union_and_a_superset_of_every_member():
+    maps = np.random.default_rng(0).random((5, ROWS, COLS)) < 0.2
+    fused = np.asarray(grouping.fuse(maps))
+    np.testing.assert_array_equal(fused, maps.any(0))
+    for m in maps:
+        assert not (m & ~fused).any()
+
+
+def test_group_reward_by_hand():
+    assert grouping.group_reward(np.array([3.0, 3.0]), 4.0) == 2.0
+    assert grouping.group_reward(np.array([1.0, 1.0]), 4.0) == -2.0
+    assert grouping.group_reward(np.array([3.0, 3.0]), np.inf) == -np.inf
+
+
+def test_amount_fn_reads_the_map():
+    grid = np.array([0.0, 0.1, 0.2, 0.3])
+    amount = grouping.amount_fn(grid, np.array([0.0, 2.0, 5.0, np.inf]), "conservative")
+    np.testing.assert_array_equal(
+        amount(np.array([0.0, 0.05, 0.1, 0.15, 0.25, 0.35])), [0, 2, 2, 5, np.inf, np.inf]
+    )
+
+
+def test_rewards_on_a_hand_made_map():
+    # 1, 2, 3 faulty PEs of 16 need 4, 4, 4 steps; 4 or more are unrecoverable.
+    grid = np.arange(5) / 16
+    amount = grouping.amount_fn(grid, np.array([0, 4, 4, 4, np.inf]), "conservative")
+    maps = single_fault_maps([(0, 0), (1, 1), (2, 2), (3, 3)])
+    rates = grouping.fused_rates(maps, W_PE, [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 0]])
+    np.testing.assert_allclose(rates, [1 / 16, 2 / 16, 3 / 16, 4 / 16, 1 / 16])
+    fused = amount(rates)
+    assert grouping.group_reward(np.array([4, 4]), fused[1]) == 4
+    assert grouping.group_reward(np.array([4, 4, 4]), fused[2]) == 8
+    assert grouping.group_reward(np.array([4, 4, 4, 4]), fused[3]) == -np.inf
+    # Overlapping maps fuse to less than the sum of their rates.
+    overlap = single_fault_maps([(0, 0), (0, 0)])
+    assert grouping.fused_rates(overlap, W_PE, [[0, 1]])[0] == pytest.approx(1 / 16)
+
+
+def test_greedy_packs_groups_up_to_the_largest_servable_rate():
+    grid = np.arange(5) / 16
+    required = np.array([0, 4, 4, 4, np.inf])
+    amount = grouping.amount_fn(grid, required, "conservative")
+    maps = single_fault_maps([(0, 0), (1, 1), (2, 2), (3, 3), (0, 1), (1, 0)])
+    groups = grouping.greedy_groups(maps, W_PE, amount, required, max_group_size=8)
+    assert sorted(len(g) for g in groups) == [3, 3]  # a 4th fault is unrecoverable
+    assert grouping.plan_steps(maps, W_PE, amount, groups) == 8  # vs 24 per chip
+    # The size cap holds.
+    capped = grouping.greedy_groups(maps, W_PE, amount, required, max_group_size=2)
+    assert sorted(len(g) for g in capped) == [2, 2, 2]
+
+
+def test_greedy_looks_past_a_merge_that_saves_nothing():
+    # Two chips fuse to a map needing 8 = 4 + 4: no saving; the third chip rides free.
+    grid = np.arange(5) / 16
+    required = np.array([0, 4, 8, 8, np.inf])
+    amount = grouping.amount_fn(grid, required, "conservative")
+    maps = single_fault_maps([(0, 0), (1, 1), (2, 2)])
+    groups = grouping.greedy_groups(maps, W_PE, amount, required, max_group_size=8)
+    assert groups == [[0, 1, 2]]
+    assert grouping.plan_steps(maps, W_PE, amount, groups) == 8  # vs 12 per chip
+
+
+def test_chips_needing_nothing_stay_alone():
+    grid = np.arange(5) / 16
+    required = np.array([0, 0, 4, 4, np.inf])
+    amount = grouping.amount_fn(grid, required, "conservative")
+    maps = single_fault_maps([(0, 0), (1, 1), (2, 2)])  # each needs 0
+    groups = grouping.greedy_groups(maps, W_PE, amount, required, max_group_size=8)
+    assert groups == [[0], [1], [2]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    chips=st.integers(1, 24),
+    rate=st.floats(0.0, 0.3),
+    steps=st.lists(st.integers(0, 6), min_size=5, max_size=5),
+    unrecoverable_from=st.integers(2, 5),
+    max_group_size=st.integers(1, 6),
+    interpolation=st.sampled_from(["conservative", "linear"]),
+)
+def test_greedy_plan_never_costs_more_than_per_chip(
+    seed, chips, rate, steps, unrecoverable_from, max_group_size, interpolation
+):
+    rng = np.random.default_rng(seed)
+    grid = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
+    required = np.cumsum(steps).astype(np.float64)  # non-decreasing, like a map
+    required[unrecoverable_from:] = np.inf
+    amount = grouping.amount_fn(grid, required, interpolation)
+    maps = rng.random((chips, ROWS, COLS)) < rate
+    weights = rng.random((ROWS, COLS))
+    weights /= weights.sum()
+    servable = np.isfinite(amount(np.asarray(systolic.fault_rate(weights, maps), np.float64)))
+    maps = maps[servable]
+    groups = grouping.greedy_groups(maps, weights, amount, required, max_group_size)
+    # A partition of the chips.
+    assert sorted(i for g in groups for i in g) == list(range(len(maps)))
+    assert all(1 <= len(g) <= max(max_group_size, 1) for g in groups)
+    fused = amount(grouping.fused_rates(maps, weights, groups))
+    assert np.all(np.isfinite(fused))  # never an unrecoverable or above-grid group
+    per_chip = grouping.plan_steps(maps, weights, amount, [[i] for i in range(len(maps))])
+    assert fused.sum() <= per_chip + 1e-9
+    for g, f in zip(groups, fused, strict=True):  # every group of 2+ saves something
+        if len(g) > 1:
+            assert (
+                grouping.group_reward(
+                    amount(grouping.fused_rates(maps, weights, [[i] for i in g])), f
+                )
+                > 0
+            )
+
+
+def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(digits):
+    rng = np.random.default_rng(1)
+    maps = rng.random((3, 8, 8)) < 0.15
+    fused = np.asarray(grouping.fuse(maps))
+    model = models.MLP(num_classes=10, hidden=(16,))  # kernels [64, 16] and [16, 10]
+    params = jax.tree.map(
+        np.asarray, models.init_params(model, jax.random.key(0), digits.image_shape)
+    )
+    trainer = train.make_trainer(model, train.make_optimizer("adam", 3e-3), 32)
+    states, masks = population.init_chunk(trainer, params, fused[None], np.array([20]))
+    data = population.DeviceData.from_dataset(digits)
+    states = trainer.run(
+        states, masks, data.train_images, data.train_labels, jax.random.key(2), 0, 20
+    )
+    trained = jax.tree.map(lambda x: x[0], states.params)
+    x = jnp.asarray(digits.test_images[:64])
+
+    def outputs(fault_map):
+        mask = systolic.weight_masks(trained, jnp.asarray(fault_map))
+        return np.asarray(model.apply({"params": train.apply_mask(trained, mask)}, x))
+
+    # Retraining moved the weights, and the fused map's weights are still exactly zero.
+    fused_mask = systolic.weight_masks(trained, jnp.asarray(fused))
+    for w, w0, m in zip(
+        jax.tree.leaves(trained),
+        jax.tree.leaves(params),
+        jax.tree.leaves(fused_mask),
+        strict=True,
+    ):
+        assert np.all(np.asarray(w)[np.asarray(m) == 0] == 0)
+        assert not np.allclose(
+            np.asarray(w)[np.asarray(m) == 1], np.asarray(w0)[np.asarray(m) == 1]
+        )
+    on_fused = outputs(fused)
+    for m in maps:
+        np.testing.assert_array_equal(outputs(m), on_fused)
+
+
+def test_a_group_that_misses_the_target_is_split_and_every_round_counts(monkeypatch):
+    calls = []
+
+    def fake_retrain_units(
+        trainer, params, data, maps, steps, retrain, members, target, *args, label="", **kw
+    ):
+        calls.append((label, [len(m) for m in members], steps.tolist()))
+        n = len(maps)
+        acc = np.where([len(m) > 1 for m in members], 0.5, 0.95)  # groups miss, chips meet
+        member = np.full((n, max(len(m) for m in members)), retraining.NO_MEMBER)
+        for i, m in enumerate(members):
+            member[i, : len(m)] = acc[i]
+        return dict(
+            accuracy_before=np.zeros(n),
+            accuracy_after=acc,
+            topup_steps=np.full(n, 2),
+            diverged=np.zeros(n, bool),
+            member_accuracy=member,
+        )
+
+    monkeypatch.setattr(retraining, "retrain_units", fake_retrain_units)
+    maps = np.random.default_rng(0).random((4, ROWS, COLS)) < 0.2
+    records = pipeline.retrain_plan(
+        None,
+        None,
+        None,
+        ReduceConfig(),
+        [[0, 2], [1], [3]],
+        maps,
+        np.array([6, 3, 3]),
+        np.array([True, True, True]),
+        np.array([3, 3, 4, 5]),
+        0.9,
+        10,
+        jax.random.key(0),
+        ProgressStore(None, {}, False),
+    )
+    assert calls[0] == ("retrain", [2, 1, 1], [6, 3, 3])
+    assert calls[1] == ("split", [1, 1], [3, 4])  # the members' own per-chip amounts
+    assert [r["members"] for r in records] == [[0, 2], [1], [3], [0], [2]]
+    assert [r["split"] for r in records] == [True, False, False, False, False]
+    assert [r["split_from"] for r in records] == [None, None, None, 0, 0]
+    assert [r["meets_target"] for r in records] == [False, True, True, True, True]
+    assert sum(r["steps"] + r["topup_steps"] for r in records) == 6 + 3 + 3 + 3 + 4 + 5 * 2
