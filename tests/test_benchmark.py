@@ -181,7 +181,7 @@ def test_gpu_script_in_cpu_test_mode_collects_every_part(tmp_path):
     assert study["flagfile"].endswith("smoke.flags") and study["wall_s"] > 0
     assert study["summary"]["timing"]["wall_s"] > 0 and study["summary"]["chips"] == 8
     assert "| LeNet5 | mnist5k |" in result["table_md"] and "smoke.flags" in proc.stdout
-    # What the device machine sends back: at most 8 plain files, plainly named.
+    # The result folder stays small and flat: at most 8 plain files, plainly named.
     names = sorted(p.name for p in out.iterdir())
     assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
     assert all((out / n).is_file() for n in names) and "gpu.log" in names
