@@ -19,6 +19,7 @@ def chip_records(
     target: float,
     steps_per_epoch: int,
     served_by: dict[int, int] | None = None,
+    grouped: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
     """One record per chip (the ``chips`` entries of ``summary.json``).
 
@@ -31,13 +32,16 @@ def chip_records(
         ``diverged`` over chips.
       target: the accuracy target.
       steps_per_epoch: to express steps in epochs.
-      served_by: chip -> index of the group whose retraining served it (``group`` field;
-        None for chips not retrained).
+      served_by: grouped runs: chip -> index of the group whose retraining served it.
+      grouped: grouped runs: ``accuracy_after`` and ``diverged`` over chips of the group
+        model that served each chip, on the chip.
 
     Returns:
       Dicts with ``status`` one of ``CHIP_STATUSES``: ``ok`` (meets the target),
       ``missed_target`` (retrained and topped up to the cap, still below the target),
       ``above_grid`` / ``unrecoverable`` (not retrained), ``diverged`` (non-finite training).
+      These describe per-chip Reduce. Grouped runs add ``group`` (None: not retrained),
+      ``grouped_accuracy_after`` and ``grouped_meets_target``.
     """
     records = []
     for i in range(len(status)):
@@ -62,9 +66,18 @@ def chip_records(
                 accuracy_before=float(result["accuracy_before"][i]),
                 accuracy_after=float(result["accuracy_after"][i]),
                 meets_target=meets,
-                group=(served_by or {}).get(i),
             )
         )
+        if grouped is not None:
+            group = (served_by or {}).get(i)
+            acc = float(grouped["accuracy_after"][i])
+            records[-1].update(
+                group=group,
+                grouped_accuracy_after=acc if group is not None else None,
+                grouped_meets_target=(
+                    group is not None and acc >= target and not bool(grouped["diverged"][i])
+                ),
+            )
     return records
 
 
@@ -79,11 +92,9 @@ def cost_summary(
 
     ``reduce_epochs`` is the sum of every chip's selected amount and top-up (chips that are
     not retrained cost nothing); the fixed policy retrains every chip ``fixed_epochs_per_chip``.
-    With ``groups`` (a grouped run), chips were retrained in groups: ``reduce_epochs`` is then
-    per-chip Reduce's *planned* cost, the sum of the selected amounts without top-ups (which
-    only a per-chip run measures; ``reduce_measured`` is False), and ``grouped_epochs`` the
-    measured cost of the grouped retraining: every group's amount and top-ups, split
-    groups and the retraining of their members included.
+    With ``groups`` (a grouped run, whose chips were also retrained one by one for the
+    comparison), ``grouped_epochs`` is the cost of the grouped retraining: every group's
+    amount and top-ups, split groups and the retraining of their members included.
     ``*_recoverable`` compare the two on the chips Reduce retrains only, which is the fair
     comparison when many chips are unrecoverable. ``break_even_chips`` is the population size
     from which Reduce plus its one-off analysis costs less than the fixed policy, at this
@@ -94,17 +105,9 @@ def cost_summary(
         raise ValueError("no chips")
     selected = [c for c in chips if c["selected_steps"] is not None]
     planned_steps = sum(c["selected_steps"] or 0 for c in chips)
-    reduce_steps = (
-        sum((c["selected_steps"] or 0) + c["topup_steps"] for c in chips)
-        if groups is None
-        else planned_steps
-    )
+    reduce_steps = sum((c["selected_steps"] or 0) + c["topup_steps"] for c in chips)
     reduce_epochs = reduce_steps / steps_per_epoch
-    topup_epochs = (
-        sum(c["topup_epochs"] for c in chips)
-        if groups is None
-        else sum(g["topup_steps"] for g in groups) / steps_per_epoch
-    )
+    topup_epochs = sum(c["topup_epochs"] for c in chips)
     fixed_epochs = fixed_epochs_per_chip * n
     fixed_recoverable = fixed_epochs_per_chip * len(selected)
     per_chip_saving = fixed_epochs_per_chip - reduce_epochs / n
@@ -117,12 +120,20 @@ def cost_summary(
     )
     return dict(
         reduce_epochs=reduce_epochs,
-        reduce_measured=groups is None,
         reduce_planned_epochs=planned_steps / steps_per_epoch,
         grouped_epochs=None if groups is None else grouped_steps / steps_per_epoch,
         grouped_steps=grouped_steps,
+        grouped_planned_epochs=(
+            None if groups is None else sum(g["amount_steps"] for g in groups) / steps_per_epoch
+        ),
         groups=None if groups is None else len(groups),
         groups_split=None if groups is None else sum(g["split"] for g in groups),
+        grouped_topup_epochs=(
+            None if groups is None else sum(g["topup_steps"] for g in groups) / steps_per_epoch
+        ),
+        grouped_chips_meeting_target=(
+            None if groups is None else sum(c["grouped_meets_target"] for c in chips)
+        ),
         grouped_savings_fraction=(
             None
             if groups is None

@@ -164,6 +164,7 @@ def retrain_plan(
     spe: int,
     key: jax.Array,
     store: ProgressStore,
+    stage: str = "retrain",
 ) -> list[dict]:
     """Retrains every unit, verifies it on its members, splits the groups that miss.
 
@@ -224,7 +225,7 @@ def retrain_plan(
         return out
 
     k_first, k_split = jax.random.split(key)
-    records = run_round("retrain", units, unit_steps, unit_ok, [None] * len(units), k_first)
+    records = run_round(stage, units, unit_steps, unit_ok, [None] * len(units), k_first)
     failed = [
         i
         for i, r in enumerate(records)
@@ -240,7 +241,12 @@ def retrain_plan(
             records[i]["split"] = True
         steps = np.array([chip_steps[u[0]] for u in split_units])
         records += run_round(
-            "split", split_units, steps, np.ones(len(split_units), bool), split_from, k_split
+            f"{stage}_split",
+            split_units,
+            steps,
+            np.ones(len(split_units), bool),
+            split_from,
+            k_split,
         )
     return records
 
@@ -266,9 +272,9 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     data = population.DeviceData.from_dataset(ds)
     timing["load_data_s"] = time.perf_counter() - t_start
     key = jax.random.key(cfg.seed)
-    k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain, k_pred_maps, k_pred_data = (
-        jax.random.fold_in(key, i) for i in range(7)
-    )
+    keys = [jax.random.fold_in(key, i) for i in range(8)]
+    k_base, k_analysis_maps, k_analysis_data, k_chips, k_retrain = keys[:5]
+    k_pred_maps, k_pred_data, k_group = keys[5:]
     model = models.get_model(cfg.model, ds.num_classes)
     rates = np.asarray(cfg.fault_rates, np.float64)
     amounts = np.asarray(cfg.retrain_epochs, np.float64)
@@ -405,83 +411,60 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     ok = status == resilience.OK
     budgets = np.where(ok, sel_steps, 0).astype(np.int64)
 
-    # 4-5. Plan the units (single chips, or fused groups), retrain each for its own amount,
-    # verify on every member chip, top up; split the groups that still miss.
+    # 4-5. Retrain every chip for its own amount, verify, top up (per-chip Reduce).
     t = time.perf_counter()
-    amount = grouping.amount_fn(measured, required_steps, cfg.interpolation)
-    units = plan_units(cfg, maps, ok, weights[cfg.rate_measure], amount, required_steps)
-    unit_rates = grouping.fused_rates(maps, weights[cfg.rate_measure], units)
-    unit_steps = amount(unit_rates)
-    unit_ok = np.isfinite(unit_steps)
-    records = retrain_plan(
+    singles = [[i] for i in range(len(maps))]
+    per_chip = retrain_plan(
         trainer,
         params,
         data,
         cfg,
-        units,
+        singles,
         maps,
-        np.where(unit_ok, unit_steps, 0).astype(np.int64),
-        unit_ok,
+        budgets,
+        ok,
         budgets,
         target,
         spe,
         k_retrain,
         store,
     )
+    chip_result = collect_groups(per_chip, maps, weights, cfg.rate_measure, spe)[2]
     timing["retrain_s"] = time.perf_counter() - t
 
-    # 6. Cost.
-    pe_weights = weights["pe"]
-    groups, served_by, chip_result = [], {}, _empty_chip_result(len(maps))
-    for r in records:
-        if not r["retrained"]:
-            chip = r["members"][0]
-            for key_, value in (
-                ("accuracy_before", r["accuracy_before"]),
-                ("accuracy_after", r["accuracy_after"]),
-                ("diverged", r["diverged"]),
-            ):
-                chip_result[key_][chip] = value
-            continue
-        gid = len(groups)
-        fused = maps[r["members"]].any(0)
-        groups.append(
-            dict(
-                group=gid,
-                fused_pe_rate=float(pe_weights[fused].sum()),
-                fused_rate=float(weights[cfg.rate_measure][fused].sum()),
-                amount_epochs=r["steps"] / spe,
-                amount_steps=r["steps"],
-                topup_epochs=r["topup_steps"] / spe,
-                topup_steps=r["topup_steps"],
-                **{
-                    k_: r[k_]
-                    for k_ in (
-                        "members",
-                        "member_accuracy",
-                        "accuracy_before",
-                        "accuracy_after",
-                        "diverged",
-                        "meets_target",
-                        "split",
-                    )
-                },
-                split_from=None,
-            )
+    # With --grouping: chips whose fused maps need less retraining share one retraining
+    # (eFAT); each group is verified on every member chip, and split if it misses.
+    groups, served_by, grouped_result = None, None, None
+    if cfg.grouping != "none":
+        t = time.perf_counter()
+        amount = grouping.amount_fn(measured, required_steps, cfg.interpolation)
+        units = plan_units(cfg, maps, ok, weights[cfg.rate_measure], amount, required_steps)
+        unit_steps = amount(grouping.fused_rates(maps, weights[cfg.rate_measure], units))
+        unit_ok = np.isfinite(unit_steps)
+        records = retrain_plan(
+            trainer,
+            params,
+            data,
+            cfg,
+            units,
+            maps,
+            np.where(unit_ok, unit_steps, 0).astype(np.int64),
+            unit_ok,
+            budgets,
+            target,
+            spe,
+            k_group,
+            store,
+            stage="grouped",
         )
-        r["group"] = gid
-        for j, chip in enumerate(r["members"]):
-            served_by[chip] = gid
-            chip_result["accuracy_before"][chip] = r["accuracy_before"]
-            chip_result["accuracy_after"][chip] = r["member_accuracy"][j]
-            chip_result["diverged"][chip] = r["diverged"]
-            if len(r["members"]) == 1:
-                chip_result["topup_steps"][chip] = r["topup_steps"]
-    for g, r in zip(groups, [r for r in records if r["retrained"]], strict=True):
-        if r["split_from"] is not None:
-            g["split_from"] = records[r["split_from"]]["group"]
+        groups, served_by, grouped_result = collect_groups(
+            records, maps, weights, cfg.rate_measure, spe
+        )
+        timing["grouped_retrain_s"] = time.perf_counter() - t
+
+    # 6. Cost.
     chips = cost_lib.chip_records(
-        rates_by_measure, status, budgets, chip_result, target, spe, served_by
+        rates_by_measure, status, budgets, chip_result, target, spe, served_by, grouped_result
     )
     fixed_per_chip = float(cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max())
     cost = cost_lib.cost_summary(
@@ -489,7 +472,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         fixed_per_chip,
         len(rates) * k * amounts.max(),
         spe,
-        groups if cfg.grouping != "none" else None,
+        groups,
     )
     timing["wall_s"] = time.perf_counter() - t_start
     summary = dict(
@@ -548,10 +531,57 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     return summary
 
 
-def _empty_chip_result(n: int) -> dict[str, np.ndarray]:
-    return dict(
+def collect_groups(
+    records: list[dict], maps: np.ndarray, weights: dict, rate_measure: str, spe: int
+) -> tuple[list[dict], dict[int, int], dict[str, np.ndarray]]:
+    """The retrained units of ``retrain_plan`` as ``summary["groups"]`` entries, which group
+    served each chip last, and each chip's result on the model that served it.
+
+    Returns:
+      ``(groups, served_by chip -> group, result)`` with ``result`` arrays over chips:
+      ``accuracy_before``, ``accuracy_after`` (the serving model on the chip's own mask),
+      ``topup_steps`` (the chip's own, when retrained alone), ``diverged``.
+    """
+    n = len(maps)
+    result = dict(
         accuracy_before=np.zeros(n),
         accuracy_after=np.zeros(n),
         topup_steps=np.zeros(n, np.int64),
         diverged=np.zeros(n, bool),
     )
+    groups, served_by, group_of_record = [], {}, {}
+    for i, r in enumerate(records):
+        if not r["retrained"]:  # evaluated only: a chip the map cannot serve
+            chip = r["members"][0]
+            result["accuracy_before"][chip] = r["accuracy_before"]
+            result["accuracy_after"][chip] = r["accuracy_after"]
+            result["diverged"][chip] = r["diverged"]
+            continue
+        gid = group_of_record[i] = len(groups)
+        fused = maps[r["members"]].any(0)
+        groups.append(
+            dict(
+                group=gid,
+                members=r["members"],
+                fused_pe_rate=float(weights["pe"][fused].sum()),
+                fused_rate=float(weights[rate_measure][fused].sum()),
+                amount_epochs=r["steps"] / spe,
+                amount_steps=r["steps"],
+                topup_epochs=r["topup_steps"] / spe,
+                topup_steps=r["topup_steps"],
+                accuracy_before=r["accuracy_before"],
+                accuracy_after=r["accuracy_after"],
+                member_accuracy=r["member_accuracy"],
+                diverged=r["diverged"],
+                meets_target=r["meets_target"],
+                split=r["split"],
+                split_from=None if r["split_from"] is None else group_of_record[r["split_from"]],
+            )
+        )
+        for j, chip in enumerate(r["members"]):
+            served_by[chip] = gid
+            result["accuracy_before"][chip] = r["accuracy_before"]
+            result["accuracy_after"][chip] = r["member_accuracy"][j]
+            result["diverged"][chip] = r["diverged"]
+            result["topup_steps"][chip] = r["topup_steps"] if len(r["members"]) == 1 else 0
+    return groups, served_by, result

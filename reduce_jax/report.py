@@ -269,21 +269,40 @@ def _plot_cost(summary: dict, ax) -> None:
     ax.legend(fontsize=8, loc="upper left")
 
 
-def _plot_grouping(summary: dict, ax) -> None:
-    """Retraining cost of the population: fixed policy, per-chip Reduce, grouped Reduce."""
+def _plot_grouping(summary: dict, fig) -> None:
+    """The three costs of the population (fixed, per-chip Reduce, grouped Reduce), and the
+    two Reduce costs split into selected amounts and top-ups."""
     cost = summary["cost"]
-    names = ["fixed", "Reduce (per chip)", "Reduce (grouped)"]
-    values = [cost["fixed_epochs"], cost["reduce_epochs"], cost["grouped_epochs"]]
-    bars = ax.bar(names, values, color=["C3", "C0", "C2"], alpha=0.85)
-    for bar, v in zip(bars, values, strict=True):
-        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
-    planned = "" if cost["reduce_measured"] else " (per chip: planned amounts)"
-    ax.set(ylabel="retraining epochs, whole population")
-    ax.set_title(
-        f"{len(summary['chips'])} chips in {cost['groups']} groups "
-        f"({cost['groups_split']} split){planned}",
-        fontsize=10,
+    left, right = fig.subplots(1, 2)
+    names = ["fixed", "Reduce\nper chip", "Reduce\ngrouped"]
+    totals = [cost["fixed_epochs"], cost["reduce_epochs"], cost["grouped_epochs"]]
+    bars = left.bar(names, totals, color=["C3", "C0", "C2"], alpha=0.85)
+    for bar, v in zip(bars, totals, strict=True):
+        left.annotate(
+            f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8
+        )
+    left.set_yscale("log")
+    left.set(ylabel="retraining epochs, whole population (log)")
+    left.set_title(
+        f"{len(summary['chips'])} chips, {cost['groups']} groups ({cost['groups_split']} split)",
+        fontsize=9,
     )
+    planned = [cost["reduce_planned_epochs"], cost["grouped_planned_epochs"]]
+    topups = [
+        cost["reduce_epochs"] - cost["reduce_planned_epochs"],
+        cost["grouped_epochs"] - cost["grouped_planned_epochs"],
+    ]
+    right.bar(names[1:], planned, color=["C0", "C2"], alpha=0.85, label="selected amounts")
+    right.bar(names[1:], topups, bottom=planned, color="0.6", alpha=0.85, label="top-ups")
+    right.set(ylabel="epochs")
+    right.set_title(
+        f"chips meeting the target: {cost['chips_meeting_target']} per chip, "
+        f"{cost['grouped_chips_meeting_target']} grouped",
+        fontsize=9,
+    )
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
 
 
 def _plot_predictor(summary: dict, fig) -> None:
@@ -333,9 +352,8 @@ def plot_all(summary: dict, workdir: str) -> list[str]:
         _save(fig, path)
         paths.append(path)
     if summary["cost"].get("grouped_epochs") is not None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        _plot_grouping(summary, ax)
-        ax.grid(alpha=0.3, axis="y")
+        fig = plt.figure(figsize=(9.6, 4.4))
+        _plot_grouping(summary, fig)
         fig.tight_layout()
         paths.append(os.path.join(workdir, GROUPING_PLOT))
         _save(fig, paths[-1])
@@ -362,7 +380,7 @@ def write_outputs(summary: dict, workdir: str) -> list[str]:
     write_json_atomic(paths[0], summary)
     write_csv_atomic(paths[1], resilience_rows(summary))
     write_csv_atomic(paths[2], chip_rows(summary))
-    if summary.get("groups") and summary["cost"].get("grouped_epochs") is not None:
+    if summary.get("groups"):
         paths.append(os.path.join(workdir, "groups.csv"))
         write_csv_atomic(paths[-1], group_rows(summary))
     if summary.get("predictor_study"):

@@ -98,7 +98,28 @@ def test_no_chips():
 
 
 def test_grouped_cost_counts_every_group_and_split():
-    recs = records()
+    status = np.array([resilience.OK, resilience.OK, resilience.UNRECOVERABLE])
+    result = dict(
+        accuracy_before=np.array([0.5, 0.6, 0.1]),
+        accuracy_after=np.array([0.95, 0.85, 0.1]),
+        topup_steps=np.array([0, 10, 0]),
+        diverged=np.zeros(3, bool),
+    )
+    grouped = dict(accuracy_after=np.array([0.93, 0.93, 0.1]), diverged=np.zeros(3, bool))
+    recs = cost.chip_records(
+        dict(pe=np.array([0.1, 0.2, 0.6])),
+        status,
+        np.array([5, 10, 0]),
+        result,
+        0.9,
+        SPE,
+        {0: 2, 1: 2},
+        grouped,
+    )
+    assert [r["group"] for r in recs] == [2, 2, None]
+    assert [r["grouped_meets_target"] for r in recs] == [True, True, False]
+    assert [r["meets_target"] for r in recs] == [True, False, False]
+    assert recs[2]["grouped_accuracy_after"] is None
     groups = [
         dict(amount_steps=10, topup_steps=5, split=True),  # a group that missed, then split
         dict(amount_steps=5, topup_steps=0, split=False),
@@ -106,9 +127,12 @@ def test_grouped_cost_counts_every_group_and_split():
     ]
     c = cost.cost_summary(recs, 2.0, 12.0, SPE, groups)
     assert c["grouped_steps"] == 30 and c["grouped_epochs"] == pytest.approx(3.0)
+    assert c["grouped_planned_epochs"] == pytest.approx(2.5)
+    assert c["grouped_topup_epochs"] == pytest.approx(0.5)
     assert (c["groups"], c["groups_split"]) == (3, 1)
-    assert c["reduce_measured"] is False
-    assert c["reduce_planned_epochs"] == pytest.approx((5 + 10 + 20 + 10) / SPE)
-    assert c["grouped_savings_vs_reduce"] == pytest.approx(c["reduce_epochs"] - 3.0)
-    plain = cost.cost_summary(recs, 2.0, 12.0, SPE)
-    assert plain["grouped_epochs"] is None and plain["reduce_measured"] is True
+    assert c["reduce_epochs"] == pytest.approx(2.5)  # 5 + 10 selected, 10 top-up steps
+    assert c["reduce_planned_epochs"] == pytest.approx(1.5)
+    assert c["grouped_savings_vs_reduce"] == pytest.approx(-0.5)
+    assert (c["chips_meeting_target"], c["grouped_chips_meeting_target"]) == (1, 2)
+    plain = cost.cost_summary(records(), 2.0, 12.0, SPE)
+    assert plain["grouped_epochs"] is None and plain["groups"] is None

@@ -213,7 +213,7 @@ def test_a_group_that_misses_the_target_is_split_and_every_round_counts(monkeypa
         ProgressStore(None, {}, False),
     )
     assert calls[0] == ("retrain", [2, 1, 1], [6, 3, 3])
-    assert calls[1] == ("split", [1, 1], [3, 4])  # the members' own per-chip amounts
+    assert calls[1] == ("retrain_split", [1, 1], [3, 4])  # the members' own per-chip amounts
     assert [r["members"] for r in records] == [[0, 2], [1], [3], [0], [2]]
     assert [r["split"] for r in records] == [True, False, False, False, False]
     assert [r["split_from"] for r in records] == [None, None, None, 0, 0]

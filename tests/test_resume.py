@@ -98,6 +98,18 @@ def test_killed_twice_then_resumed_equals_uninterrupted_and_chunk_size_does_not_
 
 
 @pytest.mark.slow
+def test_grouped_run_killed_in_its_group_retraining_resumes_to_the_same_result(tmp_path):
+    flags = ("--grouping=greedy", "--chips_per_batch=2")
+    reference = finish(str(tmp_path / "reference"), *flags)
+    assert any(len(g["members"]) > 1 for g in reference["groups"])
+    workdir = str(tmp_path / "killed")
+    saved = kill_when(workdir, "grouped", *flags)
+    assert saved < -(-len(reference["groups"]) // 2), "killed too late"
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    assert strip(finish(workdir, *flags)) == strip(reference)
+
+
+@pytest.mark.slow
 def test_sigterm_stops_with_a_resume_hint(tmp_path):
     workdir = str(tmp_path / "w")
     proc = subprocess.Popen(
