@@ -159,95 +159,94 @@ def retrain_plan(
     maps: np.ndarray,
     unit_steps: np.ndarray,
     unit_ok: np.ndarray,
-    chip_steps: np.ndarray,
     target: float,
     spe: int,
     key: jax.Array,
     store: ProgressStore,
     stage: str = "retrain",
 ) -> list[dict]:
-    """Retrains every unit, verifies it on its members, splits the groups that miss.
+    """Retrains every unit (a chip, or a group on its fused map) for its steps, tops it up,
+    and verifies it on every member chip. Saved per chunk in ``store`` under ``stage``.
 
-    A group (2+ chips) whose model misses the target on any member after its top-ups is
-    split: its members are retrained on their own for their per-chip amounts (``chip_steps``)
-    in a second round. Every round's steps count in the cost.
+    Args:
+      units: lists of chip ids; unit_steps: ``int[units]``; unit_ok: ``bool[units]`` which
+        units to retrain (the others, chips the map cannot serve, are only evaluated).
 
     Returns:
-      One record per unit retrained or evaluated, in order (first round, then splits):
-      ``members``, ``steps``, ``topup_steps``, ``retrained``, ``accuracy_before``,
-      ``accuracy_after``, ``member_accuracy``, ``diverged``, ``meets_target``, ``split``,
-      ``split_from`` (index of the split group, or None).
+      One record per unit: ``members``, ``steps`` (None if not retrained), ``topup_steps``,
+      ``retrained``, ``accuracy_before``, ``accuracy_after`` (on the unit's map),
+      ``member_accuracy`` (on each member), ``diverged``, ``meets_target`` (on every
+      member), ``split`` (False), ``split_from`` (None).
     """
-    topup = int(train.epochs_to_steps(cfg.topup_epochs, spe))
-    max_topup = int(train.epochs_to_steps(cfg.max_topup_epochs, spe))
-    records: list[dict] = []
-
-    def run_round(
-        stage: str, round_units, steps, ok, split_from, round_key: jax.Array
-    ) -> list[dict]:
-        unit_maps = np.stack([maps[u].any(0) for u in round_units])
-        res = retraining.retrain_units(
-            trainer,
-            params,
-            data,
-            unit_maps,
-            np.where(ok, steps, 0).astype(np.int64),
-            ok,
-            [maps[u] for u in round_units],
-            target,
-            topup,
-            max_topup,
-            round_key,
-            cfg.chips_per_batch,
-            done=store.done(stage),
-            on_chunk=lambda i, r: store.put(stage, i, r),
-            label=stage,
-        )
-        out = []
-        for i, u in enumerate(round_units):
-            member_acc = [float(a) for a in res["member_accuracy"][i][: len(u)]]
-            diverged = bool(res["diverged"][i])
-            out.append(
-                dict(
-                    members=list(u),
-                    steps=int(steps[i]) if ok[i] else None,
-                    topup_steps=int(res["topup_steps"][i]),
-                    retrained=bool(ok[i]),
-                    accuracy_before=float(res["accuracy_before"][i]),
-                    accuracy_after=float(res["accuracy_after"][i]),
-                    member_accuracy=member_acc,
-                    diverged=diverged,
-                    meets_target=not diverged and min(member_acc) >= target,
-                    split=False,
-                    split_from=split_from[i],
-                )
+    res = retraining.retrain_units(
+        trainer,
+        params,
+        data,
+        np.stack([maps[u].any(0) for u in units]),
+        np.where(unit_ok, unit_steps, 0).astype(np.int64),
+        unit_ok,
+        [maps[u] for u in units],
+        target,
+        int(train.epochs_to_steps(cfg.topup_epochs, spe)),
+        int(train.epochs_to_steps(cfg.max_topup_epochs, spe)),
+        key,
+        cfg.chips_per_batch,
+        done=store.done(stage),
+        on_chunk=lambda i, r: store.put(stage, i, r),
+        label=stage,
+    )
+    records = []
+    for i, u in enumerate(units):
+        member_acc = [float(a) for a in res["member_accuracy"][i][: len(u)]]
+        diverged = bool(res["diverged"][i])
+        records.append(
+            dict(
+                members=list(u),
+                steps=int(unit_steps[i]) if unit_ok[i] else None,
+                topup_steps=int(res["topup_steps"][i]),
+                retrained=bool(unit_ok[i]),
+                accuracy_before=float(res["accuracy_before"][i]),
+                accuracy_after=float(res["accuracy_after"][i]),
+                member_accuracy=member_acc,
+                diverged=diverged,
+                meets_target=not diverged and min(member_acc) >= target,
+                split=False,
+                split_from=None,
             )
-        return out
+        )
+    return records
 
-    k_first, k_split = jax.random.split(key)
-    records = run_round(stage, units, unit_steps, unit_ok, [None] * len(units), k_first)
-    failed = [
-        i
-        for i, r in enumerate(records)
-        if len(r["members"]) > 1 and r["retrained"] and not r["meets_target"]
-    ]
-    if failed:
+
+def grouped_records(group_records: list[dict], per_chip: list[dict]) -> list[dict]:
+    """The retrainings of a grouped run: every group of 2+ chips, then each chip that no
+    successful group serves, by its own per-chip retraining.
+
+    A group whose model misses the target on a member after its top-ups is split: it keeps
+    its record (``split=True``; its steps still count) and its members are served by their
+    per-chip retrainings, whose records get ``split_from`` = the group's index.
+
+    Args:
+      group_records: ``retrain_plan`` records of the groups of 2+ chips.
+      per_chip: ``retrain_plan`` records of every chip alone, indexed by chip id.
+    """
+    records, split_from, served = [], {}, set()
+    for i, r in enumerate(group_records):
+        split = r["retrained"] and not r["meets_target"]
+        records.append(dict(r, split=split))
+        for chip in r["members"]:
+            if split:
+                split_from[chip] = i
+            else:
+                served.add(chip)
+    if split_from:
         logging.info(
-            "%d groups missed the target; retraining their chips on their own", len(failed)
+            "%d groups missed the target; their %d chips are served by their own retraining",
+            len(set(split_from.values())),
+            len(split_from),
         )
-        split_units = [[c] for i in failed for c in records[i]["members"]]
-        split_from = [i for i in failed for _ in records[i]["members"]]
-        for i in failed:
-            records[i]["split"] = True
-        steps = np.array([chip_steps[u[0]] for u in split_units])
-        records += run_round(
-            f"{stage}_split",
-            split_units,
-            steps,
-            np.ones(len(split_units), bool),
-            split_from,
-            k_split,
-        )
+    for chip, r in enumerate(per_chip):
+        if chip not in served:
+            records.append(dict(r, split_from=split_from.get(chip)))
     return records
 
 
@@ -423,7 +422,6 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         maps,
         budgets,
         ok,
-        budgets,
         target,
         spe,
         k_retrain,
@@ -439,24 +437,28 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         t = time.perf_counter()
         amount = grouping.amount_fn(measured, required_steps, cfg.interpolation)
         units = plan_units(cfg, maps, ok, weights[cfg.rate_measure], amount, required_steps)
-        unit_steps = amount(grouping.fused_rates(maps, weights[cfg.rate_measure], units))
-        unit_ok = np.isfinite(unit_steps)
-        records = retrain_plan(
-            trainer,
-            params,
-            data,
-            cfg,
-            units,
-            maps,
-            np.where(unit_ok, unit_steps, 0).astype(np.int64),
-            unit_ok,
-            budgets,
-            target,
-            spe,
-            k_group,
-            store,
-            stage="grouped",
+        multi = [u for u in units if len(u) > 1]
+        multi_steps = amount(grouping.fused_rates(maps, weights[cfg.rate_measure], multi))
+        group_records = (
+            retrain_plan(
+                trainer,
+                params,
+                data,
+                cfg,
+                multi,
+                maps,
+                multi_steps.astype(np.int64),
+                np.ones(len(multi), bool),
+                target,
+                spe,
+                k_group,
+                store,
+                stage="grouped",
+            )
+            if multi
+            else []
         )
+        records = grouped_records(group_records, per_chip)
         groups, served_by, grouped_result = collect_groups(
             records, maps, weights, cfg.rate_measure, spe
         )

@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reduce_jax import grouping, models, pipeline, population, retraining, systolic, train
-from reduce_jax.config import ReduceConfig
-from reduce_jax.progress import ProgressStore
+from reduce_jax import grouping, models, pipeline, population, systolic, train
 
 ROWS = COLS = 4
 W_PE = np.full((ROWS, COLS), 1.0 / (ROWS * COLS))
@@ -175,47 +173,41 @@ def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(di
         np.testing.assert_array_equal(outputs(m), on_fused)
 
 
-def test_a_group_that_misses_the_target_is_split_and_every_round_counts(monkeypatch):
-    calls = []
-
-    def fake_retrain_units(
-        trainer, params, data, maps, steps, retrain, members, target, *args, label="", **kw
-    ):
-        calls.append((label, [len(m) for m in members], steps.tolist()))
-        n = len(maps)
-        acc = np.where([len(m) > 1 for m in members], 0.5, 0.95)  # groups miss, chips meet
-        member = np.full((n, max(len(m) for m in members)), retraining.NO_MEMBER)
-        for i, m in enumerate(members):
-            member[i, : len(m)] = acc[i]
-        return dict(
-            accuracy_before=np.zeros(n),
-            accuracy_after=acc,
-            topup_steps=np.full(n, 2),
-            diverged=np.zeros(n, bool),
-            member_accuracy=member,
-        )
-
-    monkeypatch.setattr(retraining, "retrain_units", fake_retrain_units)
-    maps = np.random.default_rng(0).random((4, ROWS, COLS)) < 0.2
-    records = pipeline.retrain_plan(
-        None,
-        None,
-        None,
-        ReduceConfig(),
-        [[0, 2], [1], [3]],
-        maps,
-        np.array([6, 3, 3]),
-        np.array([True, True, True]),
-        np.array([3, 3, 4, 5]),
-        0.9,
-        10,
-        jax.random.key(0),
-        ProgressStore(None, {}, False),
+def record(members, steps, topup, meets, retrained=True):
+    return dict(
+        members=members,
+        steps=steps if retrained else None,
+        topup_steps=topup,
+        retrained=retrained,
+        accuracy_before=0.1,
+        accuracy_after=0.95 if meets else 0.5,
+        member_accuracy=[0.95 if meets else 0.5] * len(members),
+        diverged=False,
+        meets_target=meets,
+        split=False,
+        split_from=None,
     )
-    assert calls[0] == ("retrain", [2, 1, 1], [6, 3, 3])
-    assert calls[1] == ("retrain_split", [1, 1], [3, 4])  # the members' own per-chip amounts
-    assert [r["members"] for r in records] == [[0, 2], [1], [3], [0], [2]]
-    assert [r["split"] for r in records] == [True, False, False, False, False]
-    assert [r["split_from"] for r in records] == [None, None, None, 0, 0]
-    assert [r["meets_target"] for r in records] == [False, True, True, True, True]
-    assert sum(r["steps"] + r["topup_steps"] for r in records) == 6 + 3 + 3 + 3 + 4 + 5 * 2
+
+
+def test_a_group_that_misses_the_target_is_split_and_its_chips_serve_alone():
+    groups = [record([0, 2], 6, 4, meets=False), record([3, 4], 5, 0, meets=True)]
+    per_chip = [
+        record([0], 3, 0, True),
+        record([1], 3, 2, True),
+        record([2], 4, 0, True),
+        record([3], 3, 0, True),
+        record([4], 3, 0, True),
+        record([5], 0, 0, False, retrained=False),  # a chip the map cannot serve
+    ]
+    records = pipeline.grouped_records(groups, per_chip)
+    assert [r["members"] for r in records] == [[0, 2], [3, 4], [0], [1], [2], [5]]
+    assert [r["split"] for r in records] == [True, False, False, False, False, False]
+    assert [r["split_from"] for r in records] == [None, None, 0, None, 0, None]
+    # Every retraining counts: the failed group, the members that then served alone.
+    cost = sum(r["steps"] + r["topup_steps"] for r in records if r["retrained"])
+    assert cost == (6 + 4) + 5 + 3 + (3 + 2) + 4
+    _, served_by, result = pipeline.collect_groups(
+        records, np.zeros((6, ROWS, COLS), bool), {"pe": W_PE}, "pe", 10
+    )
+    assert served_by == {3: 1, 4: 1, 0: 2, 1: 3, 2: 4}
+    assert result["topup_steps"].tolist() == [0, 2, 0, 0, 0, 0]
