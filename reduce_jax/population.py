@@ -136,6 +136,8 @@ def run_phase(
                 states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
             )
         if on_progress is not None:
+            # Dispatch is asynchronous: wait for the steps, so the meter's rate is real.
+            jax.block_until_ready(states.step)
             on_progress(int((np.minimum(ends[active], t_next) - t).sum()))
         t = t_next
         active = active[ends[active] > t]
