@@ -75,9 +75,13 @@ def fused_rates(fault_maps: np.ndarray, weights: np.ndarray, groups: list[list[i
       fault_maps: ``bool[chips, R, C]``; weights: ``float[R, C]`` (``systolic.pe_weights``);
       groups: lists of chip indices.
     """
-    maps = np.asarray(fault_maps, bool)
-    w = np.asarray(weights, np.float64)
-    return np.array([float(w[maps[g].any(0)].sum()) for g in groups], np.float64)
+    if not groups:
+        return np.zeros(0, np.float64)
+    maps = np.asarray(fault_maps, bool).reshape(len(fault_maps), -1)
+    w = np.asarray(weights, np.float64).reshape(-1)
+    # The same arithmetic as ``greedy_groups`` (a 0/1 float vector times the weights), so a
+    # group planned as servable is read off the map at exactly the rate it was planned at.
+    return np.array([maps[g].any(0).astype(np.float64) @ w for g in groups], np.float64)
 
 
 def plan_steps(

@@ -280,12 +280,14 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     k = cfg.maps_per_rate
     rows, cols = cfg.array_rows, cfg.array_cols
     amaps = analysis_fault_maps(cfg, k_analysis_maps)
-    # Measures of shapes only are checked before any training; ``importance`` needs the
-    # trained weights and is checked once the baseline exists.
+    # The grid must be resolvable on the array (``pe``) and in the rate measure that reads
+    # the map. Measures of shapes only are checked before any training; ``importance``
+    # needs the trained weights and is checked once the baseline exists.
     abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), ds.image_shape))
-    if cfg.rate_measure != "importance":
-        shape_weights = measure_weights(abstract, rows, cols, (cfg.rate_measure,))
-        check_grid(grid_rates(shape_weights, amaps)[cfg.rate_measure], cfg, cfg.rate_measure)
+    shape_measures = ("pe",) if cfg.rate_measure in ("pe", "importance") else ("pe", "effective")
+    shape_grid = grid_rates(measure_weights(abstract, rows, cols, shape_measures), amaps)
+    for m in shape_measures:
+        check_grid(shape_grid[m], cfg, m)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
 
@@ -355,6 +357,12 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
     if cfg.predictor_chips > 0:
         t = time.perf_counter()
         pmaps = predictor_fault_maps(cfg, k_pred_maps)
+        if cfg.chip_fault_maps is not None:
+            logging.warning(
+                "predictor study: validation chips are sampled from --fault_model=%s, not "
+                "taken from --chip_fault_maps",
+                cfg.fault_model,
+            )
         p_acc, p_div = resilience.analyze(
             trainer,
             params,
@@ -389,7 +397,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         logging.info(
             "predictor study: rank correlation of rate and needed retraining: %s",
             ", ".join(
-                f"{m} {v['spearman_rate']:.3f}" if v["spearman_rate"] is not None else f"{m} -"
+                f"{m} {v['spearman_rate']:.3f}" if v.get("spearman_rate") is not None else f"{m} -"
                 for m, v in predictor_summary["measures"].items()
             ),
         )
@@ -439,6 +447,8 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> dict:
         units = plan_units(cfg, maps, ok, weights[cfg.rate_measure], amount, required_steps)
         multi = [u for u in units if len(u) > 1]
         multi_steps = amount(grouping.fused_rates(maps, weights[cfg.rate_measure], multi))
+        if not np.all(np.isfinite(multi_steps)):
+            raise RuntimeError("a planned group's fused map cannot be served by the map")
         group_records = (
             retrain_plan(
                 trainer,

@@ -44,6 +44,10 @@ def score_measure(
 ) -> dict:
     """How well one measure's predictions match the needed amounts.
 
+    ``needed`` is a grid amount; with ``linear`` interpolation predictions fall between grid
+    amounts, so ``exact`` is rare and ``under`` means below the least *grid* amount that
+    met the target (the chip may still meet it in between).
+
     Args:
       rates: ``float[chips]`` the chips' rates in the measure.
       predicted: ``float[chips]`` predicted steps (``inf`` where not served).
@@ -93,10 +97,19 @@ def study(
 
     Returns:
       ``{"measures": {measure: score_measure(...) + rates + predicted_epochs},
-      "best_measure": the measure with the highest spearman_rate}``.
+      "best_measure": the measure with the highest spearman_rate}``. A measure in which
+      the grid's rates do not increase cannot be interpolated: its entry is
+      ``{"skipped": reason, "rates": ...}``.
     """
     out = {}
     for name, r in rates.items():
+        grid = np.asarray(grid_rates[name], np.float64)
+        if np.any(np.diff(grid) <= 0):
+            out[name] = dict(
+                skipped=f"the grid's {name} rates {np.round(grid, 4).tolist()} do not increase",
+                rates=np.asarray(r, np.float64).tolist(),
+            )
+            continue
         predicted, status = resilience.retraining_amount(
             grid_rates[name], required_steps, r, interpolation
         )
@@ -107,6 +120,6 @@ def study(
             float(p / steps_per_epoch) if np.isfinite(p) else None for p in predicted
         ]
         out[name] = score
-    ranked = [n for n in out if out[n]["spearman_rate"] is not None]
+    ranked = [n for n in out if out[n].get("spearman_rate") is not None]
     best = max(ranked, key=lambda n: out[n]["spearman_rate"]) if ranked else None
     return dict(measures=out, best_measure=best)

@@ -135,7 +135,7 @@ def predictor_rows(summary: dict) -> list[dict]:
         row = {"chip": i, "requested_rate": study["requested_rates"][i], "needed_epochs": needed}
         for m, v in study["measures"].items():
             row[f"{m}_rate"] = v["rates"][i]
-            row[f"{m}_predicted_epochs"] = v["predicted_epochs"][i]
+            row[f"{m}_predicted_epochs"] = (v.get("predicted_epochs") or [None] * (i + 1))[i]
         rows.append(row)
     return rows
 
@@ -281,7 +281,8 @@ def _plot_grouping(summary: dict, fig) -> None:
         left.annotate(
             f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8
         )
-    left.set_yscale("log")
+    if min(totals) > 0:
+        left.set_yscale("log")
     left.set(ylabel="retraining epochs, whole population (log)")
     left.set_title(
         f"{len(summary['chips'])} chips, {cost['groups']} groups ({cost['groups_split']} split)",
@@ -324,10 +325,12 @@ def _plot_predictor(summary: dict, fig) -> None:
             color="C3",
             label="unrecoverable within the grid",
         )
-        rho = v["spearman_rate"]
+        rho = v.get("spearman_rate")
         ax.set_title(
             f"{name}: rank corr. {rho:.2f}\nunder {v['under']}, over {v['over']}"
             if rho is not None
+            else f"{name}\n(skipped: grid not increasing)"
+            if "skipped" in v
             else name,
             fontsize=9,
         )
@@ -380,7 +383,7 @@ def write_outputs(summary: dict, workdir: str) -> list[str]:
     write_json_atomic(paths[0], summary)
     write_csv_atomic(paths[1], resilience_rows(summary))
     write_csv_atomic(paths[2], chip_rows(summary))
-    if summary.get("groups"):
+    if summary.get("groups") is not None:
         paths.append(os.path.join(workdir, "groups.csv"))
         write_csv_atomic(paths[-1], group_rows(summary))
     if summary.get("predictor_study"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from reduce_jax import config as config_lib
+from reduce_jax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
@@ -254,6 +255,24 @@ def test_validate_rejects_bad_settings(changes, needle):
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(cfg)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("measure", ["pe", "effective", "importance"])
+def test_grid_too_fine_for_the_array_is_rejected_before_training(tmp_path, measure):
+    # On an 8x8 array, rates 0.1 and 0.101 both give 6 faulty PEs: the grid cannot be
+    # resolved, whatever measure reads the map.
+    workdir = tmp_path / "w"
+    cfg = dataclasses.replace(
+        BASE,
+        array_rows=8,
+        array_cols=8,
+        fault_rates=(0.0, 0.1, 0.101),
+        rate_measure=measure,
+        workdir=str(workdir),
+    )
+    with pytest.raises(config_lib.ConfigError, match="--fault_rates.*not increasing"):
+        pipeline.run(cfg)
+    assert not workdir.exists()
 
 
 def test_validate_rejects_fault_map_file_of_wrong_size(tmp_path):

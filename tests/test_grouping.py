@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reduce_jax import grouping, models, pipeline, population, systolic, train
+from reduce_jax.config import ReduceConfig
 
 ROWS = COLS = 4
 W_PE = np.full((ROWS, COLS), 1.0 / (ROWS * COLS))
@@ -211,3 +212,32 @@ def test_a_group_that_misses_the_target_is_split_and_its_chips_serve_alone():
     )
     assert served_by == {3: 1, 4: 1, 0: 2, 1: 3, 2: 4}
     assert result["topup_steps"].tolist() == [0, 2, 0, 0, 0, 0]
+
+
+def test_collect_groups_maps_split_groups_and_serving_groups():
+    groups = [record([0, 2], 6, 4, meets=False), record([3, 4], 5, 0, meets=True)]
+    per_chip = [record([c], 3, 0, True) for c in range(5)]
+    records = pipeline.grouped_records(groups, per_chip)
+    out, served_by, _ = pipeline.collect_groups(
+        records, np.zeros((5, ROWS, COLS), bool), {"pe": W_PE}, "pe", 10
+    )
+    assert [g["members"] for g in out] == [[0, 2], [3, 4], [0], [1], [2]]
+    assert [g["split"] for g in out] == [True, False, False, False, False]
+    assert [g["split_from"] for g in out] == [None, None, 0, None, 0]
+    assert served_by == {0: 2, 1: 3, 2: 4, 3: 1, 4: 1}
+
+
+def test_plan_units_maps_back_to_chip_ids_around_unservable_chips():
+    grid = np.arange(5) / 16
+    required = np.array([0, 4, 4, 4, np.inf])
+    amount = grouping.amount_fn(grid, required, "conservative")
+    maps = single_fault_maps([(0, 0), (0, 0), (1, 1), (2, 2), (3, 3)])
+    maps[1] = True  # chip 1: every PE faulty, cannot be served
+    ok = np.array([True, False, True, True, True])
+    cfg = ReduceConfig(grouping="greedy", max_group_size=8)
+    units = pipeline.plan_units(cfg, maps, ok, W_PE, amount, required)
+    assert sorted(c for u in units for c in u) == [0, 1, 2, 3, 4]
+    assert [1] in units  # alone
+    assert [0, 2, 3] in units and [4] in units  # 3 faults fit, a 4th would not
+    none = pipeline.plan_units(ReduceConfig(), maps, ok, W_PE, amount, required)
+    assert none == [[0], [1], [2], [3], [4]]

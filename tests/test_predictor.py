@@ -110,3 +110,18 @@ def test_study_scores_every_measure_and_picks_the_best():
     assert (good["exact"], good["under"], good["over"]) == (4, 0, 0)
     assert good["predicted_epochs"] == [0.0, 1.0, 2.0, 2.0]
     assert out["measures"]["bad"]["spearman_rate"] < 0
+
+
+def test_study_skips_a_measure_whose_grid_does_not_increase():
+    grid = {"ok": np.array([0.0, 0.1, 0.2]), "flat": np.array([0.0, 0.1, 0.1])}
+    rates = {"ok": np.array([0.0, 0.15]), "flat": np.array([0.0, 0.15])}
+    out = predictor.study(
+        rates,
+        grid,
+        np.array([0.0, 5.0, 10.0]),
+        np.array([0.0, 10.0]),
+        "conservative",
+        steps_per_epoch=5,
+    )
+    assert "skipped" in out["measures"]["flat"] and "spearman_rate" not in out["measures"]["flat"]
+    assert out["best_measure"] == "ok"
