@@ -241,3 +241,58 @@ def test_plan_units_maps_back_to_chip_ids_around_unservable_chips():
     assert [0, 2, 3] in units and [4] in units  # 3 faults fit, a 4th would not
     none = pipeline.plan_units(ReduceConfig(), maps, ok, W_PE, amount, required)
     assert none == [[0], [1], [2], [3], [4]]
+
+
+@pytest.mark.slow
+def test_groups_that_miss_the_target_are_split_end_to_end(tmp_path, monkeypatch):
+    """Sabotaged group retraining (it diverges): every group is split, its chips are served
+    by their own retraining, and the failed groups' steps still count."""
+    cfg = ReduceConfig(
+        workdir=str(tmp_path / "w"),
+        dataset="digits",
+        model="mlp",
+        array_rows=8,
+        array_cols=8,
+        fault_rates=(0.0, 0.1, 0.3),
+        retrain_epochs=(0.0, 0.5, 1.0),
+        maps_per_rate=2,
+        num_chips=8,
+        chip_fault_rate=0.1,
+        max_accuracy_drop=0.05,
+        batch_size=64,
+        learning_rate=3e-3,
+        baseline_epochs=10,
+        grouping="greedy",
+    )
+    original_plan, original_init = pipeline.retrain_plan, population.init_chunk
+
+    def diverging_init(trainer, params, maps, budgets):
+        states, masks = original_init(trainer, params, maps, budgets)
+        lr = states.opt_state.hyperparams["learning_rate"]
+        states.opt_state.hyperparams["learning_rate"] = lr * 0 + 1e30
+        return states, masks
+
+    def retrain_plan(*args, stage="retrain", **kwargs):
+        if stage == "grouped":
+            monkeypatch.setattr(population, "init_chunk", diverging_init)
+        try:
+            return original_plan(*args, stage=stage, **kwargs)
+        finally:
+            monkeypatch.setattr(population, "init_chunk", original_init)
+
+    monkeypatch.setattr(pipeline, "retrain_plan", retrain_plan)
+    s = pipeline.run(cfg)
+    groups, chips, cost = s["groups"], s["chips"], s["cost"]
+    multi = [g for g in groups if len(g["members"]) > 1]
+    assert multi and all(g["split"] and g["diverged"] for g in multi)
+    assert cost["groups_split"] == len(multi)
+    for g in multi:
+        for chip in g["members"]:
+            serving = groups[chips[chip]["group"]]
+            assert serving["members"] == [chip] and serving["split_from"] == g["group"]
+            assert chips[chip]["grouped_meets_target"] == chips[chip]["meets_target"]
+    assert cost["grouped_chips_meeting_target"] == cost["chips_meeting_target"]
+    total = sum(g["amount_steps"] + g["topup_steps"] for g in groups)
+    assert cost["grouped_steps"] == total
+    wasted = sum(g["amount_steps"] for g in multi)
+    assert cost["grouped_steps"] == cost["reduce_steps"] + wasted
