@@ -68,6 +68,18 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _one_of(cfg: ReduceConfig, name: str, allowed: Sequence[str]) -> None:
+    """The flag ``name`` is one of ``allowed``."""
+    v = getattr(cfg, name)
+    _require(v in allowed, f"--{name}={v!r}; allowed: {', '.join(allowed)}")
+
+
+def _in_range(cfg: ReduceConfig, name: str, lo: float, hi: float) -> None:
+    """The flag ``name`` is in ``[lo, hi]``."""
+    v = getattr(cfg, name)
+    _require(lo <= v <= hi, f"--{name}={v} is outside [{lo}, {hi}]")
+
+
 def _check_grid(name: str, values: Sequence[float], lo: float, hi: float | None) -> None:
     _require(len(values) > 0, f"--{name} is empty; give a comma-separated list")
     rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
@@ -85,71 +97,33 @@ def validate(cfg: ReduceConfig) -> None:
     Cheap: no dataset is loaded and nothing is computed, but files are checked to exist and
     fault-map files are read and validated.
     """
-    _require(
-        cfg.dataset in data_lib.DATASETS,
-        f"--dataset={cfg.dataset!r}; allowed: {', '.join(data_lib.DATASETS)}",
-    )
-    _require(
-        cfg.model in models.MODELS, f"--model={cfg.model!r}; allowed: {', '.join(models.MODELS)}"
-    )
+    _one_of(cfg, "dataset", data_lib.DATASETS)
+    _one_of(cfg, "model", models.MODELS)
     for name in ("array_rows", "array_cols"):
-        v = getattr(cfg, name)
-        _require(1 <= v <= 4096, f"--{name}={v} is outside [1, 4096]")
+        _in_range(cfg, name, 1, 4096)
     for name in ("fault_model", "analysis_fault_model"):
-        v = getattr(cfg, name)
-        _require(
-            v in faults.FAULT_MODELS, f"--{name}={v!r}; allowed: {', '.join(faults.FAULT_MODELS)}"
-        )
+        _one_of(cfg, name, faults.FAULT_MODELS)
     _require(cfg.cluster_alpha > 0, f"--cluster_alpha={cfg.cluster_alpha} must be > 0")
-    _require(
-        0.0 <= cfg.line_fraction <= 1.0, f"--line_fraction={cfg.line_fraction} is outside [0, 1]"
-    )
+    _in_range(cfg, "line_fraction", 0, 1)
     _check_grid("fault_rates", list(cfg.fault_rates), 0.0, 1.0)
     _check_grid("retrain_epochs", list(cfg.retrain_epochs), 0.0, None)
     _require(cfg.maps_per_rate >= 1, f"--maps_per_rate={cfg.maps_per_rate} must be >= 1")
     _require(cfg.num_chips >= 1, f"--num_chips={cfg.num_chips} must be >= 1")
-    _require(
-        0.0 <= cfg.chip_fault_rate <= 1.0,
-        f"--chip_fault_rate={cfg.chip_fault_rate} is outside [0, 1]",
-    )
+    _in_range(cfg, "chip_fault_rate", 0, 1)
     has_drop, has_target = cfg.max_accuracy_drop is not None, cfg.target_accuracy is not None
     _require(
         has_drop != has_target, "give exactly one of --max_accuracy_drop and --target_accuracy"
     )
-    if has_drop:
-        _require(
-            0.0 <= cfg.max_accuracy_drop <= 1.0,
-            f"--max_accuracy_drop={cfg.max_accuracy_drop} is outside [0, 1]",
-        )
-    else:
-        _require(
-            0.0 <= cfg.target_accuracy <= 1.0,
-            f"--target_accuracy={cfg.target_accuracy} is outside [0, 1]",
-        )
+    _in_range(cfg, "max_accuracy_drop" if has_drop else "target_accuracy", 0, 1)
     try:
         resilience.parse_statistic(cfg.statistic)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _require(
-        cfg.interpolation in resilience.INTERPOLATIONS,
-        f"--interpolation={cfg.interpolation!r}; allowed: {', '.join(resilience.INTERPOLATIONS)}",
-    )
-    _require(
-        cfg.rate_measure in systolic.RATE_MEASURES,
-        f"--rate_measure={cfg.rate_measure!r}; allowed: {', '.join(systolic.RATE_MEASURES)}",
-    )
-    _require(
-        0 <= cfg.predictor_chips <= 1 << 20,
-        f"--predictor_chips={cfg.predictor_chips} is outside [0, {1 << 20}]",
-    )
-    _require(
-        cfg.grouping in grouping.GROUPINGS,
-        f"--grouping={cfg.grouping!r}; allowed: {', '.join(grouping.GROUPINGS)}",
-    )
-    _require(
-        2 <= cfg.max_group_size <= 1 << 20,
-        f"--max_group_size={cfg.max_group_size} is outside [2, {1 << 20}]",
-    )
+    _one_of(cfg, "interpolation", resilience.INTERPOLATIONS)
+    _one_of(cfg, "rate_measure", systolic.RATE_MEASURES)
+    _in_range(cfg, "predictor_chips", 0, 1 << 20)
+    _one_of(cfg, "grouping", grouping.GROUPINGS)
+    _in_range(cfg, "max_group_size", 2, 1 << 20)
     if cfg.fixed_epochs is not None:
         _require(cfg.fixed_epochs > 0, f"--fixed_epochs={cfg.fixed_epochs} must be > 0")
     else:
@@ -161,11 +135,9 @@ def validate(cfg: ReduceConfig) -> None:
     _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
     _require(cfg.max_topup_epochs >= 0, f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")
     for name in ("batch_size", "chips_per_batch", "eval_batch_size"):
-        v = getattr(cfg, name)
-        _require(1 <= v <= 1 << 20, f"--{name}={v} is outside [1, {1 << 20}]")
+        _in_range(cfg, name, 1, 1 << 20)
     for name in ("optimizer", "baseline_optimizer"):
-        v = getattr(cfg, name)
-        _require(v in train.OPTIMIZERS, f"--{name}={v!r}; allowed: {', '.join(train.OPTIMIZERS)}")
+        _one_of(cfg, name, train.OPTIMIZERS)
     for name in ("learning_rate", "baseline_learning_rate"):
         v = getattr(cfg, name)
         _require(0 < v <= 10, f"--{name}={v} is outside (0, 10]")

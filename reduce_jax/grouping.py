@@ -155,7 +155,7 @@ def greedy_groups(
                 c = int(cand[np.lexsort((grown[cand], -amt[cand]))[0]])
                 group.append(c)
                 fused = np.maximum(fused, maps[c])
-            reward = amt[group].sum() - amount(np.array([fused @ w]))[0]
+            reward = group_reward(amt[group], amount(np.array([fused @ w]))[0])
             if reward > best_reward:
                 best_reward, best = reward, group
         remaining[best] = False

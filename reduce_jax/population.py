@@ -69,7 +69,7 @@ def _gather(tree: PyTree, idx: np.ndarray) -> PyTree:
     return jax.tree.map(lambda x: x[idx], tree)
 
 
-def _take(tree: PyTree, idx: np.ndarray) -> PyTree:
+def take(tree: PyTree, idx: np.ndarray) -> PyTree:
     """Chips ``idx`` (a multiple of the device count), sharded over the devices."""
     return sharding.shard_chips(_gather(tree, idx))
 
@@ -122,8 +122,8 @@ def run_phase(
             size = bucket_size(active.size, chips)
             idx = np.concatenate([active, np.full(size - active.size, active[-1])])
             sub = trainer.run(
-                _take(states, idx),
-                _take(masks, idx),
+                take(states, idx),
+                take(masks, idx),
                 data.train_images,
                 data.train_labels,
                 phase_key,

@@ -48,8 +48,7 @@ def evaluate_members(
         idx, maps = units[lo : lo + size], member_maps[lo : lo + size]
         m = len(idx)
         maps, idx = population.pad_chunk(maps, idx, size)
-        take = jnp.asarray(idx)
-        sub = sharding.shard_chips(jax.tree.map(lambda x, t=take: x[t], states.params))
+        sub = population.take(states.params, idx)
         masks = population.population_masks(params, sharding.shard_chips(jnp.asarray(maps)))
         acc = trainer.evaluate(sub, masks, data.test_images, data.test_labels)
         out.append(sharding.to_host(acc).astype(np.float64)[:m])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reduce_jax import data, models
+from reduce_jax import config, data, models
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,28 @@ def tiny_mlp_params(tiny_mlp, digits):
     params = models.init_params(tiny_mlp, jax.random.key(0), digits.image_shape)
     # Return numpy leaves: jitted functions that donate their inputs cannot invalidate them.
     return jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope="session")
+def small_run_config():
+    """Factory of the config of a seconds-long in-process Reduce run (digits, the MLP, an
+    8x8 array, 8 chips): ``small_run_config(workdir, **changes)``."""
+    return _small_run_config
+
+
+def _small_run_config(workdir: str, **changes) -> config.ReduceConfig:
+    base = dict(
+        workdir=workdir,
+        dataset="digits",
+        model="mlp",
+        array_rows=8,
+        array_cols=8,
+        fault_rates=(0.0, 0.1, 0.3),
+        retrain_epochs=(0.0, 0.5, 1.0),
+        maps_per_rate=2,
+        num_chips=8,
+        max_accuracy_drop=0.05,
+        batch_size=64,
+        learning_rate=3e-3,
+    )
+    return config.ReduceConfig(**{**base, **changes})

@@ -244,25 +244,11 @@ def test_plan_units_maps_back_to_chip_ids_around_unservable_chips():
 
 
 @pytest.mark.slow
-def test_groups_that_miss_the_target_are_split_end_to_end(tmp_path, monkeypatch):
+def test_groups_that_miss_the_target_are_split_end_to_end(tmp_path, monkeypatch, small_run_config):
     """Sabotaged group retraining (it diverges): every group is split, its chips are served
     by their own retraining, and the failed groups' steps still count."""
-    cfg = ReduceConfig(
-        workdir=str(tmp_path / "w"),
-        dataset="digits",
-        model="mlp",
-        array_rows=8,
-        array_cols=8,
-        fault_rates=(0.0, 0.1, 0.3),
-        retrain_epochs=(0.0, 0.5, 1.0),
-        maps_per_rate=2,
-        num_chips=8,
-        chip_fault_rate=0.1,
-        max_accuracy_drop=0.05,
-        batch_size=64,
-        learning_rate=3e-3,
-        baseline_epochs=10,
-        grouping="greedy",
+    cfg = small_run_config(
+        str(tmp_path / "w"), chip_fault_rate=0.1, baseline_epochs=10, grouping="greedy"
     )
     original_plan, original_init = pipeline.retrain_plan, population.init_chunk
 

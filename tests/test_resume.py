@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from reduce_jax import config, pipeline, population
+from reduce_jax import pipeline, population
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
@@ -127,21 +127,10 @@ def test_sigterm_stops_with_a_resume_hint(tmp_path):
 
 
 @pytest.mark.slow
-def test_diverging_chip_is_reported_and_run_goes_on(tmp_path, monkeypatch):
-    cfg = config.ReduceConfig(
-        workdir=str(tmp_path / "w"),
-        dataset="digits",
-        model="mlp",
-        array_rows=8,
-        array_cols=8,
-        fault_rates=(0.0, 0.1, 0.3),
-        retrain_epochs=(0.0, 0.5, 1.0),
-        maps_per_rate=2,
-        num_chips=8,
+def test_diverging_chip_is_reported_and_run_goes_on(tmp_path, monkeypatch, small_run_config):
+    cfg = small_run_config(
+        str(tmp_path / "w"),
         chip_fault_rate=0.15,
-        max_accuracy_drop=0.05,
-        batch_size=64,
-        learning_rate=3e-3,
         baseline_epochs=5,
         chips_per_batch=8,
         topup_epochs=0.5,
