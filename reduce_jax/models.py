@@ -1,11 +1,9 @@
-"""Flax (linen) models, written so a population of chips runs as batched GEMMs.
+"""Flax (linen) models, written so a population of chips runs fast under ``vmap``.
 
-Convolutions are computed as a matmul over im2col patches (``PatchConv``), with the kernel
-kept in Flax's HWIO layout and named ``kernel`` so the systolic mapping applies to it as to
-``nn.Conv``. Under ``vmap`` over a chips axis of the parameters, each layer becomes one
-batched GEMM; the first layer, whose input every chip shares, becomes a single GEMM
-(``patches @ kernel[chips]`` folds the chips into the output dim). A vmapped ``nn.Conv``
-with per-chip weights instead lowers to a grouped convolution that XLA:CPU runs slowly.
+Convolutions are ``Conv`` layers: ``nn.Conv``'s parameters (an HWIO ``kernel`` and a
+``bias``, so the systolic mapping applies to them alike), computed with ``conv.conv2d``,
+whose batching rule runs a population's convolutions as plain convolutions or GEMMs rather
+than as the grouped convolution a vmapped ``nn.Conv`` becomes (see ``reduce_jax.conv``).
 """
 
 from __future__ import annotations
@@ -16,41 +14,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reduce_jax import conv
+
 MODELS = ("mlp", "lenet5", "vgg_small")
 
 
-def im2col(x: jax.Array, kh: int, kw: int, padding: str = "SAME") -> jax.Array:
-    """Patches of a stride-1 convolution in HWIO order.
-
-    Args:
-      x: ``float[B, H, W, C]``.
-      kh, kw: kernel size.
-      padding: ``SAME`` or ``VALID``.
-
-    Returns:
-      ``float[B, H', W', kh * kw * C]``; the last axis is ordered (i, j, c), matching
-      ``kernel.reshape(kh * kw * C, out)`` for a ``[kh, kw, C, out]`` kernel.
-    """
-    if padding == "SAME":
-        ph, pw = kh - 1, kw - 1
-        x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-    elif padding != "VALID":
-        raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
-    b, h, w, c = x.shape
-    ho, wo = h - kh + 1, w - kw + 1
-    cols = [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)]
-    return jnp.stack(cols, axis=3).reshape(b, ho, wo, kh * kw * c)
-
-
-class PatchConv(nn.Module):
-    """Stride-1 2-D convolution as an im2col matmul; parameters as ``nn.Conv``.
+class Conv(nn.Module):
+    """Stride-1 2-D convolution (``conv.conv2d``); parameters as ``nn.Conv``.
 
     With ``pool=True`` the output is 2x2 max-pooled *before* the bias is added:
     ``max_pool2(conv(x)) + b == max_pool2(conv(x) + b)`` and, since ReLU is monotone,
-    ``relu(max_pool2(z)) == max_pool2(relu(z))``; so ``relu(PatchConv(pool=True)(x))`` is
+    ``relu(max_pool2(z)) == max_pool2(relu(z))``; so ``relu(Conv(pool=True)(x))`` is
     exactly conv-ReLU-pool while the bias and ReLU (and their gradients) touch a quarter of
-    the elements. The activations of every chip are distinct, so this elementwise traffic,
-    not the matmuls, bounds a population step on a CPU.
+    the elements. The activations of every chip are distinct, so this elementwise traffic
+    weighs on a population step on a CPU.
     """
 
     features: int
@@ -65,10 +42,9 @@ class PatchConv(nn.Module):
         cin = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        y = im2col(x, kh, kw, self.padding) @ kernel.reshape(kh * kw * cin, self.features)
         if self.pool:
-            y = max_pool2(y)
-        return y + bias
+            return conv.conv2d_pool(x, kernel, self.padding) + bias
+        return conv.conv2d(x, kernel, self.padding) + bias
 
 
 def max_pool2(x: jax.Array) -> jax.Array:
@@ -99,8 +75,8 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.relu(PatchConv(6, (5, 5), pool=True, name="conv1")(x))
-        x = nn.relu(PatchConv(16, (5, 5), pool=True, name="conv2")(x))
+        x = nn.relu(Conv(6, (5, 5), pool=True, name="conv1")(x))
+        x = nn.relu(Conv(16, (5, 5), pool=True, name="conv2")(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         x = nn.relu(nn.Dense(84, name="fc2")(x))
@@ -116,8 +92,8 @@ class VGGSmall(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, w in enumerate(self.widths):
-            x = nn.relu(PatchConv(w, (3, 3), name=f"conv{i + 1}a")(x))
-            x = nn.relu(PatchConv(w, (3, 3), pool=True, name=f"conv{i + 1}b")(x))
+            x = nn.relu(Conv(w, (3, 3), name=f"conv{i + 1}a")(x))
+            x = nn.relu(Conv(w, (3, 3), pool=True, name=f"conv{i + 1}b")(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(256, name="fc1")(x))
         return nn.Dense(self.num_classes, name="out")(x)

@@ -1,4 +1,4 @@
-"""Models: im2col convolutions equal Flax convolutions; shapes and parameter names."""
+"""Models: their convolutions equal Flax convolutions; shapes and parameter names."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reduce_jax import models, systolic
+from reduce_jax import conv, models, systolic
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2), (4, 3)])
-def test_patch_conv_equals_flax_conv(padding, kernel_size):
+def test_conv_equals_flax_conv(padding, kernel_size):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
-    patch = models.PatchConv(4, kernel_size, padding=padding)
-    conv = nn.Conv(4, kernel_size, padding=padding)
+    layer = models.Conv(4, kernel_size, padding=padding)
+    flax_conv = nn.Conv(4, kernel_size, padding=padding)
     # Same parameter names, shapes (HWIO kernel) and dtypes as nn.Conv.
-    shapes = jax.eval_shape(patch.init, jax.random.key(1), x)["params"]
-    ref_shapes = jax.eval_shape(conv.init, jax.random.key(1), x)["params"]
+    shapes = jax.eval_shape(layer.init, jax.random.key(1), x)["params"]
+    ref_shapes = jax.eval_shape(flax_conv.init, jax.random.key(1), x)["params"]
     chex.assert_trees_all_equal_shapes_and_dtypes(shapes, ref_shapes)
     assert shapes["kernel"].shape == (*kernel_size, 3, 4)
     # Random kernel and a non-zero bias, so that both are checked.
@@ -28,8 +28,8 @@ def test_patch_conv_equals_flax_conv(padding, kernel_size):
         "kernel": jax.random.normal(jax.random.key(1), shapes["kernel"].shape),
         "bias": jnp.arange(4.0) / 10,
     }
-    out = jax.jit(patch.apply)({"params": params}, x)
-    ref = jax.jit(conv.apply)({"params": params}, x)
+    out = jax.jit(layer.apply)({"params": params}, x)
+    ref = jax.jit(flax_conv.apply)({"params": params}, x)
     assert out.shape == ref.shape
     if padding == "SAME":
         assert out.shape == (2, 7, 6, 4)
@@ -42,7 +42,7 @@ def test_patch_conv_equals_flax_conv(padding, kernel_size):
 def test_im2col_ordering_matches_hwio_reshape(padding):
     kh, kw, cin = 3, 2, 2
     x = np.arange(1 * 4 * 5 * cin, dtype=np.float32).reshape(1, 4, 5, cin) + 1
-    patches = np.asarray(models.im2col(jnp.asarray(x), kh, kw, padding))
+    patches = np.asarray(conv.im2col(jnp.asarray(x), kh, kw, conv.pads_of(padding, kh, kw)))
     if padding == "SAME":
         # Low side gets (k-1)//2, as lax/flax SAME padding for stride 1.
         xp = np.pad(x, ((0, 0), (1, 1), (0, 1), (0, 0)))
@@ -67,9 +67,9 @@ def test_im2col_ordering_matches_hwio_reshape(padding):
     np.testing.assert_allclose(gemm, direct, rtol=1e-5, atol=1e-4)
 
 
-def test_im2col_rejects_other_padding():
+def test_conv_rejects_other_padding():
     with pytest.raises(ValueError, match="padding"):
-        models.im2col(jnp.zeros((1, 4, 4, 1)), 3, 3, "CIRCULAR")
+        models.Conv(2, padding="CIRCULAR").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
 
 
 def test_max_pool2_equals_flax_max_pool():
@@ -125,17 +125,17 @@ def test_get_model_unknown():
         models.get_model("resnet", 10)
 
 
-def test_vmapped_patch_conv_over_chips_equals_flax_conv_per_chip():
-    """Per-chip kernels under vmap (batched GEMMs) give each chip's own convolution."""
+def test_vmapped_conv_over_chips_equals_flax_conv_per_chip():
+    """Per-chip kernels under vmap (a shared input) give each chip's own convolution."""
     x = jax.random.normal(jax.random.key(2), (4, 6, 6, 3))
     kernels = jax.random.normal(jax.random.key(3), (3, 3, 3, 3, 5))  # [chips, kh, kw, cin, cout]
     biases = jax.random.normal(jax.random.key(4), (3, 5))
-    patch, conv = models.PatchConv(5, (3, 3)), nn.Conv(5, (3, 3))
-    batched = jax.jit(jax.vmap(lambda k, b: patch.apply({"params": {"kernel": k, "bias": b}}, x)))(
+    layer, flax_conv = models.Conv(5, (3, 3)), nn.Conv(5, (3, 3))
+    batched = jax.jit(jax.vmap(lambda k, b: layer.apply({"params": {"kernel": k, "bias": b}}, x)))(
         kernels, biases
     )
     assert batched.shape == (3, 4, 6, 6, 5)
-    conv_apply = jax.jit(conv.apply)
+    conv_apply = jax.jit(flax_conv.apply)
     for i in range(3):
         ref = conv_apply({"params": {"kernel": kernels[i], "bias": biases[i]}}, x)
         np.testing.assert_allclose(batched[i], ref, atol=1e-5, rtol=1e-5)

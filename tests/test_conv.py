@@ -1,0 +1,150 @@
+"""conv2d / conv2d_pool: values and gradients equal lax's, and vmap equals a loop over chips
+in every batching case (shared input, shared kernel, both per chip; lax.map and GEMMs)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from reduce_jax import conv
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _ref_conv(x, kernel, padding):
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _ref_pool(y):
+    b, h, w, c = y.shape
+    y = y[:, : h // 2 * 2, : w // 2 * 2]
+    return y.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _normal(seed, shape):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _loss(fn, x, kernel, probe):
+    """A scalar whose gradient checks every output element (``probe`` weighs them)."""
+    return jnp.sum(fn(x, kernel) * probe)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2), (4, 3), (5, 5)])
+def test_conv2d_value_and_grads_equal_lax(padding, kernel_size):
+    x, kernel = _normal(0, (3, 7, 6, 2)), _normal(1, (*kernel_size, 2, 4))
+    ours = functools.partial(conv.conv2d, padding=padding)
+    ref = functools.partial(_ref_conv, padding=padding)
+    out = jax.jit(ours)(x, kernel)
+    np.testing.assert_allclose(out, ref(x, kernel), **TOL)
+    probe = _normal(2, out.shape)
+    grads = jax.jit(jax.grad(functools.partial(_loss, ours), (0, 1)))(x, kernel, probe)
+    ref_grads = jax.grad(functools.partial(_loss, ref), (0, 1))(x, kernel, probe)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("height,width", [(8, 6), (7, 9)])  # odd sizes drop a row / column
+def test_conv2d_pool_value_equals_lax_and_grads_without_ties(padding, height, width):
+    x, kernel = _normal(0, (2, height, width, 3)), _normal(1, (3, 3, 3, 5))
+    ours = functools.partial(conv.conv2d_pool, padding=padding)
+    ref = lambda x, k: _ref_pool(_ref_conv(x, k, padding))
+    out = jax.jit(ours)(x, kernel)
+    np.testing.assert_allclose(out, ref(x, kernel), **TOL)
+    # Random inputs have no tied maxima, so the gradient equals jnp.max's.
+    probe = _normal(2, out.shape)
+    grads = jax.jit(jax.grad(functools.partial(_loss, ours), (0, 1)))(x, kernel, probe)
+    ref_grads = jax.grad(functools.partial(_loss, ref), (0, 1))(x, kernel, probe)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_pool_gradient_goes_to_the_first_maximum_of_a_window():
+    y = jnp.array([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)  # tie between (0,1), (1,0)
+    pooled, index = conv.pool_argmax(y)
+    assert float(pooled[0, 0, 0, 0]) == 3.0 and int(index[0, 0, 0, 0]) == 1
+    dy = conv.unpool(jnp.full((1, 1, 1, 1), 2.0), index, 2, 2)
+    np.testing.assert_array_equal(dy[0, :, :, 0], [[0.0, 2.0], [0.0, 0.0]])
+    # All four equal: the first one takes it; an odd size gets zeros in the dropped row.
+    pooled, index = conv.pool_argmax(jnp.zeros((1, 3, 2, 1)))
+    assert int(index[0, 0, 0, 0]) == 0
+    dy = conv.unpool(jnp.ones((1, 1, 1, 1)), index, 3, 2)
+    np.testing.assert_array_equal(dy[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+
+
+def _chips_loss(fn, x, kernels, probe, x_batched, k_batched):
+    """Sum over chips of ``_loss`` under ``vmap`` (in_axes from the batching flags)."""
+    axes = (0 if x_batched else None, 0 if k_batched else None, 0)
+    per_chip = jax.vmap(functools.partial(_loss, fn), in_axes=axes)
+    return per_chip(x, kernels, probe).sum()
+
+
+CASES = [(False, True), (True, True), (True, False)]  # (input per chip, kernel per chip)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("x_batched,k_batched", CASES)
+@pytest.mark.parametrize("per_chip_map", [True, False])
+def test_vmap_over_chips_equals_a_loop_over_chips(
+    monkeypatch, pool, x_batched, k_batched, per_chip_map
+):
+    """Values and gradients of every chip equal the chip computed alone (both the CPU
+    ``lax.map`` path and the GEMM path of other backends)."""
+    monkeypatch.setattr(conv, "_map_chips", lambda: per_chip_map)
+    conv._ops.cache_clear(), conv._pool_ops.cache_clear()
+    chips = 3
+    fn = conv.conv2d_pool if pool else conv.conv2d
+    x = _normal(0, (chips, 2, 6, 6, 2) if x_batched else (2, 6, 6, 2))
+    kernels = _normal(1, (chips, 3, 3, 2, 4) if k_batched else (3, 3, 2, 4))
+    one = lambda v, batched, i: v[i] if batched else v
+    out_shape = (2, 3, 3, 4) if pool else (2, 6, 6, 4)
+    probe = _normal(2, (chips, *out_shape))
+    axes = (0 if x_batched else None, 0 if k_batched else None)
+    out = jax.jit(jax.vmap(fn, in_axes=axes))(x, kernels)
+    loss = functools.partial(_chips_loss, fn, x_batched=x_batched, k_batched=k_batched)
+    grad_x, grad_k = jax.jit(jax.grad(loss, (0, 1)))(x, kernels, probe)
+    alone = jax.jit(fn)
+    grad_alone = jax.jit(jax.grad(functools.partial(_loss, fn), (0, 1)))
+    for i in range(chips):
+        xi, ki = one(x, x_batched, i), one(kernels, k_batched, i)
+        np.testing.assert_allclose(out[i], alone(xi, ki), **TOL)
+        gx, gk = grad_alone(xi, ki, probe[i])
+        # A shared operand's gradient is the sum over chips.
+        if x_batched:
+            np.testing.assert_allclose(grad_x[i], gx, rtol=1e-4, atol=1e-4)
+        if k_batched:
+            np.testing.assert_allclose(grad_k[i], gk, rtol=1e-4, atol=1e-4)
+    if not x_batched:
+        total = sum(grad_alone(x, one(kernels, k_batched, i), probe[i])[0] for i in range(chips))
+        np.testing.assert_allclose(grad_x, total, rtol=1e-4, atol=1e-4)
+    if not k_batched:
+        total = sum(grad_alone(one(x, x_batched, i), kernels, probe[i])[1] for i in range(chips))
+        np.testing.assert_allclose(grad_k, total, rtol=1e-4, atol=1e-4)
+    conv._ops.cache_clear(), conv._pool_ops.cache_clear()
+
+
+def test_population_convolutions_avoid_grouped_convolutions():
+    """The point of the batching rule: no grouped convolution in a vmapped gradient."""
+    x, kernels = _normal(0, (4, 2, 8, 8, 3)), _normal(1, (4, 3, 3, 3, 5))
+    step = jax.vmap(jax.grad(lambda x, k: conv.conv2d_pool(x, k).sum(), (0, 1)))
+    groups = lambda f: re.findall(
+        r"(?:feature|batch)_group_count = (\d+)", jax.jit(f).lower(x, kernels).as_text()
+    )
+    assert set(groups(step)) == {"1"}
+    ref = jax.vmap(jax.grad(lambda x, k: _ref_pool(_ref_conv(x, k, "SAME")).sum(), (0, 1)))
+    assert "4" in groups(ref)
+
+
+def test_pads_of_rejects_other_padding():
+    with pytest.raises(ValueError, match="padding must be one of SAME, VALID"):
+        conv.pads_of("CIRCULAR", 3, 3)
