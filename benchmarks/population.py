@@ -12,7 +12,8 @@ step for each chip; their ratio; chip-evaluations/s of population evaluation
 on the test set; compile time of ``Trainer.run``; peak RSS of the process so far and, where
 the device reports it (GPUs), the device's peak memory so far (sizes run in increasing order,
 so both are those of the largest size yet); the step's GFLOP/s (XLA's flop count of the
-compiled step / time) next to a float32 matmul's GFLOP/s measured in the same run.
+compiled single-chip step, times N, / time) next to a float32 matmul's GFLOP/s measured in
+the same run.
 
 Memory. The N chips are computed in chunks of ``--chips_per_batch`` chips, one chunk after
 another, as the pipeline does. By default (0) the chunk is the largest divisor of N whose
@@ -237,7 +238,18 @@ def _compile_rest(setup: Setup, c: int, run, compile_s: float) -> Programs:
     ).compile()
     sizes = [compiled_bytes(p) for p in (run, step, evaluate)]
     need = None if any(s is None for s in sizes) else max(sizes)
-    return Programs(c, run, step, evaluate, compile_s, need, _flops(step))
+    return Programs(c, run, step, evaluate, compile_s, need, c * chip_step_flops(setup))
+
+
+def chip_step_flops(setup: Setup) -> float:
+    """XLA's flop count of one chip's training step (the single-chip program).
+
+    A population step does this arithmetic for each of its chips; its own compiled program
+    is not counted instead, because XLA counts the body of a loop (``lax.map`` over chips
+    in the CPU convolutions) once, not once per chip.
+    """
+    states, masks = jax.eval_shape(lambda t: train.slice_chips(t, 0), _abstract_chunk(setup, 1))
+    return _flops(setup.trainer.step.lower(states, masks, setup.x, setup.y).compile())
 
 
 def plan(setup: Setup, n: int, loop_n: int, requested: int, budget, cache: dict) -> dict:

@@ -22,9 +22,9 @@ MODELS = ("mlp", "lenet5", "vgg_small")
 class Conv(nn.Module):
     """Stride-1 2-D convolution (``conv.conv2d``); parameters as ``nn.Conv``.
 
-    With ``pool=True`` the output is 2x2 max-pooled *before* the bias is added:
-    ``max_pool2(conv(x)) + b == max_pool2(conv(x) + b)`` and, since ReLU is monotone,
-    ``relu(max_pool2(z)) == max_pool2(relu(z))``; so ``relu(Conv(pool=True)(x))`` is
+    With ``pool=True`` the output is 2x2 max-pooled (``conv.conv2d_pool``) *before* the bias
+    is added: ``pool(conv(x)) + b == pool(conv(x) + b)`` and, since ReLU is monotone,
+    ``relu(pool(z)) == pool(relu(z))``; so ``relu(Conv(pool=True)(x))`` is
     exactly conv-ReLU-pool while the bias and ReLU (and their gradients) touch a quarter of
     the elements. The activations of every chip are distinct, so this elementwise traffic
     weighs on a population step on a CPU.
@@ -45,13 +45,6 @@ class Conv(nn.Module):
         if self.pool:
             return conv.conv2d_pool(x, kernel, self.padding) + bias
         return conv.conv2d(x, kernel, self.padding) + bias
-
-
-def max_pool2(x: jax.Array) -> jax.Array:
-    """2x2 max pooling, stride 2 (VALID), as a reshape: ``[B, H, W, C] -> [B, H//2, W//2, C]``."""
-    b, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2, :]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class MLP(nn.Module):

@@ -163,8 +163,11 @@ def init_chunk(
     """
     maps, budgets = sharding.shard_chips((jnp.asarray(fault_maps), jnp.asarray(budgets, jnp.int32)))
     masks = population_masks(params, maps)
-    states = trainer.init_population(params, masks, budgets)
-    return states, masks
+    # XLA may replicate leaves that do not depend on the maps (step counts, optimizer
+    # counters); every leaf is laid out over the chips so each compiled program sees one
+    # sharding.
+    states = sharding.shard_chips(trainer.init_population(params, masks, budgets))
+    return states, sharding.shard_chips(masks)
 
 
 def map_chunks(

@@ -72,14 +72,6 @@ def test_conv_rejects_other_padding():
         models.Conv(2, padding="CIRCULAR").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
 
 
-def test_max_pool2_equals_flax_max_pool():
-    x = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))  # odd height is cropped
-    out = models.max_pool2(x)
-    ref = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-    assert out.shape == (2, 3, 3, 3)
-    np.testing.assert_array_equal(out, ref)
-
-
 @pytest.mark.parametrize(
     "name, image_shape, kernels",
     [
