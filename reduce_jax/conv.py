@@ -34,6 +34,7 @@ from jax import lax
 
 PADDINGS = ("SAME", "VALID")
 _DIMS = ("NHWC", "HWIO", "NHWC")
+_CHANNEL_MULTIPLE = 8
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -75,7 +76,19 @@ def im2col(x: jax.Array, kh: int, kw: int, pads: Pads) -> jax.Array:
 
 
 def conv_single(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """One chip: ``float[B, H, W, C]`` * ``float[kh, kw, C, O]`` -> ``float[B, H', W', O]``."""
+    """One chip: ``float[B, H, W, C]`` * ``float[kh, kw, C, O]`` -> ``float[B, H', W', O]``.
+
+    On a CPU, 3 to 7 input channels into 8 or more output channels are padded with zeros to
+    8 input channels: XLA:CPU's convolution runs faster so (batch 128, 2 cores: LeNet-5's
+    second layer, 6 -> 8 channels, 1.7 ms against 2.4 ms; 32x32x3 into 32 channels, 3x3,
+    7.9 ms against 12.4 ms), but slower for 2, 12 or 20 channels. The result is the same,
+    since the padded channels meet zero kernel rows.
+    """
+    c, o = x.shape[-1], kernel.shape[-1]
+    if 2 < c < _CHANNEL_MULTIPLE <= o and jax.default_backend() == "cpu":
+        extra = _CHANNEL_MULTIPLE - c
+        x = jnp.pad(x, ((0, 0),) * 3 + ((0, extra),))
+        kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra), (0, 0)))
     return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_DIMS)
 
 

@@ -40,8 +40,10 @@ def _loss(fn, x, kernel, probe):
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2), (4, 3), (5, 5)])
-def test_conv2d_value_and_grads_equal_lax(padding, kernel_size):
-    x, kernel = _normal(0, (3, 7, 6, 2)), _normal(1, (*kernel_size, 2, 4))
+@pytest.mark.parametrize("channels", [(2, 4), (5, 8)])  # (5, 8) pads the input to 8 on a CPU
+def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
+    cin, cout = channels
+    x, kernel = _normal(0, (3, 7, 6, cin)), _normal(1, (*kernel_size, cin, cout))
     ours = functools.partial(conv.conv2d, padding=padding)
     ref = functools.partial(_ref_conv, padding=padding)
     out = jax.jit(ours)(x, kernel)
