@@ -13,8 +13,8 @@ plain convolution). So ``conv2d`` has its own batching rule (``custom_vmap``) an
   its kernel gradient is one convolution too;
 * per-chip inputs, shared kernel: the chips folded into the batch;
 * per-chip inputs and kernels: on a CPU, ``lax.map`` over the chips of plain convolutions
-  (each runs as fast as one chip alone); on other backends, batched im2col GEMMs, which
-  GPUs and TPUs run well.
+  (each runs as fast as one chip alone; with several devices, each maps over its own chips);
+  on other backends, batched im2col GEMMs, which GPUs and TPUs run well.
 
 The kernel gradient is computed as a plain (canonical NHWC/HWIO) convolution of the input,
 with channels as the batch, against the output gradient; written so, XLA:CPU runs it fast
@@ -31,6 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from reduce_jax import sharding
 
 PADDINGS = ("SAME", "VALID")
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -136,17 +139,32 @@ def _fold_grad(dy: jax.Array) -> jax.Array:
     return jnp.moveaxis(dy, 0, -2).reshape(*dy.shape[1:-1], n * o)
 
 
-def _map_chips() -> bool:
+def _per_chip_convolutions() -> bool:
     """Whether per-chip inputs and kernels run as a ``lax.map`` of plain convolutions (CPU)
     rather than as batched im2col GEMMs (other backends)."""
     return jax.default_backend() == "cpu"
+
+
+def map_chips(f, *xs: jax.Array) -> jax.Array:
+    """``lax.map`` of ``f`` over the leading ``chips`` axis of ``xs``.
+
+    With several devices (and a chip count they divide), each device maps over its own
+    chips (``shard_map`` over the ``chips`` mesh axis), so a sharded population is not
+    gathered onto every device.
+    """
+    body = lambda *a: lax.map(lambda b: f(*b), a)
+    n = xs[0].shape[0]
+    if sharding.num_shards() == 1 or n % sharding.num_shards():
+        return body(*xs)
+    spec = P(sharding.AXIS)
+    return jax.shard_map(body, mesh=sharding.mesh(), in_specs=spec, out_specs=spec)(*xs)
 
 
 def batched_conv(x: jax.Array, kernels: jax.Array, pads: Pads, per_chip_map: bool) -> jax.Array:
     """Per-chip inputs ``[N, B, H, W, C]`` and kernels ``[N, kh, kw, C, O]`` ->
     ``[N, B, H', W', O]``: a ``lax.map`` of plain convolutions, or batched im2col GEMMs."""
     if per_chip_map:
-        return lax.map(lambda a: conv_single(*a, pads), (x, kernels))
+        return map_chips(lambda a, b: conv_single(a, b, pads), x, kernels)
     n, kh, kw, c, o = kernels.shape
     patches = jax.vmap(lambda v: im2col(v, kh, kw, pads))(x)
     return patches @ kernels.reshape(n, 1, 1, kh * kw * c, o)
@@ -158,7 +176,7 @@ def batched_kernel_grad(
     """Per-chip kernel gradients ``[N, kh, kw, C, O]`` from ``x [N, B, H, W, C]`` and
     ``dy [N, B, H', W', O]``: a ``lax.map`` of ``kernel_grad_single``, or batched GEMMs."""
     if per_chip_map:
-        return lax.map(lambda a: kernel_grad_single(*a, kh, kw, pads), (x, dy))
+        return map_chips(lambda a, b: kernel_grad_single(a, b, kh, kw, pads), x, dy)
     n, c, o = x.shape[0], x.shape[-1], dy.shape[-1]
     patches = jax.vmap(lambda v: im2col(v, kh, kw, pads))(x).reshape(n, -1, kh * kw * c)
     grad = jnp.einsum("npk,npo->nko", patches, dy.reshape(n, -1, o))
@@ -177,7 +195,7 @@ def _ops(pads: Pads, kh: int, kw: int):
     def conv_rule(n, in_batched, x, kernel):
         x_batched, k_batched = in_batched
         if x_batched and k_batched:
-            return batched_conv(x, kernel, pads, _map_chips()), True
+            return batched_conv(x, kernel, pads, _per_chip_convolutions()), True
         if k_batched:  # shared input: chips become output channels
             return _unfold_chips(shared_conv(x, kernel, pads), n), True
         y = conv_single(x.reshape(-1, *x.shape[2:]), kernel, pads)  # chips become batch
@@ -196,7 +214,7 @@ def _ops(pads: Pads, kh: int, kw: int):
             return _unfold_chips(shared_kernel_grad(x, _fold_grad(dy), kh, kw, pads), n), True
         if not dy_batched:
             dy = jnp.broadcast_to(dy, (n, *dy.shape))
-        return batched_kernel_grad(x, dy, kh, kw, pads, _map_chips()), True
+        return batched_kernel_grad(x, dy, kh, kw, pads, _per_chip_convolutions()), True
 
     return conv, kernel_grad
 
@@ -305,9 +323,9 @@ def _pool_ops(pads: Pads, kh: int, kw: int):
             dy = unpool(_fold_grad(g), _fold_grad(index), h, w)
             return _unfold_chips(shared_kernel_grad(x, dy, kh, kw, pads), n), True
         h, w = _out_size(x[0], pads, kh, kw)
-        if _map_chips():
-            one = lambda a: kernel_grad_single(a[0], unpool(a[1], a[2], h, w), kh, kw, pads)
-            return lax.map(one, (x, g, index)), True
+        if _per_chip_convolutions():
+            one = lambda a, b, i: kernel_grad_single(a, unpool(b, i, h, w), kh, kw, pads)
+            return map_chips(one, x, g, index), True
         dy = jax.vmap(lambda a, b: unpool(a, b, h, w))(g, index)
         return batched_kernel_grad(x, dy, kh, kw, pads, False), True
 

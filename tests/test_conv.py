@@ -102,7 +102,7 @@ def test_vmap_over_chips_equals_a_loop_over_chips(
 ):
     """Values and gradients of every chip equal the chip computed alone (both the CPU
     ``lax.map`` path and the GEMM path of other backends)."""
-    monkeypatch.setattr(conv, "_map_chips", lambda: per_chip_map)
+    monkeypatch.setattr(conv, "_per_chip_convolutions", lambda: per_chip_map)
     conv._ops.cache_clear(), conv._pool_ops.cache_clear()
     chips = 3
     fn = conv.conv2d_pool if pool else conv.conv2d

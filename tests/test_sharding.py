@@ -57,3 +57,55 @@ def test_four_devices_equal_one():
     np.testing.assert_allclose(four["after"], one["after"], atol=2e-3)
     # top-up decisions hinge on the target; allow at most one chip to differ
     assert sum(a != b for a, b in zip(four["topup"], one["topup"], strict=True)) <= 1
+
+
+CONV_SCRIPT = textwrap.dedent(
+    """
+    import json, re
+    import jax, jax.numpy as jnp
+    from reduce_jax import data, faults, models, population, sharding, train
+    ds = data.load_dataset("digits")
+    model = models.get_model("lenet5", ds.num_classes)
+    params = models.init_params(model, jax.random.key(0), ds.train_images.shape[1:])
+    trainer = train.make_trainer(model, train.make_optimizer("adam", 1e-3), 32)
+    d = population.DeviceData.from_dataset(ds)
+    maps = faults.sample_fault_maps(jax.random.key(1), 8, 4, 4, 0.2)
+    states, masks = population.init_chunk(trainer, params, maps, jnp.full(8, 100))
+    args = (d.train_images, d.train_labels, jax.random.key(2), 0, 3)
+    hlo = trainer.run.lower(states, masks, *args).compile().as_text()
+    states = trainer.run(states, masks, *args)
+    acc = population.evaluate(trainer, states, masks, d)
+    kernel = sharding.to_host(states.params["conv2"]["kernel"])
+    print(json.dumps(dict(devices=jax.device_count(), accuracy=acc.tolist(),
+                          kernel=kernel.reshape(8, -1)[:, :50].tolist(),
+                          collectives=len(re.findall(r"all-gather|all-to-all|all-reduce", hlo)))))
+    """
+)
+
+
+def run_conv(devices: int) -> dict:
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", CONV_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_convolutions_stay_on_their_devices():
+    """LeNet-5 (per-chip lax.map convolutions on a CPU) over 4 devices: each device keeps
+    its own chips (no collective in the step) and the results equal one device's."""
+    one, four = run_conv(1), run_conv(4)
+    assert one["devices"] == 1 and four["devices"] == 4
+    assert four["collectives"] == 0
+    np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(four["accuracy"], one["accuracy"], atol=1e-9)
