@@ -1,25 +1,25 @@
-"""Stride-1 2-D convolution whose ``vmap`` over chips runs fast: ``conv2d``.
+"""Stride-1 2-D convolutions whose ``vmap`` over chips runs fast: ``conv2d``, ``conv2d_pool``.
 
 ``conv2d(x, kernel, padding)`` is ``lax.conv_general_dilated`` (NHWC input, HWIO kernel,
-stride 1) for one chip. A population vmaps it over a leading ``chips`` axis, and a plain
-``vmap`` of a convolution with per-chip kernels becomes a *grouped* convolution, which XLA:CPU
-runs as a slow generic loop (LeNet-5's second layer, 8 chips, batch 128, 2 cores: 26 ms per
-chip forward and 257 ms per chip for the kernel gradient, against 2.5 ms and 2.1 ms for one
-plain convolution). So ``conv2d`` has its own batching rule (``custom_vmap``) and gradient
-(``custom_vjp``, built from the same batched operations):
+stride 1) for one chip; ``conv2d_pool`` adds 2x2 max pooling. A population vmaps them over a
+leading ``chips`` axis, and a plain ``vmap`` of a convolution with per-chip kernels becomes a
+*grouped* convolution, which XLA:CPU runs as a slow generic loop (LeNet-5's second layer,
+8 chips, batch 128, 2 cores: 26 ms per chip forward and 257 ms per chip for the kernel
+gradient, against 2.5 ms and 2.1 ms for one plain convolution). So both have their own
+batching rule (``custom_vmap``) and gradient (``custom_vjp``, built from batchable parts):
 
 * shared input, per-chip kernels (a first layer: every chip sees the same images): one
-  convolution with the chips folded into the output channels, ``[kh, kw, C, chips * O]``;
-  its kernel gradient is one convolution too;
+  im2col GEMM with the chips folded into the output channels, ``[kh * kw * C, chips * O]``,
+  pooled in that layout; its kernel gradient is one GEMM too (``patches^T @ dy``);
 * per-chip inputs, shared kernel: the chips folded into the batch;
 * per-chip inputs and kernels: on a CPU, ``lax.map`` over the chips of plain convolutions
   (each runs as fast as one chip alone; with several devices, each maps over its own chips);
   on other backends, batched im2col GEMMs, which GPUs and TPUs run well.
 
-The kernel gradient is computed as a plain (canonical NHWC/HWIO) convolution of the input,
+A kernel gradient of per-chip inputs is a canonical (NHWC/HWIO) convolution of the input,
 with channels as the batch, against the output gradient; written so, XLA:CPU runs it fast
-inside loops too (``Trainer.run`` runs every step inside a ``fori_loop``), where the form a
-plain ``jax.grad`` produces is lowered to a slow generic convolution. The input gradient is
+inside loops too (``Trainer.run`` runs every step inside a ``fori_loop``), where the form
+``jax.grad`` produces is lowered to a slow generic convolution. The input gradient is
 ``conv2d`` of the output gradient with the flipped kernel. Only first derivatives of the
 kernel gradient are defined (training needs no more).
 """
