@@ -9,12 +9,17 @@ gradient, against 2.5 ms and 2.1 ms for one plain convolution). So both have the
 batching rule (``custom_vmap``) and gradient (``custom_vjp``, built from batchable parts):
 
 * shared input, per-chip kernels (a first layer: every chip sees the same images): one
-  im2col GEMM with the chips folded into the output channels, ``[kh * kw * C, chips * O]``,
-  pooled in that layout; its kernel gradient is one GEMM too (``patches^T @ dy``);
-* per-chip inputs, shared kernel: the chips folded into the batch;
+  im2col GEMM with the chips folded into the output channels, ``[kh * kw * C, chips * O]``
+  (``conv2d_pool`` pools in that layout); its kernel gradient is one GEMM too
+  (``patches^T @ dy``);
+* per-chip inputs, shared kernel: the chips folded into the batch (forward only; its kernel
+  gradient is computed per chip, then summed);
 * per-chip inputs and kernels: on a CPU, ``lax.map`` over the chips of plain convolutions
   (each runs as fast as one chip alone; with several devices, each maps over its own chips);
-  on other backends, batched im2col GEMMs, which GPUs and TPUs run well.
+  on other backends, batched im2col GEMMs (not yet measured on an accelerator; the
+  patches take ``kh * kw`` times the input's memory, which ``--chips_per_batch`` bounds).
+
+Operands are float32 (or one float dtype for all of them).
 
 A kernel gradient of per-chip inputs is a canonical (NHWC/HWIO) convolution of the input,
 with channels as the batch, against the output gradient; written so, XLA:CPU runs it fast
@@ -88,7 +93,7 @@ def conv_single(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     since the padded channels meet zero kernel rows.
     """
     c, o = x.shape[-1], kernel.shape[-1]
-    if 2 < c < _CHANNEL_MULTIPLE <= o and jax.default_backend() == "cpu":
+    if 2 < c < _CHANNEL_MULTIPLE <= o and _on_cpu():
         extra = _CHANNEL_MULTIPLE - c
         x = jnp.pad(x, ((0, 0),) * 3 + ((0, extra),))
         kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra), (0, 0)))
@@ -139,10 +144,14 @@ def _fold_grad(dy: jax.Array) -> jax.Array:
     return jnp.moveaxis(dy, 0, -2).reshape(*dy.shape[1:-1], n * o)
 
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def _per_chip_convolutions() -> bool:
     """Whether per-chip inputs and kernels run as a ``lax.map`` of plain convolutions (CPU)
     rather than as batched im2col GEMMs (other backends)."""
-    return jax.default_backend() == "cpu"
+    return _on_cpu()
 
 
 def map_chips(f, *xs: jax.Array) -> jax.Array:
@@ -150,7 +159,9 @@ def map_chips(f, *xs: jax.Array) -> jax.Array:
 
     With several devices (and a chip count they divide), each device maps over its own
     chips (``shard_map`` over the ``chips`` mesh axis), so a sharded population is not
-    gathered onto every device.
+    gathered onto every device. The leading axis is taken to be the population's; under an
+    inner ``vmap`` over another axis the result is the same, but that axis is split over the
+    devices instead (moving data between them).
     """
     body = lambda *a: lax.map(lambda b: f(*b), a)
     n = xs[0].shape[0]
@@ -160,10 +171,12 @@ def map_chips(f, *xs: jax.Array) -> jax.Array:
     return jax.shard_map(body, mesh=sharding.mesh(), in_specs=spec, out_specs=spec)(*xs)
 
 
-def batched_conv(x: jax.Array, kernels: jax.Array, pads: Pads, per_chip_map: bool) -> jax.Array:
+def batched_conv(
+    x: jax.Array, kernels: jax.Array, pads: Pads, per_chip_convolutions: bool
+) -> jax.Array:
     """Per-chip inputs ``[N, B, H, W, C]`` and kernels ``[N, kh, kw, C, O]`` ->
     ``[N, B, H', W', O]``: a ``lax.map`` of plain convolutions, or batched im2col GEMMs."""
-    if per_chip_map:
+    if per_chip_convolutions:
         return map_chips(lambda a, b: conv_single(a, b, pads), x, kernels)
     n, kh, kw, c, o = kernels.shape
     patches = jax.vmap(lambda v: im2col(v, kh, kw, pads))(x)
@@ -171,11 +184,11 @@ def batched_conv(x: jax.Array, kernels: jax.Array, pads: Pads, per_chip_map: boo
 
 
 def batched_kernel_grad(
-    x: jax.Array, dy: jax.Array, kh: int, kw: int, pads: Pads, per_chip_map: bool
+    x: jax.Array, dy: jax.Array, kh: int, kw: int, pads: Pads, per_chip_convolutions: bool
 ) -> jax.Array:
     """Per-chip kernel gradients ``[N, kh, kw, C, O]`` from ``x [N, B, H, W, C]`` and
     ``dy [N, B, H', W', O]``: a ``lax.map`` of ``kernel_grad_single``, or batched GEMMs."""
-    if per_chip_map:
+    if per_chip_convolutions:
         return map_chips(lambda a, b: kernel_grad_single(a, b, kh, kw, pads), x, dy)
     n, c, o = x.shape[0], x.shape[-1], dy.shape[-1]
     patches = jax.vmap(lambda v: im2col(v, kh, kw, pads))(x).reshape(n, -1, kh * kw * c)
@@ -208,11 +221,9 @@ def _ops(pads: Pads, kh: int, kw: int):
     @kernel_grad.def_vmap
     def kernel_grad_rule(n, in_batched, x, dy):
         x_batched, dy_batched = in_batched
-        if not x_batched:  # shared input: chips become output channels
-            if not dy_batched:
-                dy = jnp.broadcast_to(dy, (n, *dy.shape))
+        if not x_batched:  # shared input (so dy is per chip): chips become output channels
             return _unfold_chips(shared_kernel_grad(x, _fold_grad(dy), kh, kw, pads), n), True
-        if not dy_batched:
+        if not dy_batched:  # (not met in training: a per-chip input has per-chip gradients)
             dy = jnp.broadcast_to(dy, (n, *dy.shape))
         return batched_kernel_grad(x, dy, kh, kw, pads, _per_chip_convolutions()), True
 
@@ -230,9 +241,9 @@ def _conv2d_fwd(x, kernel, pads):
 
 
 def _conv2d_bwd(pads, residuals, dy):
-    x, kernel = residuals
+    x, kernel = residuals  # [B, H, W, C], [kh, kw, C, O]; dy: [B, H', W', O]
     kh, kw = kernel.shape[:2]
-    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # [kh, kw, O, C]
     dx = _conv2d(dy, flipped, _transposed_pads(pads, kh, kw))
     _, kernel_grad = _ops(pads, kh, kw)
     return dx, kernel_grad(x, dy)
@@ -290,7 +301,13 @@ def unpool(g: jax.Array, index: jax.Array, h: int, w: int) -> jax.Array:
 
 @functools.cache
 def _pool_ops(pads: Pads, kh: int, kw: int):
-    """Batchable convolution + pooling and its kernel gradient for one padding and size."""
+    """Batchable convolution + pooling and its kernel gradient for one padding and size.
+
+    For one chip, ``conv_pool(x [B, H, W, C], kernel [kh, kw, C, O])`` returns
+    ``pool_argmax`` of the convolution, ``(float[B, H'//2, W'//2, O], int8[same])``, and
+    ``pool_kernel_grad(x, g, index)`` the kernel gradient ``[kh, kw, C, O]`` for the pooled
+    output's gradient ``g`` (shaped like the pooled output) routed by ``index``.
+    """
     conv, _ = _ops(pads, kh, kw)
 
     @jax.custom_batching.custom_vmap
@@ -322,7 +339,7 @@ def _pool_ops(pads: Pads, kh: int, kw: int):
             h, w = _out_size(x, pads, kh, kw)
             dy = unpool(_fold_grad(g), _fold_grad(index), h, w)
             return _unfold_chips(shared_kernel_grad(x, dy, kh, kw, pads), n), True
-        h, w = _out_size(x[0], pads, kh, kw)
+        h, w = _out_size(x[0], pads, kh, kw)  # x: [N, B, H, W, C]
         if _per_chip_convolutions():
             one = lambda a, b, i: kernel_grad_single(a, unpool(b, i, h, w), kh, kw, pads)
             return map_chips(one, x, g, index), True
@@ -351,10 +368,10 @@ def _conv2d_pool_fwd(x, kernel, pads):
 
 
 def _conv2d_pool_bwd(pads, residuals, g):
-    x, kernel, index = residuals
+    x, kernel, index = residuals  # index (and g): [B, H'//2, W'//2, O]
     kh, kw = kernel.shape[:2]
     h, w = _out_size(x, pads, kh, kw)
-    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # [kh, kw, O, C]
     dx = _conv2d(unpool(g, index, h, w), flipped, _transposed_pads(pads, kh, kw))
     _, pool_kernel_grad = _pool_ops(pads, kh, kw)
     return dx, pool_kernel_grad(x, g, index)
@@ -373,8 +390,8 @@ def conv2d_pool(x: jax.Array, kernel: jax.Array, padding: str = "SAME") -> jax.A
 
     Returns:
       ``float[B, H'//2, W'//2, O]``. The gradient goes to the first maximum of each window
-      (``pool_argmax``), as in cuDNN and PyTorch (a plain ``jnp.max`` splits it between tied
-      maxima). With a shared input (a first layer under ``vmap``) the convolution output, the
+      (``pool_argmax``), as PyTorch's max pooling does (a plain ``jnp.max`` splits it between
+      tied maxima). With a shared input (a first layer under ``vmap``) the convolution output, the
       largest activation of a CNN, stays in a chips-as-channels layout and is pooled there,
       so only the pooled output is transposed to the chips-first layout (and back, for the
       gradient, together with the int8 argmax).

@@ -1,7 +1,7 @@
 """Flax (linen) models, written so a population of chips runs fast under ``vmap``.
 
-Convolutions are ``Conv`` layers: ``nn.Conv``'s parameters (an HWIO ``kernel`` and a
-``bias``, so the systolic mapping applies to them alike), computed with ``conv.conv2d``,
+Convolutions are ``Conv`` layers: ``nn.Conv``'s parameters (an HWIO ``kernel``, which the
+systolic mapping maps as it does ``nn.Conv``'s, and a ``bias``), computed with ``conv.conv2d``,
 whose batching rule runs a population's convolutions as plain convolutions or GEMMs rather
 than as the grouped convolution a vmapped ``nn.Conv`` becomes (see ``reduce_jax.conv``).
 """
@@ -20,7 +20,8 @@ MODELS = ("mlp", "lenet5", "vgg_small")
 
 
 class Conv(nn.Module):
-    """Stride-1 2-D convolution (``conv.conv2d``); parameters as ``nn.Conv``.
+    """Stride-1 2-D convolution (``conv.conv2d``); parameters as ``nn.Conv``; ``padding`` is
+    ``SAME`` or ``VALID``.
 
     With ``pool=True`` the output is 2x2 max-pooled (``conv.conv2d_pool``) *before* the bias
     is added: ``pool(conv(x)) + b == pool(conv(x) + b)`` and, since ReLU is monotone,

@@ -92,25 +92,40 @@ def _chips_loss(fn, x, kernels, probe, x_batched, k_batched):
 
 
 CASES = [(False, True), (True, True), (True, False)]  # (input per chip, kernel per chip)
+# (padding, kernel size, H, W, C, O): square and odd sizes (pooling drops a row / column),
+# uneven SAME padding, and 5 input channels (padded to 8 on a CPU).
+GEOMETRIES = [
+    ("SAME", (3, 3), 6, 6, 2, 4),
+    ("VALID", (4, 3), 8, 9, 5, 8),
+    ("SAME", (2, 2), 7, 9, 3, 8),
+]
+
+
+def _out_shape(padding, kernel_size, h, w, cout, pool):
+    if padding == "VALID":
+        h, w = h - kernel_size[0] + 1, w - kernel_size[1] + 1
+    return (2, h // 2, w // 2, cout) if pool else (2, h, w, cout)
 
 
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("x_batched,k_batched", CASES)
-@pytest.mark.parametrize("per_chip_map", [True, False])
+@pytest.mark.parametrize("per_chip_convolutions", [True, False])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_vmap_over_chips_equals_a_loop_over_chips(
-    monkeypatch, pool, x_batched, k_batched, per_chip_map
+    monkeypatch, pool, x_batched, k_batched, per_chip_convolutions, geometry
 ):
     """Values and gradients of every chip equal the chip computed alone (both the CPU
     ``lax.map`` path and the GEMM path of other backends)."""
-    monkeypatch.setattr(conv, "_per_chip_convolutions", lambda: per_chip_map)
-    conv._ops.cache_clear(), conv._pool_ops.cache_clear()
+    monkeypatch.setattr(conv, "_per_chip_convolutions", lambda: per_chip_convolutions)
+    padding, kernel_size, h, w, cin, cout = geometry
     chips = 3
-    fn = conv.conv2d_pool if pool else conv.conv2d
-    x = _normal(0, (chips, 2, 6, 6, 2) if x_batched else (2, 6, 6, 2))
-    kernels = _normal(1, (chips, 3, 3, 2, 4) if k_batched else (3, 3, 2, 4))
+    fn = functools.partial(conv.conv2d_pool if pool else conv.conv2d, padding=padding)
+    x = _normal(0, (chips, 2, h, w, cin) if x_batched else (2, h, w, cin))
+    kernels = _normal(
+        1, (chips, *kernel_size, cin, cout) if k_batched else (*kernel_size, cin, cout)
+    )
     one = lambda v, batched, i: v[i] if batched else v
-    out_shape = (2, 3, 3, 4) if pool else (2, 6, 6, 4)
-    probe = _normal(2, (chips, *out_shape))
+    probe = _normal(2, (chips, *_out_shape(padding, kernel_size, h, w, cout, pool)))
     axes = (0 if x_batched else None, 0 if k_batched else None)
     out = jax.jit(jax.vmap(fn, in_axes=axes))(x, kernels)
     loss = functools.partial(_chips_loss, fn, x_batched=x_batched, k_batched=k_batched)
@@ -132,19 +147,47 @@ def test_vmap_over_chips_equals_a_loop_over_chips(
     if not k_batched:
         total = sum(grad_alone(one(x, x_batched, i), kernels, probe[i])[1] for i in range(chips))
         np.testing.assert_allclose(grad_k, total, rtol=1e-4, atol=1e-4)
-    conv._ops.cache_clear(), conv._pool_ops.cache_clear()
 
 
-def test_population_convolutions_avoid_grouped_convolutions():
-    """The point of the batching rule: no grouped convolution in a vmapped gradient."""
+@pytest.mark.parametrize("pool", [False, True])
+def test_nested_vmap_equals_loops(pool):
+    """vmap over groups of vmap over chips (per-chip inputs and kernels) equals loops."""
+    fn = conv.conv2d_pool if pool else conv.conv2d
+    x, kernels = _normal(0, (2, 3, 2, 7, 6, 3)), _normal(1, (2, 3, 3, 3, 3, 8))
+    loss = lambda x, k: jnp.sum(jax.vmap(jax.vmap(fn))(x, k) ** 2)
+    grad_x, grad_k = jax.jit(jax.grad(loss, (0, 1)))(x, kernels)
+    alone = jax.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k) ** 2), (0, 1)))
+    for g in range(2):
+        for c in range(3):
+            gx, gk = alone(x[g, c], kernels[g, c])
+            np.testing.assert_allclose(grad_x[g, c], gx, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(grad_k[g, c], gk, rtol=1e-4, atol=1e-4)
+
+
+def _hlo(f, *args):
+    return jax.jit(f).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_population_convolutions_avoid_grouped_convolutions(pool):
+    """The point of the batching rules: a vmapped gradient has no grouped convolution (a
+    plain vmap of lax's has), and a shared input's layer has no convolution at all (one
+    GEMM for every chip)."""
+    fn = conv.conv2d_pool if pool else conv.conv2d
+    ref_fn = (lambda x, k: _ref_pool(_ref_conv(x, k, "SAME"))) if pool else _ref_conv_same
     x, kernels = _normal(0, (4, 2, 8, 8, 3)), _normal(1, (4, 3, 3, 3, 5))
-    step = jax.vmap(jax.grad(lambda x, k: conv.conv2d_pool(x, k).sum(), (0, 1)))
-    groups = lambda f: re.findall(
-        r"(?:feature|batch)_group_count = (\d+)", jax.jit(f).lower(x, kernels).as_text()
-    )
-    assert set(groups(step)) == {"1"}
-    ref = jax.vmap(jax.grad(lambda x, k: _ref_pool(_ref_conv(x, k, "SAME")).sum(), (0, 1)))
-    assert "4" in groups(ref)
+    probes = _normal(2, (4, *fn(x[0], kernels[0]).shape))  # per chip, so dy is per chip
+    groups = lambda text: set(re.findall(r"(?:feature|batch)_group_count = (\d+)", text))
+    per_chip = lambda f: jax.vmap(jax.grad(lambda x, k, p: jnp.sum(f(x, k) * p), (0, 1)))
+    assert groups(_hlo(per_chip(fn), x, kernels, probes)) <= {"1"}
+    assert "4" in groups(_hlo(per_chip(ref_fn), x, kernels, probes))
+    shared = jax.vmap(jax.grad(lambda k, p: jnp.sum(fn(x[0], k) * p)))
+    compiled = jax.jit(shared).lower(kernels, probes).compile().as_text()
+    assert "convolution(" not in compiled and "while(" not in compiled
+
+
+def _ref_conv_same(x, kernel):
+    return _ref_conv(x, kernel, "SAME")
 
 
 def test_pads_of_rejects_other_padding():

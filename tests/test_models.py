@@ -67,6 +67,21 @@ def test_im2col_ordering_matches_hwio_reshape(padding):
     np.testing.assert_allclose(gemm, direct, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("height,width", [(8, 8), (7, 9)])
+def test_pooling_conv_is_conv_relu_pool(height, width):
+    """``relu(Conv(pool=True)(x))`` (bias after the pool) is Flax's conv, ReLU, max pool."""
+    x = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+    layer, flax_conv = models.Conv(4, (3, 3), pool=True), nn.Conv(4, (3, 3))
+    params = {
+        "kernel": jax.random.normal(jax.random.key(1), (3, 3, 3, 4)),
+        "bias": jnp.array([-0.5, 0.0, 0.3, 1.0]),
+    }
+    out = nn.relu(layer.apply({"params": params}, x))
+    ref = nn.max_pool(nn.relu(flax_conv.apply({"params": params}, x)), (2, 2), strides=(2, 2))
+    assert out.shape == ref.shape == (2, height // 2, width // 2, 4)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_conv_rejects_other_padding():
     with pytest.raises(ValueError, match="padding"):
         models.Conv(2, padding="CIRCULAR").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))

@@ -78,7 +78,9 @@ CONV_SCRIPT = textwrap.dedent(
     kernel = sharding.to_host(states.params["conv2"]["kernel"])
     print(json.dumps(dict(devices=jax.device_count(), accuracy=acc.tolist(),
                           kernel=kernel.reshape(8, -1)[:, :50].tolist(),
-                          collectives=len(re.findall(r"all-gather|all-to-all|all-reduce", hlo)))))
+                          collectives=len(re.findall(
+                              r"all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter",
+                              hlo)))))
     """
 )
 
