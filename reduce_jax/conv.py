@@ -320,6 +320,9 @@ def _pool_ops(pads: Pads, kh: int, kw: int):
         if not x_batched:  # shared input: pool with the chips folded into the channels
             pooled, index = pool_argmax(shared_conv(x, kernel, pads))
             return (_unfold_chips(pooled, n), _unfold_chips(index, n)), (True, True)
+        if k_batched and _per_chip_convolutions():  # pool each chip's output in the map
+            one = lambda a, b: pool_argmax(conv_single(a, b, pads))
+            return map_chips(one, x, kernel), (True, True)
         y = jax.vmap(conv)(x, kernel) if k_batched else jax.vmap(conv, (0, None))(x, kernel)
         return jax.vmap(pool_argmax)(y), (True, True)
 
