@@ -171,6 +171,11 @@ def map_chips(f, *xs: jax.Array) -> jax.Array:
     return jax.shard_map(body, mesh=sharding.mesh(), in_specs=spec, out_specs=spec)(*xs)
 
 
+def _chip_patches(x: jax.Array, kh: int, kw: int, pads: Pads) -> jax.Array:
+    """``im2col`` of every chip's input ``[N, B, H, W, C]`` -> ``[N, B, H', W', kh * kw * C]``."""
+    return jax.vmap(lambda v: im2col(v, kh, kw, pads))(x)
+
+
 def batched_conv(
     x: jax.Array, kernels: jax.Array, pads: Pads, per_chip_convolutions: bool
 ) -> jax.Array:
@@ -179,8 +184,7 @@ def batched_conv(
     if per_chip_convolutions:
         return map_chips(lambda a, b: conv_single(a, b, pads), x, kernels)
     n, kh, kw, c, o = kernels.shape
-    patches = jax.vmap(lambda v: im2col(v, kh, kw, pads))(x)
-    return patches @ kernels.reshape(n, 1, 1, kh * kw * c, o)
+    return _chip_patches(x, kh, kw, pads) @ kernels.reshape(n, 1, 1, kh * kw * c, o)
 
 
 def batched_kernel_grad(
@@ -191,7 +195,7 @@ def batched_kernel_grad(
     if per_chip_convolutions:
         return map_chips(lambda a, b: kernel_grad_single(a, b, kh, kw, pads), x, dy)
     n, c, o = x.shape[0], x.shape[-1], dy.shape[-1]
-    patches = jax.vmap(lambda v: im2col(v, kh, kw, pads))(x).reshape(n, -1, kh * kw * c)
+    patches = _chip_patches(x, kh, kw, pads).reshape(n, -1, kh * kw * c)
     grad = jnp.einsum("npk,npo->nko", patches, dy.reshape(n, -1, o))
     return grad.reshape(n, kh, kw, c, o)
 

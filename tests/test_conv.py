@@ -38,14 +38,8 @@ def _loss(fn, x, kernel, probe):
     return jnp.sum(fn(x, kernel) * probe)
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID"])
-@pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2), (4, 3), (5, 5)])
-@pytest.mark.parametrize("channels", [(2, 4), (5, 8)])  # (5, 8) pads the input to 8 on a CPU
-def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
-    cin, cout = channels
-    x, kernel = _normal(0, (3, 7, 6, cin)), _normal(1, (*kernel_size, cin, cout))
-    ours = functools.partial(conv.conv2d, padding=padding)
-    ref = functools.partial(_ref_conv, padding=padding)
+def _assert_value_and_grads_equal(ours, ref, x, kernel):
+    """``ours(x, kernel)`` (jitted) equals ``ref``, and so do both gradients."""
     out = jax.jit(ours)(x, kernel)
     np.testing.assert_allclose(out, ref(x, kernel), **TOL)
     probe = _normal(2, out.shape)
@@ -53,6 +47,16 @@ def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
     ref_grads = jax.grad(functools.partial(_loss, ref), (0, 1))(x, kernel, probe)
     for g, r in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2), (4, 3), (5, 5)])
+@pytest.mark.parametrize("channels", [(2, 4), (5, 8)])  # (5, 8) pads the input to 8 on a CPU
+def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
+    cin, cout = channels
+    x, kernel = _normal(0, (3, 7, 6, cin)), _normal(1, (*kernel_size, cin, cout))
+    ours = functools.partial(conv.conv2d, padding=padding)
+    _assert_value_and_grads_equal(ours, functools.partial(_ref_conv, padding=padding), x, kernel)
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -61,14 +65,8 @@ def test_conv2d_pool_value_equals_lax_and_grads_without_ties(padding, height, wi
     x, kernel = _normal(0, (2, height, width, 3)), _normal(1, (3, 3, 3, 5))
     ours = functools.partial(conv.conv2d_pool, padding=padding)
     ref = lambda x, k: _ref_pool(_ref_conv(x, k, padding))
-    out = jax.jit(ours)(x, kernel)
-    np.testing.assert_allclose(out, ref(x, kernel), **TOL)
     # Random inputs have no tied maxima, so the gradient equals jnp.max's.
-    probe = _normal(2, out.shape)
-    grads = jax.jit(jax.grad(functools.partial(_loss, ours), (0, 1)))(x, kernel, probe)
-    ref_grads = jax.grad(functools.partial(_loss, ref), (0, 1))(x, kernel, probe)
-    for g, r in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    _assert_value_and_grads_equal(ours, ref, x, kernel)
 
 
 def test_pool_gradient_goes_to_the_first_maximum_of_a_window():

@@ -30,14 +30,15 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(devices: int, chips_per_batch: int) -> dict:
+def run_script(script: str, devices: int, *args: str) -> dict:
+    """Runs ``script`` on ``devices`` fake CPU devices; its last stdout line, as JSON."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     )
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(chips_per_batch)],
+        [sys.executable, "-c", script, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -50,8 +51,8 @@ def run(devices: int, chips_per_batch: int) -> dict:
 
 @pytest.mark.slow
 def test_four_devices_equal_one():
-    one = run(1, 8)
-    four = run(4, 8)
+    one = run_script(SCRIPT, 1, "8")
+    four = run_script(SCRIPT, 4, "8")
     assert one["devices"] == 1 and four["devices"] == 4 and four["shards"] == 4
     np.testing.assert_allclose(four["accuracy"], one["accuracy"], atol=2e-3)
     np.testing.assert_allclose(four["after"], one["after"], atol=2e-3)
@@ -85,28 +86,10 @@ CONV_SCRIPT = textwrap.dedent(
 )
 
 
-def run_conv(devices: int) -> dict:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", CONV_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_sharded_convolutions_stay_on_their_devices():
     """LeNet-5 (per-chip lax.map convolutions on a CPU) over 4 devices: each device keeps
     its own chips (no collective in the step) and the results equal one device's."""
-    one, four = run_conv(1), run_conv(4)
+    one, four = run_script(CONV_SCRIPT, 1), run_script(CONV_SCRIPT, 4)
     assert one["devices"] == 1 and four["devices"] == 4
     assert four["collectives"] == 0
     np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=1e-4, atol=1e-6)
