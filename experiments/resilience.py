@@ -166,19 +166,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
-    cost = summary["cost"]
-    print(
-        f"baseline {summary['baseline_accuracy']:.4f}, target {summary['target_accuracy']:.4f}; "
-        f"Reduce {cost['reduce_epochs']:.2f} epochs vs fixed {cost['fixed_epochs']:.2f} "
-        f"({100 * cost['savings_fraction']:.1f}% saved); "
-        + (
-            f"grouped {cost['grouped_epochs']:.2f} epochs in {cost['groups']} groups; "
-            if cost["grouped_epochs"] is not None
-            else ""
-        )
-        + f"{cost['chips_meeting_target']}/{len(summary['chips'])} chips meet the target, "
-        f"{cost['chips_unrecoverable']} unrecoverable; outputs in {cfg.workdir}"
-    )
+    print(f"{summary.headline()}; outputs in {cfg.workdir}")
     return 0
 
 

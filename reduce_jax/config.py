@@ -9,10 +9,9 @@ from collections.abc import Sequence
 
 from reduce_jax import data as data_lib
 from reduce_jax import faults, grouping, models, resilience, systolic, train
+from reduce_jax.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """An invalid setting; the one-line message names the flag or file and what is allowed."""
+__all__ = ["ConfigError", "ReduceConfig", "check_grid", "validate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +153,21 @@ def validate(cfg: ReduceConfig) -> None:
             raise ConfigError(f"--chip_fault_maps: {e}") from None
     if cfg.workdir is not None:
         _check_workdir(cfg.workdir)
+
+
+def check_grid(measured, cfg: ReduceConfig, measure: str) -> None:
+    """The map is interpolated at the grid's measured rates ``float[F]``: they must increase.
+
+    Raises:
+      ConfigError: naming ``--fault_rates`` and the rates measured on the array.
+    """
+    diffs = [b - a for a, b in zip(measured[:-1], measured[1:], strict=True)]
+    if any(d <= 0 for d in diffs):
+        raise ConfigError(
+            f"--fault_rates: grid points too close for a {cfg.array_rows}x{cfg.array_cols} "
+            f"array (measured {measure} rates {[round(float(x), 4) for x in measured]} are "
+            "not increasing)"
+        )
 
 
 def _check_workdir(workdir: str) -> None:

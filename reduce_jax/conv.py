@@ -145,13 +145,9 @@ def _fold_grad(dy: jax.Array) -> jax.Array:
 
 
 def _on_cpu() -> bool:
+    """On a CPU, per-chip inputs and kernels run as a ``lax.map`` of plain convolutions
+    (other backends: batched im2col GEMMs), and 3 to 7 input channels are padded to 8."""
     return jax.default_backend() == "cpu"
-
-
-def _per_chip_convolutions() -> bool:
-    """Whether per-chip inputs and kernels run as a ``lax.map`` of plain convolutions (CPU)
-    rather than as batched im2col GEMMs (other backends)."""
-    return _on_cpu()
 
 
 def map_chips(f, *xs: jax.Array) -> jax.Array:
@@ -212,7 +208,7 @@ def _ops(pads: Pads, kh: int, kw: int):
     def conv_rule(n, in_batched, x, kernel):
         x_batched, k_batched = in_batched
         if x_batched and k_batched:
-            return batched_conv(x, kernel, pads, _per_chip_convolutions()), True
+            return batched_conv(x, kernel, pads, _on_cpu()), True
         if k_batched:  # shared input: chips become output channels
             return _unfold_chips(shared_conv(x, kernel, pads), n), True
         y = conv_single(x.reshape(-1, *x.shape[2:]), kernel, pads)  # chips become batch
@@ -229,7 +225,7 @@ def _ops(pads: Pads, kh: int, kw: int):
             return _unfold_chips(shared_kernel_grad(x, _fold_grad(dy), kh, kw, pads), n), True
         if not dy_batched:  # (not met in training: a per-chip input has per-chip gradients)
             dy = jnp.broadcast_to(dy, (n, *dy.shape))
-        return batched_kernel_grad(x, dy, kh, kw, pads, _per_chip_convolutions()), True
+        return batched_kernel_grad(x, dy, kh, kw, pads, _on_cpu()), True
 
     return conv, kernel_grad
 
@@ -324,7 +320,7 @@ def _pool_ops(pads: Pads, kh: int, kw: int):
         if not x_batched:  # shared input: pool with the chips folded into the channels
             pooled, index = pool_argmax(shared_conv(x, kernel, pads))
             return (_unfold_chips(pooled, n), _unfold_chips(index, n)), (True, True)
-        if k_batched and _per_chip_convolutions():  # pool each chip's output in the map
+        if k_batched and _on_cpu():  # pool each chip's output in the map
             one = lambda a, b: pool_argmax(conv_single(a, b, pads))
             return map_chips(one, x, kernel), (True, True)
         y = jax.vmap(conv)(x, kernel) if k_batched else jax.vmap(conv, (0, None))(x, kernel)
@@ -347,7 +343,7 @@ def _pool_ops(pads: Pads, kh: int, kw: int):
             dy = unpool(_fold_grad(g), _fold_grad(index), h, w)
             return _unfold_chips(shared_kernel_grad(x, dy, kh, kw, pads), n), True
         h, w = _out_size(x[0], pads, kh, kw)  # x: [N, B, H, W, C]
-        if _per_chip_convolutions():
+        if _on_cpu():
             one = lambda a, b, i: kernel_grad_single(a, unpool(b, i, h, w), kh, kw, pads)
             return map_chips(one, x, g, index), True
         dy = jax.vmap(lambda a, b: unpool(a, b, h, w))(g, index)

@@ -3,161 +3,216 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-from reduce_jax import resilience
+from reduce_jax import grouping, resilience, retraining
 
 CHIP_STATUSES = ("ok", "missed_target", "above_grid", "unrecoverable", "diverged")
 
 
-def chip_records(
-    rates: dict[str, np.ndarray],
-    status: np.ndarray,
-    budgets: np.ndarray,
-    result: dict[str, np.ndarray],
+class ChipResults(NamedTuple):
+    """Every chip's result (the ``chips`` of ``summary.json``), arrays over chips.
+
+    Attributes:
+      status: ``str[chips]`` one of ``CHIP_STATUSES``: ``ok`` (meets the target),
+        ``missed_target`` (retrained and topped up to the cap, still below the target),
+        ``above_grid`` / ``unrecoverable`` (not retrained), ``diverged`` (non-finite
+        training). These describe per-chip Reduce.
+      selected_steps: ``int64[chips]`` the amount from the map (``-1``: not retrained).
+      topup_steps: ``int64[chips]``.
+      accuracy_before, accuracy_after: ``float64[chips]`` on the chip, before and after.
+      meets_target: ``bool[chips]``.
+      group: ``int64[chips]`` grouped runs: the retraining that served the chip (``-1``:
+        none); ``None`` in runs without grouping, like the two fields below.
+      grouped_accuracy_after: ``float64[chips]`` the serving model on the chip (NaN: none).
+      grouped_meets_target: ``bool[chips]``.
+    """
+
+    status: np.ndarray
+    selected_steps: np.ndarray
+    topup_steps: np.ndarray
+    accuracy_before: np.ndarray
+    accuracy_after: np.ndarray
+    meets_target: np.ndarray
+    group: np.ndarray | None = None
+    grouped_accuracy_after: np.ndarray | None = None
+    grouped_meets_target: np.ndarray | None = None
+
+
+def chip_results(
+    assignment: resilience.Assignment,
+    outcome: retraining.ChipOutcome,
     target: float,
-    steps_per_epoch: int,
-    served_by: dict[int, int] | None = None,
-    grouped: dict[str, np.ndarray] | None = None,
-) -> list[dict]:
-    """One record per chip (the ``chips`` entries of ``summary.json``).
+    grouped: grouping.GroupedOutcome | None = None,
+) -> ChipResults:
+    """Every chip's status and result from its amount and its (per-chip) retraining.
 
     Args:
-      rates: measure -> ``float[chips]`` (each becomes ``<measure>_fault_rate``).
-      status: ``int[chips]`` from ``resilience.retraining_amount``.
-      budgets: ``int[chips]`` selected steps (0 where not retrained).
-      result: ``accuracy_before``, ``accuracy_after`` (of the model that served the chip, on
-        the chip), ``topup_steps`` (the chip's own top-ups, when retrained on its own),
-        ``diverged`` over chips.
+      assignment: the chips' amounts.
+      outcome: the per-chip retraining (one unit per chip, in chip order).
       target: the accuracy target.
-      steps_per_epoch: to express steps in epochs.
-      served_by: grouped runs: chip -> index of the group whose retraining served it.
-      grouped: grouped runs: ``accuracy_after`` and ``diverged`` over chips of the group
-        model that served each chip, on the chip.
-
-    Returns:
-      Dicts with ``status`` one of ``CHIP_STATUSES``: ``ok`` (meets the target),
-      ``missed_target`` (retrained and topped up to the cap, still below the target),
-      ``above_grid`` / ``unrecoverable`` (not retrained), ``diverged`` (non-finite training).
-      These describe per-chip Reduce. Grouped runs add ``group`` (None: not retrained),
-      ``grouped_accuracy_after`` and ``grouped_meets_target``.
+      grouped: the grouped retraining, in grouped runs.
     """
-    records = []
-    for i in range(len(status)):
-        selected = int(status[i]) == resilience.OK
-        diverged = bool(result["diverged"][i])
-        meets = bool(result["accuracy_after"][i] >= target) and not diverged
-        if diverged:
-            name = "diverged"
-        elif selected:
-            name = "ok" if meets else "missed_target"
-        else:
-            name = resilience.STATUS_NAMES[int(status[i])]
-        records.append(
-            dict(
-                chip=i,
-                **{f"{m}_fault_rate": float(r[i]) for m, r in rates.items()},
-                status=name,
-                selected_epochs=float(budgets[i] / steps_per_epoch) if selected else None,
-                selected_steps=int(budgets[i]) if selected else None,
-                topup_epochs=float(result["topup_steps"][i] / steps_per_epoch),
-                topup_steps=int(result["topup_steps"][i]),
-                accuracy_before=float(result["accuracy_before"][i]),
-                accuracy_after=float(result["accuracy_after"][i]),
-                meets_target=meets,
-            )
-        )
-        if grouped is not None:
-            group = (served_by or {}).get(i)
-            acc = float(grouped["accuracy_after"][i])
-            records[-1].update(
-                group=group,
-                grouped_accuracy_after=acc if group is not None else None,
-                grouped_meets_target=(
-                    group is not None and acc >= target and not bool(grouped["diverged"][i])
-                ),
-            )
-    return records
+    selected = assignment.ok
+    diverged = outcome.diverged
+    meets = (outcome.accuracy_after >= target) & ~diverged
+    names = np.array([resilience.STATUS_NAMES[int(s)] for s in assignment.status], object)
+    status = np.where(selected, np.where(meets, "ok", "missed_target"), names)
+    status = np.where(diverged, "diverged", status)
+    results = ChipResults(
+        status=status,
+        selected_steps=np.where(selected, assignment.budgets, -1),
+        topup_steps=outcome.topup_steps,
+        accuracy_before=outcome.accuracy_before,
+        accuracy_after=outcome.accuracy_after,
+        meets_target=meets,
+    )
+    if grouped is None:
+        return results
+    group = grouped.served_by
+    return results._replace(
+        group=group,
+        grouped_accuracy_after=np.where(group >= 0, grouped.accuracy_after, np.nan),
+        grouped_meets_target=(group >= 0) & (grouped.accuracy_after >= target) & ~grouped.diverged,
+    )
 
 
-def cost_summary(
-    chips: list[dict],
+class Cost(NamedTuple):
+    """Retraining cost of a run in epochs (``summary.json``'s ``cost``; plain Python values).
+
+    ``reduce_epochs`` sums every chip's selected amount and top-ups (chips that are not
+    retrained cost nothing); the fixed policy retrains every chip ``fixed_epochs_per_chip``.
+    ``grouped_*`` (grouped runs; None otherwise) count every retraining of the grouped run:
+    every group's amount and top-ups, split groups and their members' retraining included.
+    ``*_recoverable`` compare on the chips Reduce retrains only, which is the fair
+    comparison when many chips are unrecoverable. ``break_even_chips`` is the population
+    size from which Reduce plus its one-off analysis costs less than the fixed policy, at
+    this run's mean cost per chip (None if Reduce saves nothing per chip).
+    """
+
+    reduce_epochs: float
+    reduce_planned_epochs: float
+    grouped_epochs: float | None
+    grouped_steps: int | None
+    grouped_planned_epochs: float | None
+    groups: int | None
+    groups_split: int | None
+    grouped_topup_epochs: float | None
+    grouped_chips_meeting_target: int | None
+    grouped_savings_fraction: float | None
+    grouped_savings_vs_reduce: float | None
+    reduce_steps: int
+    fixed_epochs: float
+    fixed_epochs_per_chip: float
+    analysis_epochs: float
+    savings: float
+    savings_fraction: float | None
+    fixed_epochs_recoverable: float
+    savings_recoverable: float
+    savings_fraction_recoverable: float | None
+    topup_epochs: float
+    chips_meeting_target: int
+    chips_unrecoverable: int
+    chips_missing_target: int
+    chips_diverged: int
+    break_even_chips: int | None
+    steps_per_epoch: int
+
+
+def break_even_chips(analysis_epochs: float, per_chip_saving: float) -> int | None:
+    """Least population ``n`` with ``n * per_chip_saving >= analysis_epochs`` (None if
+    Reduce saves nothing per chip)."""
+    if per_chip_saving <= 0:
+        return None
+    return math.ceil(analysis_epochs / per_chip_saving - 1e-9)
+
+
+def _fraction(saved: float, total: float) -> float | None:
+    return saved / total if total > 0 else None
+
+
+def summarize(
+    chips: ChipResults,
     fixed_epochs_per_chip: float,
     analysis_epochs: float,
     steps_per_epoch: int,
-    groups: list[dict] | None = None,
-) -> dict:
-    """Reduce's retraining cost against the fixed policy, from the chip records.
-
-    ``reduce_epochs`` is the sum of every chip's selected amount and top-up (chips that are
-    not retrained cost nothing); the fixed policy retrains every chip ``fixed_epochs_per_chip``.
-    With ``groups`` (a grouped run, whose chips were also retrained one by one for the
-    comparison), ``grouped_epochs`` is the cost of the grouped retraining: every group's
-    amount and top-ups, split groups and the retraining of their members included.
-    ``*_recoverable`` compare the two on the chips Reduce retrains only, which is the fair
-    comparison when many chips are unrecoverable. ``break_even_chips`` is the population size
-    from which Reduce plus its one-off analysis costs less than the fixed policy, at this
-    run's mean cost per chip (None if Reduce saves nothing per chip).
-    """
-    n = len(chips)
+    grouped: grouping.GroupedOutcome | None = None,
+) -> Cost:
+    """Reduce's retraining cost against the fixed policy (``Cost``), from the chip results."""
+    n = len(chips.status)
     if n == 0:
         raise ValueError("no chips")
-    selected = [c for c in chips if c["selected_steps"] is not None]
-    planned_steps = sum(c["selected_steps"] or 0 for c in chips)
-    reduce_steps = sum((c["selected_steps"] or 0) + c["topup_steps"] for c in chips)
-    reduce_epochs = reduce_steps / steps_per_epoch
-    topup_epochs = sum(c["topup_epochs"] for c in chips)
+    spe = steps_per_epoch
+    selected = chips.selected_steps >= 0
+    planned_steps = int(chips.selected_steps[selected].sum())
+    reduce_steps = planned_steps + int(chips.topup_steps.sum())
+    reduce_epochs = reduce_steps / spe
     fixed_epochs = fixed_epochs_per_chip * n
-    fixed_recoverable = fixed_epochs_per_chip * len(selected)
-    per_chip_saving = fixed_epochs_per_chip - reduce_epochs / n
-
-    def fraction(saved: float, total: float) -> float | None:
-        return saved / total if total > 0 else None
-
-    grouped_steps = (
-        None if groups is None else sum(g["amount_steps"] + g["topup_steps"] for g in groups)
-    )
-    return dict(
+    fixed_recoverable = fixed_epochs_per_chip * int(selected.sum())
+    grouped_fields = dict.fromkeys(_GROUPED_FIELDS)
+    if grouped is not None:
+        grouped_fields = _grouped_cost(grouped, chips, fixed_epochs, reduce_epochs, spe)
+    return Cost(
         reduce_epochs=reduce_epochs,
-        reduce_planned_epochs=planned_steps / steps_per_epoch,
-        grouped_epochs=None if groups is None else grouped_steps / steps_per_epoch,
-        grouped_steps=grouped_steps,
-        grouped_planned_epochs=(
-            None if groups is None else sum(g["amount_steps"] for g in groups) / steps_per_epoch
-        ),
-        groups=None if groups is None else len(groups),
-        groups_split=None if groups is None else sum(g["split"] for g in groups),
-        grouped_topup_epochs=(
-            None if groups is None else sum(g["topup_steps"] for g in groups) / steps_per_epoch
-        ),
-        grouped_chips_meeting_target=(
-            None if groups is None else sum(c["grouped_meets_target"] for c in chips)
-        ),
-        grouped_savings_fraction=(
-            None
-            if groups is None
-            else fraction(fixed_epochs - grouped_steps / steps_per_epoch, fixed_epochs)
-        ),
-        grouped_savings_vs_reduce=(
-            None if groups is None else reduce_epochs - grouped_steps / steps_per_epoch
-        ),
-        reduce_steps=int(reduce_steps),
+        reduce_planned_epochs=planned_steps / spe,
+        **grouped_fields,
+        reduce_steps=reduce_steps,
         fixed_epochs=fixed_epochs,
         fixed_epochs_per_chip=float(fixed_epochs_per_chip),
         analysis_epochs=float(analysis_epochs),
         savings=fixed_epochs - reduce_epochs,
-        savings_fraction=fraction(fixed_epochs - reduce_epochs, fixed_epochs),
+        savings_fraction=_fraction(fixed_epochs - reduce_epochs, fixed_epochs),
         fixed_epochs_recoverable=fixed_recoverable,
         savings_recoverable=fixed_recoverable - reduce_epochs,
-        savings_fraction_recoverable=fraction(fixed_recoverable - reduce_epochs, fixed_recoverable),
-        topup_epochs=topup_epochs,
-        chips_meeting_target=sum(c["meets_target"] for c in chips),
-        chips_unrecoverable=sum(c["status"] in ("above_grid", "unrecoverable") for c in chips),
-        chips_missing_target=sum(c["status"] == "missed_target" for c in chips),
-        chips_diverged=sum(c["status"] == "diverged" for c in chips),
-        break_even_chips=(
-            math.ceil(analysis_epochs / per_chip_saving - 1e-9) if per_chip_saving > 0 else None
+        savings_fraction_recoverable=_fraction(
+            fixed_recoverable - reduce_epochs, fixed_recoverable
         ),
-        steps_per_epoch=int(steps_per_epoch),
+        # Summed chip by chip in epochs, as the chip records report them.
+        topup_epochs=sum(float(t / spe) for t in chips.topup_steps),
+        chips_meeting_target=int(chips.meets_target.sum()),
+        chips_unrecoverable=int(np.isin(chips.status, ("above_grid", "unrecoverable")).sum()),
+        chips_missing_target=int((chips.status == "missed_target").sum()),
+        chips_diverged=int((chips.status == "diverged").sum()),
+        break_even_chips=break_even_chips(
+            analysis_epochs, fixed_epochs_per_chip - reduce_epochs / n
+        ),
+        steps_per_epoch=int(spe),
+    )
+
+
+_GROUPED_FIELDS = (
+    "grouped_epochs",
+    "grouped_steps",
+    "grouped_planned_epochs",
+    "groups",
+    "groups_split",
+    "grouped_topup_epochs",
+    "grouped_chips_meeting_target",
+    "grouped_savings_fraction",
+    "grouped_savings_vs_reduce",
+)
+
+
+def _grouped_cost(
+    grouped: grouping.GroupedOutcome,
+    chips: ChipResults,
+    fixed_epochs: float,
+    reduce_epochs: float,
+    spe: int,
+) -> dict:
+    """The ``grouped_*`` fields of ``Cost``."""
+    table = grouped.retrainings
+    steps = int(table.steps.sum()) + int(table.topup_steps.sum())
+    return dict(
+        grouped_epochs=steps / spe,
+        grouped_steps=steps,
+        grouped_planned_epochs=int(table.steps.sum()) / spe,
+        groups=len(table.steps),
+        groups_split=int(grouped.split.sum()),
+        grouped_topup_epochs=int(table.topup_steps.sum()) / spe,
+        grouped_chips_meeting_target=int(chips.grouped_meets_target.sum()),
+        grouped_savings_fraction=_fraction(fixed_epochs - steps / spe, fixed_epochs),
+        grouped_savings_vs_reduce=reduce_epochs - steps / spe,
     )

@@ -31,6 +31,7 @@ import csv
 import functools
 import os
 import zipfile
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -186,6 +187,32 @@ def _sample_many(key, ids, rates, alpha, line_fraction, rows, cols, model):
     return jax.vmap(lambda k, r: sample_fault_map(k, rows, cols, r, model, alpha, line_fraction))(
         keys, rates
     )
+
+
+class FaultSpec(NamedTuple):
+    """A fault model on an ``rows x cols`` array (the arguments of ``sample_fault_maps``)."""
+
+    model: str
+    rows: int
+    cols: int
+    alpha: float = 2.0
+    line_fraction: float = 1.0
+
+    def sample(self, key: jax.Array, rates) -> np.ndarray:
+        """Maps ``bool[n, R, C]`` of ``n = len(rates)`` chips, chip ``i`` at ``rates[i]`` from
+        ``fold_in(key, i)``."""
+        rates = np.asarray(rates, np.float64)
+        maps = sample_fault_maps(
+            key,
+            len(rates),
+            self.rows,
+            self.cols,
+            rates,
+            self.model,
+            self.alpha,
+            line_fraction=self.line_fraction,
+        )
+        return np.asarray(maps)
 
 
 # --------------------------------------------------------------------------- files

@@ -15,12 +15,15 @@ groups are one matrix product.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from reduce_jax import resilience
+from reduce_jax import population, resilience, retraining
+from reduce_jax.progress import ProgressStore
 
 GROUPINGS = ("none", "greedy")
 
@@ -166,3 +169,148 @@ def greedy_groups(
 def rate_with(fused: np.ndarray, maps: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Rate of the fused map ``float[RC]`` (0/1) with each chip of ``maps [n, RC]`` added."""
     return fused @ w + maps @ (w * (1.0 - fused))
+
+
+class GroupPlan(NamedTuple):
+    """The groups of a grouped run that share one retraining.
+
+    Attributes:
+      groups: chip ids of every group of 2 or more chips, ordered by first member.
+      steps: ``int64[G]`` each group's amount, read off the map at its fused rate.
+    """
+
+    groups: list[list[int]]
+    steps: np.ndarray
+
+
+def plan_groups(
+    chip_maps: np.ndarray,
+    servable: np.ndarray,
+    weights: np.ndarray,
+    amount: AmountFn,
+    levels: np.ndarray,
+    max_group_size: int,
+) -> GroupPlan:
+    """Groups the chips the map serves (``greedy_groups``); chips alone are left out.
+
+    Args:
+      chip_maps: ``bool[chips, R, C]``; servable: ``bool[chips]`` chips the map serves.
+      weights: ``float[R, C]`` per-PE weights of the rate measure; amount, levels and
+        max_group_size: as in ``greedy_groups``.
+    """
+    ids = np.flatnonzero(servable)
+    groups = []
+    if len(ids) >= 2:
+        found = greedy_groups(chip_maps[ids], weights, amount, levels, max_group_size)
+        groups = [[int(ids[i]) for i in g] for g in found if len(g) > 1]
+    steps = amount(fused_rates(chip_maps, weights, groups))
+    if not np.all(np.isfinite(steps)):
+        raise RuntimeError("a planned group's fused map cannot be served by the map")
+    return GroupPlan(groups=groups, steps=steps.astype(np.int64))
+
+
+class GroupedOutcome(NamedTuple):
+    """The retrainings of a grouped run, and which one served each chip.
+
+    ``retrainings`` holds every group of 2+ chips (in plan order), then the per-chip
+    retraining of each chip that no successful group serves, in chip order. A group that
+    misses the target on a member after its top-ups is split: its steps still count, and
+    its members are served by their own per-chip retrainings.
+
+    Attributes:
+      retrainings: ``ChipOutcome[U]`` (``W`` = the most members of a group).
+      fused_pe_rate: ``float64[U]``; fused_rate: ``float64[U]`` in the map's measure.
+      split: ``bool[U]``; split_from: ``int64[U]`` the split group a chip's own retraining
+        stands in for (``-1``: none).
+      served_by: ``int64[chips]`` the retraining that served each chip last (``-1``: none,
+        the chip is not retrained).
+      accuracy_after: ``float64[chips]``; diverged: ``bool[chips]``: the serving model on
+        each chip (the per-chip result where no retraining served it).
+    """
+
+    retrainings: retraining.ChipOutcome
+    fused_pe_rate: np.ndarray
+    fused_rate: np.ndarray
+    split: np.ndarray
+    split_from: np.ndarray
+    served_by: np.ndarray
+    accuracy_after: np.ndarray
+    diverged: np.ndarray
+
+
+def run_grouped(
+    ctx: population.Context,
+    chip_maps: np.ndarray,
+    plan: GroupPlan,
+    per_chip: retraining.ChipOutcome,
+    weights: dict[str, np.ndarray],
+    rate_measure: str,
+    key: jax.Array,
+    store: ProgressStore | None = None,
+) -> GroupedOutcome:
+    """Retrains every planned group once on its fused map, verifies it on every member,
+    and serves each chip by its group, or by its own per-chip retraining.
+
+    Args:
+      ctx: the run's context.
+      chip_maps: ``bool[chips, R, C]``.
+      plan: from ``plan_groups``.
+      per_chip: the per-chip retraining of every chip (``retraining.retrain``).
+      weights: measure -> ``float[R, C]`` (``pe`` and ``rate_measure`` at least).
+      rate_measure: the map's measure.
+      key: key of the groups' batch order.
+      store: saves finished chunks under ``grouped`` (resume).
+    """
+    if plan.groups:
+        units = retraining.Units.of_groups(chip_maps, plan.groups, plan.steps, True)
+        groups = retraining.retrain(ctx, units, chip_maps, key, store, stage="grouped")
+    else:
+        groups = per_chip.take(np.zeros(0, np.int64))
+    split = groups.retrained & ~groups.meets_target
+    split_from = np.full(len(chip_maps), -1, np.int64)
+    served = np.zeros(len(chip_maps), bool)
+    for g, members in enumerate(plan.groups):
+        split_from[members] = g if split[g] else -1
+        served[members] = ~split[g]
+    if split.any():
+        logging.info(
+            "%d groups missed the target; their %d chips are served by their own retraining",
+            int(split.sum()),
+            int((split_from >= 0).sum()),
+        )
+    alone = np.flatnonzero(~served)
+    # Chips alone that the map does not serve are not retrained: they are no retraining.
+    kept = alone[per_chip.retrained[alone]]
+    width = groups.members.shape[1] if plan.groups else 1
+    table = retraining.ChipOutcome(
+        *(
+            np.concatenate([a, b])
+            for a, b in zip(groups.widen(width), per_chip.take(kept).widen(width), strict=True)
+        )
+    )
+    fused = [chip_maps[m[m >= 0]].any(0) for m in table.members]
+    served_by = np.full(len(chip_maps), -1, np.int64)
+    for u, members in enumerate(table.members):
+        served_by[members[members >= 0]] = u
+    return GroupedOutcome(
+        retrainings=table,
+        fused_pe_rate=np.array([float(weights["pe"][f].sum()) for f in fused]),
+        fused_rate=np.array([float(weights[rate_measure][f].sum()) for f in fused]),
+        split=np.concatenate([split, np.zeros(len(kept), bool)]),
+        split_from=np.concatenate([np.full(len(split), -1), split_from[kept]]),
+        served_by=served_by,
+        accuracy_after=_serving(table, served_by, per_chip.accuracy_after, "member_accuracy"),
+        diverged=_serving(table, served_by, per_chip.diverged, "diverged"),
+    )
+
+
+def _serving(table: retraining.ChipOutcome, served_by: np.ndarray, alone, field: str):
+    """Per chip: ``field`` of the retraining that served it (``alone``'s value where none)."""
+    out = np.array(alone, copy=True)
+    for chip in np.flatnonzero(served_by >= 0):
+        u = served_by[chip]
+        if field == "member_accuracy":
+            out[chip] = table.member_accuracy[u][table.members[u] == chip][0]
+        else:
+            out[chip] = getattr(table, field)[u]
+    return out

@@ -18,6 +18,7 @@ import numpy as np
 
 from reduce_jax import sharding, systolic, train
 from reduce_jax.data import Dataset
+from reduce_jax.progress import Meter, ProgressStore
 
 PyTree = Any
 
@@ -86,7 +87,6 @@ def run_phase(
     data: DeviceData,
     phase_key: jax.Array,
     phase_steps: np.ndarray,
-    compact: bool = True,
     on_progress=None,
     start: int = 0,
 ) -> train.ChipState:
@@ -103,7 +103,6 @@ def run_phase(
       data: the training data on the device.
       phase_key: key of the phase's batch order.
       phase_steps: ``int[chips]`` steps to run per chip.
-      compact: drop finished chips (False: run all chips to the longest, gated by budgets).
       on_progress: called with the number of chip-steps just completed (budgeted steps,
         not padding or gated steps).
       start: first phase step (batch ``batch_indices(phase_key, start)``).
@@ -117,8 +116,8 @@ def run_phase(
     active = np.flatnonzero(phase_steps > 0)
     t = start
     while active.size:
-        t_next = int(ends[active].min()) if compact else int(ends.max())
-        if compact and active.size < chips:
+        t_next = int(ends[active].min())
+        if active.size < chips:
             size = bucket_size(active.size, chips)
             idx = np.concatenate([active, np.full(size - active.size, active[-1])])
             sub = trainer.run(
@@ -170,42 +169,92 @@ def init_chunk(
     return states, sharding.shard_chips(masks)
 
 
-def map_chunks(
-    ids: np.ndarray,
-    size: int,
-    done: dict[int, dict] | None,
-    compute: Callable[[np.ndarray], dict[str, list]],
-    on_chunk: Callable[[int, dict], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Runs ``compute`` on each chunk of ``size`` chips of ``ids`` that is not ``done`` yet.
+class Context(NamedTuple):
+    """What every stage of a run reads, passed as one value.
 
-    This is where resuming happens: chunk ``i`` (chips ``ids[i*size : (i+1)*size]``) is
-    computed only if ``i`` is not in ``done``, and ``on_chunk(i, result)`` saves it.
+    Attributes:
+      trainer: the jitted functions of the model and the retraining optimizer.
+      params: the fault-free baseline parameters (replicated over the devices).
+      data: the train and test sets on the device.
+      target: the accuracy constraint (absolute).
+      steps_per_epoch: training steps in one epoch (amounts in epochs -> steps).
+      chips_per_batch: most chips computed together (bounds memory).
+      topup_steps: top-up increment for a retrained chip below the target (steps).
+      max_topup_steps: cap on a chip's top-ups (steps).
+    """
+
+    trainer: train.Trainer
+    params: PyTree
+    data: DeviceData
+    target: float
+    steps_per_epoch: int
+    chips_per_batch: int
+    topup_steps: int
+    max_topup_steps: int
+
+
+# A stage's work on one chunk: ``(ids int[m], inputs)`` -> arrays with leading axis ``m`` (or
+# the padded chunk size). ``inputs`` holds the stage's per-chip arrays for the chunk, padded
+# to the chunk size with zeros (fault-free, budget 0); the first ``m`` rows are chips ``ids``.
+ChunkFn = Callable[[np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def drive(
+    inputs: dict[str, np.ndarray],
+    compute: ChunkFn,
+    chips_per_batch: int,
+    order: np.ndarray | None = None,
+    store: ProgressStore | None = None,
+    stage: str = "stage",
+) -> dict[str, np.ndarray]:
+    """Runs a stage over a population in chunks; the one loop of every stage.
+
+    The driver owns the population bookkeeping: the processing order, the chunk size (at
+    most ``chips_per_batch``, a multiple of the device count), padding every chunk to that
+    size so one shape is compiled, resuming (chunk ``i`` is computed only if ``store`` has
+    no result for it; each computed chunk is saved at once), progress, and scattering the
+    results back to chip order.
 
     Args:
-      ids: ``int[chips]`` chip ids in processing order (a permutation of ``0..chips-1``).
-      size: chips per chunk.
-      done: results of chunks finished earlier (not modified).
-      compute: chunk chip ids -> dict of per-chip lists (JSON-able).
-      on_chunk: called with ``(chunk_index, result)`` after each computed chunk.
+      inputs: per-chip arrays, every one with leading axis ``n`` (at least one).
+      compute: the stage's work on one chunk (``ChunkFn``).
+      chips_per_batch: most chips per chunk.
+      order: ``int[n]`` processing order (a permutation of ``0..n-1``); default ``0..n-1``.
+      store: where finished chunks are saved and found again (``None``: not saved).
+      stage: the stage's name in ``store`` and in the progress log.
 
     Returns:
-      For every key of the results, a numpy array over all chips, indexed by chip id.
+      Every key of ``compute``'s results: an array with leading axis ``n``, in chip order.
     """
-    done = dict(done or {})
+    n = len(next(iter(inputs.values())))
+    order = np.arange(n) if order is None else np.asarray(order)
+    size = chunk_size(n, chips_per_batch)
+    done = store.done(stage) if store is not None else {}
+    meter = Meter(stage, n, unit="chips")
     results = []
-    for ci, lo in enumerate(range(0, len(ids), size)):
+    for ci, lo in enumerate(range(0, n, size)):
+        ids = order[lo : lo + size]
         if ci not in done:
-            done[ci] = compute(ids[lo : lo + size])
-            if on_chunk is not None:
-                on_chunk(ci, done[ci])
+            chunk = {k: _pad(np.asarray(v)[ids], size) for k, v in inputs.items()}
+            out = compute(ids, chunk)
+            done[ci] = {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
+            if store is not None:
+                store.put(stage, ci, done[ci])
+        meter(len(ids))
         results.append(done[ci])
     out = {}
     for key in results[0]:
-        values = np.concatenate([np.asarray(r[key]) for r in results])
+        values = np.concatenate([r[key] for r in results])
         out[key] = np.empty_like(values)
-        out[key][ids] = values
+        out[key][order] = values
     return out
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` padded with zeros (``False``) along its leading axis to ``size`` rows."""
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
 
 
 def pad_chunk(fault_maps: np.ndarray, budgets: np.ndarray, size: int):

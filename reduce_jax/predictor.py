@@ -10,10 +10,15 @@ predicted amount with the needed one, and how many chips the prediction under-pr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import numpy as np
+from absl import logging
 from scipy import stats
 
-from reduce_jax import resilience
+from reduce_jax import population, resilience, systolic
+from reduce_jax.progress import ProgressStore
 
 
 def needed_steps(accuracy: np.ndarray, amount_steps: np.ndarray, target: float) -> np.ndarray:
@@ -123,3 +128,64 @@ def study(
     ranked = [n for n in out if out[n].get("spearman_rate") is not None]
     best = max(ranked, key=lambda n: out[n]["spearman_rate"]) if ranked else None
     return dict(measures=out, best_measure=best)
+
+
+class PredictorStudy(NamedTuple):
+    """Which rate measure predicts the retraining a chip needs, on validation chips.
+
+    Attributes:
+      requested_rates: ``float64[n]`` the (mean) PE rates the chips were sampled at.
+      analysis: the chips' accuracy after every grid amount (``Analysis`` with ``K = 1``:
+        ``accuracy float64[n, A, 1]``, ``diverged bool[n, 1]``).
+      needed_steps: ``float64[n]`` least grid amount that met the target (``inf``: none).
+      scores: ``study``'s result: per measure scores, and the best measure.
+    """
+
+    requested_rates: np.ndarray
+    analysis: resilience.Analysis
+    needed_steps: np.ndarray
+    scores: dict
+
+
+def run_study(
+    ctx: population.Context,
+    fault_maps: np.ndarray,
+    requested_rates: np.ndarray,
+    rmap: resilience.ResilienceMap,
+    weights: dict[str, np.ndarray],
+    interpolation: str,
+    key: jax.Array,
+    store: ProgressStore | None = None,
+) -> PredictorStudy:
+    """Retrains validation chips over the amount grid and scores every rate measure.
+
+    Args:
+      ctx: the run's context.
+      fault_maps: ``bool[n, R, C]`` the validation chips.
+      requested_rates: ``float[n]`` the rates they were sampled at.
+      rmap: the resilience map (its grid rates in every measure, its required steps).
+      weights: measure -> ``float[R, C]`` per-PE weights of the trained baseline.
+      interpolation: of the map, as for the population.
+      key: key of the chips' batch order.
+      store: saves finished chunks under ``predictor`` (resume).
+    """
+    analysis = resilience.analyze(
+        ctx, fault_maps[:, None], rmap.amount_steps, key, store, "predictor"
+    )
+    needed = needed_steps(analysis.accuracy[:, :, 0], analysis.amount_steps, ctx.target)
+    scores = study(
+        systolic.chip_rates(weights, fault_maps),
+        rmap.grid_rates,
+        rmap.required_steps,
+        needed,
+        interpolation,
+        ctx.steps_per_epoch,
+    )
+    logging.info(
+        "predictor study: rank correlation of rate and needed retraining: %s",
+        ", ".join(
+            f"{m} {v['spearman_rate']:.3f}" if v.get("spearman_rate") is not None else f"{m} -"
+            for m, v in scores["measures"].items()
+        ),
+    )
+    return PredictorStudy(np.asarray(requested_rates, np.float64), analysis, needed, scores)

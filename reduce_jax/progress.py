@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from reduce_jax import report
-from reduce_jax.config import ConfigError
+from reduce_jax.errors import ConfigError
 
 PROGRESS_FILE = "progress.json"
 # Settings that do not change results: a resumed run may differ in these.
@@ -41,17 +43,39 @@ class ProgressStore:
                 self.state = saved
                 logging.info("resuming from %s", self.path)
 
-    def done(self, phase: str) -> dict[int, dict]:
-        return {int(k): v for k, v in self.state["phases"].get(phase, {}).items()}
+    def done(self, phase: str) -> dict[int, dict[str, np.ndarray]]:
+        """Saved chunks of ``phase``: chunk index -> arrays, as ``put`` was given them."""
+        saved = self.state["phases"].get(phase, {})
+        return {int(i): {k: _decode(v) for k, v in r.items()} for i, r in saved.items()}
 
-    def put(self, phase: str, index: int, result: dict) -> None:
-        self.state["phases"].setdefault(phase, {})[str(index)] = result
+    def put(self, phase: str, index: int, result: dict[str, np.ndarray]) -> None:
+        """Saves chunk ``index`` of ``phase`` (arrays; NaN and inf are kept) atomically."""
+        encoded = {k: _encode(np.asarray(v)) for k, v in result.items()}
+        self.state["phases"].setdefault(phase, {})[str(index)] = encoded
         if self.path and jax.process_index() == 0:
             report.write_json_atomic(self.path, self.state)
 
 
+# JSON has no NaN or infinity: non-finite floats are saved as these strings.
+_NON_FINITE = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+
+
+def _encode(x: np.ndarray) -> dict:
+    """An array as JSON: dtype, shape and the values as a flat list."""
+    values = x.ravel().tolist()
+    if x.dtype.kind == "f":
+        values = [v if np.isfinite(v) else str(v) for v in values]
+    return {"dtype": x.dtype.str, "shape": list(x.shape), "values": values}
+
+
+def _decode(d: dict) -> np.ndarray:
+    values = [_NON_FINITE.get(v, v) if isinstance(v, str) else v for v in d["values"]]
+    return np.asarray(values, np.dtype(d["dtype"])).reshape(d["shape"])
+
+
 class Meter:
-    """Logs progress of a long phase (units done, rate, ETA) at most every ``every_s``."""
+    """Logs progress of a long phase (work done of the total, rate, ETA) at most every
+    ``every_s`` seconds, and when the work is complete."""
 
     def __init__(self, label: str, total: int, unit: str = "chip-steps", every_s: float = 5.0):
         self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
@@ -74,3 +98,24 @@ class Meter:
                 rate,
                 eta,
             )
+
+
+class Timer:
+    """Seconds per phase of a run: ``with timer.phase("analysis"): ...`` records
+    ``analysis_s``; ``times`` keeps them in the order the phases ran."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.times: dict[str, float | bool] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"{name}_s"] = time.perf_counter() - t
+
+    def total(self) -> float:
+        """Seconds since the timer was made."""
+        return time.perf_counter() - self.start

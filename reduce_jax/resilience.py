@@ -5,12 +5,14 @@
    to ``max(A)``, and evaluated on the way.
 2. ``resilience_map``: per grid rate, the least amount whose statistic over the ``K`` chips
    meets the accuracy target (``inf`` = unrecoverable), non-decreasing in the rate.
-3. ``retraining_amount``: every chip's amount from its fault rate, vectorised and jit-able.
+3. ``assign``: every chip's amount from its fault rate (``retraining_amount``, vectorised
+   and jit-able).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from reduce_jax import population, sharding, train
+from reduce_jax.progress import Meter, ProgressStore
 
 STATISTICS_HELP = "min, mean, or quantile:q with q in [0, 1]"
 INTERPOLATIONS = ("conservative", "linear")
@@ -43,84 +46,145 @@ def parse_statistic(statistic: str) -> Callable[[np.ndarray], np.ndarray]:
     raise ValueError(f"--statistic={statistic!r} is not one of: {STATISTICS_HELP}")
 
 
+class Analysis(NamedTuple):
+    """Result of the resilience analysis.
+
+    Attributes:
+      accuracy: ``float64[F, A, K]`` accuracy of sample ``k`` of grid rate ``f`` after amount
+        ``a`` (0 from the amount at which the chip diverged on).
+      diverged: ``bool[F, K]`` the chip's training became non-finite.
+      amount_steps: ``int64[A]`` the amounts in steps.
+    """
+
+    accuracy: np.ndarray
+    diverged: np.ndarray
+    amount_steps: np.ndarray
+
+
 def analyze(
-    trainer: train.Trainer,
-    params,
-    data: population.DeviceData,
+    ctx: population.Context,
     fault_maps: np.ndarray,
     amount_steps: np.ndarray,
-    phase_key: jax.Array,
-    chips_per_batch: int,
-    done: dict[int, dict] | None = None,
-    on_chunk: Callable[[int, dict], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    key: jax.Array,
+    store: ProgressStore | None = None,
+    stage: str = "analysis",
+) -> Analysis:
     """Accuracy of sampled chips at every (fault rate, retraining amount) of the grid.
 
-    All ``F * K`` chips form one population, processed in chunks of ``chips_per_batch``; every
-    chip is retrained once up to ``max(amount_steps)`` and evaluated at each amount.
+    All ``F * K`` chips form one population (``population.drive``); every chip is retrained
+    once up to ``max(amount_steps)`` and evaluated at each amount.
 
     Args:
-      trainer: from ``train.make_trainer``.
-      params: the fault-free baseline.
-      data: train and test sets on the device.
+      ctx: the run's context.
       fault_maps: ``bool[F, K, R, C]``.
       amount_steps: ``int[A]`` increasing retraining amounts in steps (0 = no retraining).
-      phase_key: key of the batch order.
-      chips_per_batch: chunk size.
-      done: results of chunks already finished (from ``on_chunk``), to resume.
-      on_chunk: called with ``(chunk_index, result)`` after each chunk (for checkpointing).
-      on_progress: called with chip-steps completed.
+      key: key of the batch order.
+      store: saves finished chunks under ``stage`` (resume).
+      stage: the stage's name (``analysis``; ``predictor`` for the predictor study).
 
     Returns:
-      ``(accuracy float64[F, A, K], diverged bool[F, K])``.
+      ``Analysis``.
     """
     num_f, k = fault_maps.shape[:2]
     steps = np.asarray(amount_steps, np.int64)
     if np.any(np.diff(steps) < 0) or steps.min() < 0:
         raise ValueError(f"amount_steps must be non-negative and sorted, got {steps}")
     flat_maps = np.asarray(fault_maps).reshape(num_f * k, *fault_maps.shape[2:])
-    n = len(flat_maps)
-    size = population.chunk_size(n, chips_per_batch)
+    meter = Meter(f"{stage} training", len(flat_maps) * int(steps.max()))
 
-    def compute(ids: np.ndarray) -> dict[str, list]:
-        m = len(ids)
-        maps, budgets = population.pad_chunk(
-            flat_maps[ids], np.full(m, steps.max(), np.int64), size
-        )
-        states, masks = population.init_chunk(trainer, params, maps, budgets)
+    def compute(ids: np.ndarray, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        maps = chunk["maps"]
+        real = np.arange(len(maps)) < len(ids)
+        budgets = np.where(real, steps.max(), 0)
+        states, masks = population.init_chunk(ctx.trainer, ctx.params, maps, budgets)
         chunk_acc, prev = [], 0
         for s in steps:
             states = population.run_phase(
-                trainer,
+                ctx.trainer,
                 states,
                 masks,
-                data,
-                phase_key,
-                np.where(np.arange(size) < m, s - prev, 0),
-                on_progress=on_progress,
+                ctx.data,
+                key,
+                np.where(real, s - prev, 0),
+                on_progress=meter,
                 start=prev,
             )
             prev = int(s)
-            acc_now = population.evaluate(trainer, states, masks, data)[:m]
+            acc_now = population.evaluate(ctx.trainer, states, masks, ctx.data)
             # A diverged chip is frozen at its last finite state; it never counts as
             # recovered from the amount at which it diverged on.
-            div_now = sharding.to_host(states.diverged)[:m]
+            div_now = sharding.to_host(states.diverged)
             chunk_acc.append(np.where(div_now, 0.0, acc_now))
-        for chip in ids[div_now]:
+        for chip in ids[div_now[: len(ids)]]:
             logging.warning(
-                "analysis chip %d: loss or weights became non-finite; its "
-                "accuracy counts as 0 from then on",
+                "%s chip %d: loss or weights became non-finite; its accuracy counts as 0 "
+                "from then on",
+                stage,
                 chip,
             )
-        return dict(accuracy=np.stack(chunk_acc, 1).tolist(), diverged=div_now.tolist())
+        return dict(accuracy=np.stack(chunk_acc, 1), diverged=div_now)
 
-    out = population.map_chunks(np.arange(n), size, done, compute, on_chunk)
+    out = population.drive(
+        dict(maps=flat_maps), compute, ctx.chips_per_batch, store=store, stage=stage
+    )
     acc, diverged = out["accuracy"], out["diverged"]
-    return acc.reshape(num_f, k, -1).transpose(0, 2, 1), diverged.reshape(num_f, k)
+    return Analysis(
+        accuracy=acc.reshape(num_f, k, -1).transpose(0, 2, 1),
+        diverged=diverged.reshape(num_f, k),
+        amount_steps=steps,
+    )
+
+
+class ResilienceMap(NamedTuple):
+    """The least retraining that meets the target at every grid fault rate.
+
+    Attributes:
+      grid_rates: measure -> ``float64[F]`` the grid points' measured rates (mean over
+        their ``K`` maps) in every rate measure.
+      rate_measure: the measure the map is read in.
+      required_epochs: ``float64[F]`` least amount (``inf``: unrecoverable), non-decreasing.
+      required_steps: ``float64[F]`` the same in steps (``inf``: unrecoverable).
+      statistic_accuracy: ``float64[F, A]`` the statistic over the ``K`` maps.
+      amount_steps: ``int64[A]`` the amount grid in steps.
+    """
+
+    grid_rates: dict[str, np.ndarray]
+    rate_measure: str
+    required_epochs: np.ndarray
+    required_steps: np.ndarray
+    statistic_accuracy: np.ndarray
+    amount_steps: np.ndarray
+
+    @property
+    def measured_rates(self) -> np.ndarray:
+        """``float64[F]`` the grid's rates in the map's own measure."""
+        return self.grid_rates[self.rate_measure]
 
 
 def resilience_map(
+    analysis: Analysis,
+    retrain_epochs: np.ndarray,
+    target: float,
+    statistic: str,
+    grid_rates: dict[str, np.ndarray],
+    rate_measure: str,
+    steps_per_epoch: int,
+) -> ResilienceMap:
+    """The resilience map of an analysis under the target (``required_amounts``)."""
+    required, stat = required_amounts(analysis.accuracy, retrain_epochs, target, statistic)
+    finite = np.isfinite(required)
+    steps = train.epochs_to_steps(np.where(finite, required, 0), steps_per_epoch)
+    return ResilienceMap(
+        grid_rates=grid_rates,
+        rate_measure=rate_measure,
+        required_epochs=required,
+        required_steps=np.where(finite, steps, np.inf),
+        statistic_accuracy=stat,
+        amount_steps=analysis.amount_steps,
+    )
+
+
+def required_amounts(
     accuracy: np.ndarray, retrain_epochs: np.ndarray, target: float, statistic: str = "min"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Least retraining that meets the target at every grid fault rate.
@@ -140,6 +204,44 @@ def resilience_map(
     ok = stat >= target
     first = np.where(ok.any(1), amounts[np.argmax(ok, 1)], np.inf)
     return np.maximum.accumulate(first), stat
+
+
+class Assignment(NamedTuple):
+    """Every chip's retraining amount, read off the resilience map.
+
+    Attributes:
+      rates: measure -> ``float64[chips]`` every chip's rate in every measure.
+      steps: ``float64[chips]`` the selected steps (``inf`` unless ``status == OK``).
+      status: ``int32[chips]`` ``OK``, ``ABOVE_GRID`` or ``UNRECOVERABLE``.
+    """
+
+    rates: dict[str, np.ndarray]
+    steps: np.ndarray
+    status: np.ndarray
+
+    @property
+    def ok(self) -> np.ndarray:
+        """``bool[chips]`` chips the map serves (they are retrained)."""
+        return self.status == OK
+
+    @property
+    def budgets(self) -> np.ndarray:
+        """``int64[chips]`` selected steps, 0 where the chip is not retrained."""
+        return np.where(self.ok, self.steps, 0).astype(np.int64)
+
+
+def assign(rmap: ResilienceMap, rates: dict[str, np.ndarray], interpolation: str) -> Assignment:
+    """Every chip's amount from its rate in the map's measure (``retraining_amount``).
+
+    Args:
+      rmap: the resilience map.
+      rates: measure -> ``float[chips]`` the chips' rates (``systolic.chip_rates``).
+      interpolation: ``conservative`` | ``linear``.
+    """
+    steps, status = retraining_amount(
+        rmap.measured_rates, rmap.required_steps, rates[rmap.rate_measure], interpolation
+    )
+    return Assignment(rates=rates, steps=np.asarray(steps), status=np.asarray(status))
 
 
 def retraining_amount(

@@ -1,5 +1,5 @@
-"""Retraining units (single chips or fused groups of chips) for their own budgets, verifying
-each unit's model on every member chip, and topping up units that miss the target.
+"""Retraining units (single chips or fused groups of chips) for their own budgets, topping up
+units that miss the target, and verifying each unit's model on every member chip.
 
 A *unit* is one fault map with one budget: a chip on its own, or a group of chips whose
 maps are fused (``grouping.fuse``). The unit's model is verified on each member chip (the
@@ -8,7 +8,7 @@ member's own mask applied on top of the unit's trained weights).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,188 +16,241 @@ import numpy as np
 from absl import logging
 
 from reduce_jax import population, sharding, train
-from reduce_jax.progress import Meter
-
-# Member accuracy slots a unit does not use (fewer members than the widest group).
-NO_MEMBER = -1.0
+from reduce_jax.progress import Meter, ProgressStore
 
 
-def evaluate_members(
-    trainer: train.Trainer,
-    params,
-    states: train.ChipState,
-    units: np.ndarray,
-    member_maps: np.ndarray,
-    data: population.DeviceData,
-    size: int,
-) -> np.ndarray:
-    """Test accuracy of unit ``units[j]``'s weights on a chip with map ``member_maps[j]``.
+class Units(NamedTuple):
+    """What to retrain.
+
+    Attributes:
+      maps: ``bool[U, R, C]`` every unit's (fused) fault map.
+      steps: ``int64[U]`` every unit's budget (0 where it is not retrained).
+      retrain: ``bool[U]`` which units to retrain (the others, chips the map cannot serve,
+        are only evaluated).
+      members: ``int64[U, W]`` the member chips of each unit, ``-1`` past its last member
+        (``W`` = the most members of a unit).
+    """
+
+    maps: np.ndarray
+    steps: np.ndarray
+    retrain: np.ndarray
+    members: np.ndarray
+
+    @classmethod
+    def of_groups(cls, chip_maps: np.ndarray, groups: list[list[int]], steps, retrain) -> Units:
+        """Units of groups of chips (lists of chip ids), each on the union of its maps.
+
+        Args:
+          chip_maps: ``bool[chips, R, C]``; groups: chip ids per unit; steps: ``int[U]``
+            budgets; retrain: ``bool[U]`` (or one value for every unit).
+        """
+        width = max(len(g) for g in groups)
+        members = np.full((len(groups), width), -1, np.int64)
+        for i, g in enumerate(groups):
+            members[i, : len(g)] = g
+        retrain = np.broadcast_to(np.asarray(retrain, bool), (len(groups),)).copy()
+        return cls(
+            maps=np.stack([chip_maps[g].any(0) for g in groups]),
+            steps=np.where(retrain, steps, 0).astype(np.int64),
+            retrain=retrain,
+            members=members,
+        )
+
+
+class ChipOutcome(NamedTuple):
+    """What retraining did to every unit (leading axis: units; for per-chip runs, chips).
+
+    Attributes:
+      members: ``int64[U, W]`` member chips (``-1``: no member in that slot).
+      steps: ``int64[U]`` planned steps (0 where not retrained).
+      retrained: ``bool[U]``.
+      accuracy_before: ``float64[U]`` on the unit's map, before retraining.
+      accuracy_after: ``float64[U]`` on the unit's map, after retraining and top-ups.
+      topup_steps: ``int64[U]``.
+      diverged: ``bool[U]`` the training became non-finite (the unit is frozen).
+      member_accuracy: ``float64[U, W]`` the unit's model on each member chip's own map
+        (NaN where ``members == -1``).
+      meets_target: ``bool[U]`` not diverged, and every member meets the target.
+    """
+
+    members: np.ndarray
+    steps: np.ndarray
+    retrained: np.ndarray
+    accuracy_before: np.ndarray
+    accuracy_after: np.ndarray
+    topup_steps: np.ndarray
+    diverged: np.ndarray
+    member_accuracy: np.ndarray
+    meets_target: np.ndarray
+
+    def take(self, idx: np.ndarray) -> ChipOutcome:
+        """Units ``idx``, as a ``ChipOutcome``."""
+        return ChipOutcome(*(np.asarray(x)[idx] for x in self))
+
+    def widen(self, width: int) -> ChipOutcome:
+        """The same units with ``width >= W`` member slots."""
+        pad = width - self.members.shape[1]
+        return self._replace(
+            members=np.pad(self.members, ((0, 0), (0, pad)), constant_values=-1),
+            member_accuracy=np.pad(
+                self.member_accuracy, ((0, 0), (0, pad)), constant_values=np.nan
+            ),
+        )
+
+
+def retrain(
+    ctx: population.Context,
+    units: Units,
+    chip_maps: np.ndarray,
+    key: jax.Array,
+    store: ProgressStore | None = None,
+    stage: str = "retrain",
+) -> ChipOutcome:
+    """Retrains every unit for its own steps, tops up misses, verifies it on its members.
+
+    Units are processed in order of their budget (a chunk holds similar budgets), by the
+    population driver (``population.drive``: chunking, padding, resume).
 
     Args:
-      params: the baseline (only for the masks' structure).
-      states: ``ChipState[size]`` of a chunk of units.
-      units: ``int[m]`` unit index within the chunk of each evaluation.
-      member_maps: ``bool[m, R, C]`` the member chips' maps.
-      size: evaluations per call (the chunk size, so no new shapes are compiled).
+      ctx: the run's context (target and top-up increments included).
+      units: what to retrain.
+      chip_maps: ``bool[chips, R, C]`` the chips' own maps (``units.members`` index it).
+      key: key of the batch order of the retraining and of the top-ups.
+      store: saves finished chunks under ``stage`` (resume).
+      stage: the stage's name.
 
     Returns:
-      ``float64[m]``.
+      ``ChipOutcome`` over units.
     """
-    out = []
-    for lo in range(0, len(units), size):
-        idx, maps = units[lo : lo + size], member_maps[lo : lo + size]
-        m = len(idx)
-        maps, idx = population.pad_chunk(maps, idx, size)
-        sub = population.take(states.params, idx)
-        masks = population.population_masks(params, sharding.shard_chips(jnp.asarray(maps)))
-        acc = trainer.evaluate(sub, masks, data.test_images, data.test_labels)
-        out.append(sharding.to_host(acc).astype(np.float64)[:m])
-    return np.concatenate(out) if out else np.zeros(0)
+    steps = np.where(units.retrain, units.steps, 0).astype(np.int64)
+    keys = jax.random.split(key)
+    meter = Meter(f"{stage} training", int(steps.sum()))
+
+    def compute(ids: np.ndarray, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = _retrain_chunk(ctx, chunk, keys, meter)
+        members = chunk["members"][: len(ids)]
+        out["member_accuracy"] = _verify_members(
+            ctx, out.pop("params"), members, chip_maps, out["after"]
+        )
+        for unit in ids[out["diverged"][: len(ids)]]:
+            logging.warning(
+                "%s: unit %d: loss or weights became non-finite; stopped, reported as diverged",
+                stage,
+                unit,
+            )
+        return out
+
+    inputs = dict(maps=units.maps, steps=steps, retrain=units.retrain, members=units.members)
+    order = np.argsort(steps, kind="stable")
+    out = population.drive(inputs, compute, ctx.chips_per_batch, order, store, stage)
+    member_acc = np.where(units.members >= 0, out["member_accuracy"], np.nan)
+    ok = np.where(units.members >= 0, member_acc >= ctx.target, True).all(1)
+    return ChipOutcome(
+        members=units.members,
+        steps=steps,
+        retrained=np.asarray(units.retrain, bool),
+        accuracy_before=out["before"],
+        accuracy_after=out["after"],
+        topup_steps=out["topup"],
+        diverged=out["diverged"],
+        member_accuracy=member_acc,
+        meets_target=ok & ~out["diverged"],
+    )
 
 
 def _retrain_chunk(
-    trainer: train.Trainer,
-    params,
-    data: population.DeviceData,
-    maps: np.ndarray,
-    budgets: np.ndarray,
-    retrain: np.ndarray,
-    members: list[np.ndarray],
-    target: float,
-    topup_steps: int,
-    max_topup_steps: int,
-    phase_key: jax.Array,
-    topup_key: jax.Array,
-    size: int,
-    width: int,
-    meter: Meter,
-) -> dict[str, list]:
-    """One chunk of ``m <= size`` units: retrain, top up, verify on members; lists over units."""
-    m = len(maps)
-    chunk_maps, chunk_budgets = population.pad_chunk(maps, budgets, size)
-    states, masks = population.init_chunk(trainer, params, chunk_maps, chunk_budgets)
-    before = population.evaluate(trainer, states, masks, data)
+    ctx: population.Context, chunk: dict[str, np.ndarray], keys: jax.Array, meter: Meter
+) -> dict:
+    """One padded chunk of units: retrain for the budgets, evaluate, top up."""
+    states, masks = population.init_chunk(ctx.trainer, ctx.params, chunk["maps"], chunk["steps"])
+    before = population.evaluate(ctx.trainer, states, masks, ctx.data)
     states = population.run_phase(
-        trainer, states, masks, data, phase_key, chunk_budgets, on_progress=meter
+        ctx.trainer, states, masks, ctx.data, keys[0], chunk["steps"], on_progress=meter
     )
-    after = population.evaluate(trainer, states, masks, data)
-    topup = np.zeros(size, np.int64)
-    missing = np.zeros(size, bool)
-    missing[:m] = retrain & (after[:m] < target)
+    after = population.evaluate(ctx.trainer, states, masks, ctx.data)
+    states, after, topup = top_up(ctx, states, masks, after, chunk["retrain"], keys[1])
+    return dict(
+        before=before,
+        after=after,
+        topup=topup,
+        diverged=sharding.to_host(states.diverged),
+        params=states.params,
+    )
+
+
+def top_up(
+    ctx: population.Context,
+    states: train.ChipState,
+    masks,
+    after: np.ndarray,
+    retrained: np.ndarray,
+    key: jax.Array,
+) -> tuple[train.ChipState, np.ndarray, np.ndarray]:
+    """Tops up retrained chips below the target, ``ctx.topup_steps`` at a time.
+
+    A chip stops at the first increment after which it meets the target, when it has had
+    ``ctx.max_topup_steps``, or when it diverges (more steps cannot help a frozen chip).
+
+    Args:
+      states: ``ChipState[n]``; masks: ``[n, ...]``.
+      after: ``float64[n]`` accuracy now; retrained: ``bool[n]`` chips that may be topped up.
+      key: key of the top-ups' batch order (round ``r`` uses ``fold_in(key, r)``).
+
+    Returns:
+      ``(states, after float64[n], topup int64[n])``.
+    """
+    topup = np.zeros(len(after), np.int64)
+    missing = np.asarray(retrained, bool) & (after < ctx.target)
     rnd = 0
     while True:
-        # A diverged unit is frozen: more steps cannot help it.
         missing &= ~sharding.to_host(states.diverged)
-        left = max_topup_steps - rnd * topup_steps
-        if not missing.any() or topup_steps <= 0 or left <= 0:
+        left = ctx.max_topup_steps - rnd * ctx.topup_steps
+        if not missing.any() or ctx.topup_steps <= 0 or left <= 0:
             break
-        extra = np.where(missing, min(topup_steps, left), 0)
+        extra = np.where(missing, min(ctx.topup_steps, left), 0)
         budget = states.budget + sharding.shard_chips(jnp.asarray(extra, jnp.int32))
         states = population.run_phase(
-            trainer,
+            ctx.trainer,
             states.replace(budget=budget),
             masks,
-            data,
-            jax.random.fold_in(topup_key, rnd),
+            ctx.data,
+            jax.random.fold_in(key, rnd),
             extra,
         )
         topup += extra
-        after = np.where(missing, population.evaluate(trainer, states, masks, data), after)
-        missing &= after < target
+        after = np.where(missing, population.evaluate(ctx.trainer, states, masks, ctx.data), after)
+        missing &= after < ctx.target
         rnd += 1
-    # Verification on every member chip of the groups (a unit of one chip is its member).
-    member_acc = np.full((m, width), NO_MEMBER)
-    member_acc[:, 0] = after[:m]
-    grouped = [
-        (u, j, chip_map)
-        for u in range(m)
-        if len(members[u]) > 1
-        for j, chip_map in enumerate(members[u])
-    ]
-    if grouped:
-        units = np.array([u for u, _, _ in grouped])
-        accs = evaluate_members(
-            trainer, params, states, units, np.stack([g[2] for g in grouped]), data, size
-        )
-        for (u, j, _), acc in zip(grouped, accs, strict=True):
-            member_acc[u, j] = acc
-    diverged = sharding.to_host(states.diverged)[:m]
-    return dict(
-        accuracy_before=before[:m].tolist(),
-        accuracy_after=after[:m].tolist(),
-        topup_steps=topup[:m].tolist(),
-        diverged=diverged.tolist(),
-        member_accuracy=member_acc.tolist(),
-    )
+    return states, after, topup
 
 
-def retrain_units(
-    trainer: train.Trainer,
+def _verify_members(
+    ctx: population.Context,
     params,
-    data: population.DeviceData,
-    maps: np.ndarray,
-    steps: np.ndarray,
-    retrain: np.ndarray,
-    members: list[np.ndarray],
-    target: float,
-    topup_steps: int,
-    max_topup_steps: int,
-    key: jax.Array,
-    chips_per_batch: int,
-    done: dict[int, dict] | None = None,
-    on_chunk: Callable[[int, dict], None] | None = None,
-    label: str = "retraining",
-) -> dict[str, np.ndarray]:
-    """Retrains every unit for its own steps, verifies it on its members, tops up misses.
+    members: np.ndarray,
+    chip_maps: np.ndarray,
+    after: np.ndarray,
+) -> np.ndarray:
+    """Accuracy ``float64[m, W]`` of each unit's model on each member chip's own map.
 
-    Units are sorted by budget before chunking, so a chunk holds similar budgets. Each
-    finished chunk goes to ``on_chunk``; chunks in ``done`` are not redone (resume).
+    A unit of one chip is its own member (its accuracy is ``after``); the members of
+    groups are evaluated in batches of the chunk size, so no new shapes are compiled.
 
     Args:
-      maps: ``bool[units, R, C]`` the units' (fused) maps; steps: ``int[units]`` budgets;
-        retrain: ``bool[units]`` which units to retrain (the others are only evaluated).
-      members: per unit, ``bool[members, R, C]`` the member chips' own maps (verification).
-      target: the accuracy target; top-ups of ``topup_steps`` (up to ``max_topup_steps``)
-        go to retrained units below it.
-
-    Returns:
-      numpy arrays over units: ``accuracy_before``, ``accuracy_after`` (on the unit's map),
-      ``topup_steps``, ``diverged``, ``member_accuracy float64[units, W]`` (on each member,
-      in ``members`` order; ``NO_MEMBER`` in unused slots; W = the most members of a unit).
+      params: ``[size, ...]`` the chunk's trained parameters.
+      members: ``int64[m, W]`` the chunk's real units' members (``-1``: none).
+      chip_maps: ``bool[chips, R, C]``; after: ``float64[>= m]`` accuracy on the unit's map.
     """
-    n = len(maps)
-    steps = np.where(retrain, steps, 0).astype(np.int64)
-    order = np.argsort(steps, kind="stable")
-    size = population.chunk_size(n, chips_per_batch)
-    width = max(len(m) for m in members)
-    phase_key, topup_key = jax.random.split(key)
-    meter = Meter(label, int(steps.sum()))
-
-    def compute(ids: np.ndarray) -> dict[str, list]:
-        result = _retrain_chunk(
-            trainer,
-            params,
-            data,
-            maps[ids],
-            steps[ids],
-            retrain[ids],
-            [members[i] for i in ids],
-            target,
-            topup_steps,
-            max_topup_steps,
-            phase_key,
-            topup_key,
-            size,
-            width,
-            meter,
+    size = len(jax.tree.leaves(params)[0])
+    member_acc = np.full(members.shape, np.nan)
+    member_acc[:, 0] = after[: len(members)]
+    unit, slot = np.nonzero(((members >= 0).sum(1) > 1)[:, None] & (members >= 0))
+    for lo in range(0, len(unit), size):
+        u, j = unit[lo : lo + size], slot[lo : lo + size]
+        maps, idx = population.pad_chunk(chip_maps[members[u, j]], u, size)
+        masks = population.population_masks(ctx.params, sharding.shard_chips(jnp.asarray(maps)))
+        acc = ctx.trainer.evaluate(
+            population.take(params, idx), masks, ctx.data.test_images, ctx.data.test_labels
         )
-        for unit in ids[np.asarray(result["diverged"], bool)]:
-            logging.warning(
-                "%s: unit %d: loss or weights became non-finite; stopped, reported as diverged",
-                label,
-                unit,
-            )
-        logging.info("%s: %d units done", label, len(ids))
-        return result
-
-    return population.map_chunks(order, size, done, compute, on_chunk)
+        member_acc[u, j] = sharding.to_host(acc).astype(np.float64)[: len(u)]
+    return member_acc

@@ -11,7 +11,7 @@ is a pure gather, written for one chip and vmapped over chips at the call site.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -231,3 +231,22 @@ def describe_mapping(params: PyTree, rows: int, cols: int) -> list[Mapping[str, 
             )
         )
     return out
+
+
+def measure_weights(
+    params: PyTree, rows: int, cols: int, measures: Sequence[str] = RATE_MEASURES
+) -> dict[str, np.ndarray]:
+    """Per-PE weights ``float64[R, C]`` of each rate measure (``pe_weights``)."""
+    return {m: pe_weights(params, rows, cols, m) for m in measures}
+
+
+def chip_rates(weights: dict[str, np.ndarray], maps: np.ndarray) -> dict[str, np.ndarray]:
+    """Every chip's rate in each measure: measure -> ``float64[...]`` for ``bool[..., R, C]``."""
+    maps = jnp.asarray(maps)
+    return {m: np.asarray(fault_rate(w, maps), np.float64) for m, w in weights.items()}
+
+
+def grid_rates(weights: dict[str, np.ndarray], maps: np.ndarray) -> dict[str, np.ndarray]:
+    """The measured rate of each grid point: the mean over its maps ``bool[F, K, R, C]``,
+    measure -> ``float64[F]``."""
+    return {m: r.mean(1) for m, r in chip_rates(weights, maps).items()}

@@ -167,7 +167,6 @@ class Trainer(NamedTuple):
     run: Any
     evaluate: Any
     tx: optax.GradientTransformation
-    batch_size: int
 
 
 def make_trainer(
@@ -234,7 +233,6 @@ def make_trainer(
         run=jax.jit(run, donate_argnums=0),
         evaluate=jax.jit(evaluate),
         tx=tx,
-        batch_size=batch_size,
     )
 
 
@@ -242,7 +240,3 @@ def slice_chips(tree: PyTree, index) -> PyTree:
     """Select chips (an index array or slice) along the leading axis of every leaf."""
     return jax.tree.map(lambda x: x[index], tree)
 
-
-def stack_chips(trees: list[PyTree]) -> PyTree:
-    """Stack single-chip pytrees along a new leading ``chips`` axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)

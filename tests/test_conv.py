@@ -114,7 +114,7 @@ def test_vmap_over_chips_equals_a_loop_over_chips(
 ):
     """Values and gradients of every chip equal the chip computed alone (both the CPU
     ``lax.map`` path and the GEMM path of other backends)."""
-    monkeypatch.setattr(conv, "_per_chip_convolutions", lambda: per_chip_convolutions)
+    monkeypatch.setattr(conv, "_on_cpu", lambda: per_chip_convolutions)
     padding, kernel_size, h, w, cin, cout = geometry
     chips = 3
     fn = functools.partial(conv.conv2d_pool if pool else conv.conv2d, padding=padding)

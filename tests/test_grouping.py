@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reduce_jax import grouping, models, pipeline, population, systolic, train
-from reduce_jax.config import ReduceConfig
+from reduce_jax import grouping, models, pipeline, population, retraining, systolic, train
 
 ROWS = COLS = 4
 W_PE = np.full((ROWS, COLS), 1.0 / (ROWS * COLS))
@@ -174,73 +173,88 @@ def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(di
         np.testing.assert_array_equal(outputs(m), on_fused)
 
 
-def record(members, steps, topup, meets, retrained=True):
-    return dict(
+def outcome(groups, steps, topup, meets, retrained=True):
+    """A hand-made ``ChipOutcome`` of units ``groups`` (lists of chip ids)."""
+    n, width = len(groups), max(len(g) for g in groups)
+    members = np.full((n, width), -1)
+    for i, g in enumerate(groups):
+        members[i, : len(g)] = g
+    meets = np.broadcast_to(meets, (n,))
+    acc = np.where(meets, 0.95, 0.5)
+    return retraining.ChipOutcome(
         members=members,
-        steps=steps if retrained else None,
-        topup_steps=topup,
-        retrained=retrained,
-        accuracy_before=0.1,
-        accuracy_after=0.95 if meets else 0.5,
-        member_accuracy=[0.95 if meets else 0.5] * len(members),
-        diverged=False,
-        meets_target=meets,
-        split=False,
-        split_from=None,
+        steps=np.where(retrained, steps, 0),
+        retrained=np.broadcast_to(retrained, (n,)).copy(),
+        accuracy_before=np.full(n, 0.1),
+        accuracy_after=acc,
+        topup_steps=np.asarray(topup),
+        diverged=np.zeros(n, bool),
+        member_accuracy=np.where(members >= 0, acc[:, None], np.nan),
+        meets_target=meets.copy(),
     )
 
 
-def test_a_group_that_misses_the_target_is_split_and_its_chips_serve_alone():
-    groups = [record([0, 2], 6, 4, meets=False), record([3, 4], 5, 0, meets=True)]
-    per_chip = [
-        record([0], 3, 0, True),
-        record([1], 3, 2, True),
-        record([2], 4, 0, True),
-        record([3], 3, 0, True),
-        record([4], 3, 0, True),
-        record([5], 0, 0, False, retrained=False),  # a chip the map cannot serve
-    ]
-    records = pipeline.grouped_records(groups, per_chip)
-    assert [r["members"] for r in records] == [[0, 2], [3, 4], [0], [1], [2], [5]]
-    assert [r["split"] for r in records] == [True, False, False, False, False, False]
-    assert [r["split_from"] for r in records] == [None, None, 0, None, 0, None]
+def run_grouped_with(monkeypatch, groups, group_outcome, per_chip, num_chips):
+    """``grouping.run_grouped`` with the groups' retraining replaced by ``group_outcome``."""
+    calls = []
+
+    def retrain(ctx, units, chip_maps, key, store=None, stage="retrain"):
+        calls.append((units.members.tolist(), units.steps.tolist(), stage))
+        return group_outcome
+
+    monkeypatch.setattr(retraining, "retrain", retrain)
+    plan = grouping.GroupPlan(groups, np.array([6, 5][: len(groups)]))
+    maps = np.zeros((num_chips, ROWS, COLS), bool)
+    out = grouping.run_grouped(None, maps, plan, per_chip, {"pe": W_PE}, "pe", None)
+    return out, calls
+
+
+def test_a_group_that_misses_the_target_is_split_and_its_chips_serve_alone(monkeypatch):
+    groups = [[0, 2], [3, 4]]
+    group_outcome = outcome(groups, [6, 5], [4, 0], [False, True])
+    per_chip = outcome(
+        [[c] for c in range(6)],
+        [3, 3, 4, 3, 3, 0],
+        [0, 2, 0, 0, 0, 0],
+        True,
+        retrained=np.array([True] * 5 + [False]),  # chip 5: the map cannot serve it
+    )
+    out, calls = run_grouped_with(monkeypatch, groups, group_outcome, per_chip, 6)
+    assert calls == [([[0, 2], [3, 4]], [6, 5], "grouped")]  # groups of 2+ only, once
+    t = out.retrainings
+    members = [m[m >= 0].tolist() for m in t.members]
+    assert members == [[0, 2], [3, 4], [0], [1], [2]]  # chip 5 is not retrained
+    assert out.split.tolist() == [True, False, False, False, False]
+    assert out.split_from.tolist() == [-1, -1, 0, -1, 0]
     # Every retraining counts: the failed group, the members that then served alone.
-    cost = sum(r["steps"] + r["topup_steps"] for r in records if r["retrained"])
-    assert cost == (6 + 4) + 5 + 3 + (3 + 2) + 4
-    _, served_by, result = pipeline.collect_groups(
-        records, np.zeros((6, ROWS, COLS), bool), {"pe": W_PE}, "pe", 10
-    )
-    assert served_by == {3: 1, 4: 1, 0: 2, 1: 3, 2: 4}
-    assert result["topup_steps"].tolist() == [0, 2, 0, 0, 0, 0]
+    assert int((t.steps + t.topup_steps).sum()) == (6 + 4) + 5 + 3 + (3 + 2) + 4
+    assert out.served_by.tolist() == [2, 3, 4, 1, 1, -1]
+    assert t.topup_steps.tolist() == [4, 0, 0, 2, 0]
 
 
-def test_collect_groups_maps_split_groups_and_serving_groups():
-    groups = [record([0, 2], 6, 4, meets=False), record([3, 4], 5, 0, meets=True)]
-    per_chip = [record([c], 3, 0, True) for c in range(5)]
-    records = pipeline.grouped_records(groups, per_chip)
-    out, served_by, _ = pipeline.collect_groups(
-        records, np.zeros((5, ROWS, COLS), bool), {"pe": W_PE}, "pe", 10
-    )
-    assert [g["members"] for g in out] == [[0, 2], [3, 4], [0], [1], [2]]
-    assert [g["split"] for g in out] == [True, False, False, False, False]
-    assert [g["split_from"] for g in out] == [None, None, 0, None, 0]
-    assert served_by == {0: 2, 1: 3, 2: 4, 3: 1, 4: 1}
+def test_chips_are_served_by_their_group_or_their_own_retraining(monkeypatch):
+    groups = [[0, 2], [3, 4]]
+    group_outcome = outcome(groups, [6, 5], [4, 0], [False, True])
+    group_outcome.member_accuracy[1] = [0.97, 0.96]  # chips 3 and 4 on group 1's model
+    per_chip = outcome([[c] for c in range(5)], [3] * 5, [0] * 5, True)
+    out, _ = run_grouped_with(monkeypatch, groups, group_outcome, per_chip, 5)
+    assert out.served_by.tolist() == [2, 3, 4, 1, 1]
+    assert out.accuracy_after.tolist() == [0.95, 0.95, 0.95, 0.97, 0.96]
+    assert out.retrainings.member_accuracy.shape == (5, 2)  # widened to the widest group
+    assert np.isnan(out.retrainings.member_accuracy[2:, 1]).all()
 
 
-def test_plan_units_maps_back_to_chip_ids_around_unservable_chips():
+def test_plan_groups_maps_back_to_chip_ids_around_unservable_chips():
     grid = np.arange(5) / 16
     required = np.array([0, 4, 4, 4, np.inf])
     amount = grouping.amount_fn(grid, required, "conservative")
     maps = single_fault_maps([(0, 0), (0, 0), (1, 1), (2, 2), (3, 3)])
     maps[1] = True  # chip 1: every PE faulty, cannot be served
     ok = np.array([True, False, True, True, True])
-    cfg = ReduceConfig(grouping="greedy", max_group_size=8)
-    units = pipeline.plan_units(cfg, maps, ok, W_PE, amount, required)
-    assert sorted(c for u in units for c in u) == [0, 1, 2, 3, 4]
-    assert [1] in units  # alone
-    assert [0, 2, 3] in units and [4] in units  # 3 faults fit, a 4th would not
-    none = pipeline.plan_units(ReduceConfig(), maps, ok, W_PE, amount, required)
-    assert none == [[0], [1], [2], [3], [4]]
+    plan = grouping.plan_groups(maps, ok, W_PE, amount, required, 8)
+    assert plan.groups == [[0, 2, 3]]  # 3 faults fit, a 4th would not; 1 and 4 alone
+    assert plan.steps.tolist() == [4]
+    assert grouping.plan_groups(maps, ok, W_PE, amount, required, 2).groups == [[0, 2], [3, 4]]
 
 
 @pytest.mark.slow
@@ -250,7 +264,7 @@ def test_groups_that_miss_the_target_are_split_end_to_end(tmp_path, monkeypatch,
     cfg = small_run_config(
         str(tmp_path / "w"), chip_fault_rate=0.1, baseline_epochs=10, grouping="greedy"
     )
-    original_plan, original_init = pipeline.retrain_plan, population.init_chunk
+    original_retrain, original_init = retraining.retrain, population.init_chunk
 
     def diverging_init(trainer, params, maps, budgets):
         states, masks = original_init(trainer, params, maps, budgets)
@@ -258,16 +272,16 @@ def test_groups_that_miss_the_target_are_split_end_to_end(tmp_path, monkeypatch,
         states.opt_state.hyperparams["learning_rate"] = lr * 0 + 1e30
         return states, masks
 
-    def retrain_plan(*args, stage="retrain", **kwargs):
+    def retrain(*args, stage="retrain", **kwargs):
         if stage == "grouped":
             monkeypatch.setattr(population, "init_chunk", diverging_init)
         try:
-            return original_plan(*args, stage=stage, **kwargs)
+            return original_retrain(*args, stage=stage, **kwargs)
         finally:
             monkeypatch.setattr(population, "init_chunk", original_init)
 
-    monkeypatch.setattr(pipeline, "retrain_plan", retrain_plan)
-    s = pipeline.run(cfg)
+    monkeypatch.setattr(retraining, "retrain", retrain)
+    s = pipeline.run(cfg).to_json()
     groups, chips, cost = s["groups"], s["chips"], s["cost"]
     multi = [g for g in groups if len(g["members"]) > 1]
     assert multi and all(g["split"] and g["diverged"] for g in multi)

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from reduce_jax import faults, population, train
+from reduce_jax import faults, population, progress, train
+from reduce_jax.config import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -21,24 +22,27 @@ def test_pad_chunk():
 
 
 def test_compacted_phase_equals_gated_phase(digits, tiny_mlp, tiny_mlp_params):
+    """Dropping finished chips equals running every chip to the longest budget, gated."""
     data = population.DeviceData.from_dataset(digits)
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(3), 6, 8, 8, 0.2))
     steps = np.array([0, 9, 2, 5, 1, 9])
     key = jax.random.key(7)
-    results, work = [], []
-    for compact in (True, False):
-        states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, steps)
-        done = []
-        states = population.run_phase(
-            trainer, states, masks, data, key, steps, compact=compact, on_progress=done.append
-        )
-        results.append(states)
-        work.append(sum(done))
-    np.testing.assert_array_equal(results[0].step, steps)
-    np.testing.assert_array_equal(results[1].step, steps)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
-    assert work == [steps.sum(), steps.sum()]  # progress counts budgeted chip-steps
+    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, steps)
+    done = []
+    compacted = population.run_phase(
+        trainer, states, masks, data, key, steps, on_progress=done.append
+    )
+    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, steps)
+    gated = trainer.run(
+        states, masks, data.train_images, data.train_labels, key, 0, int(steps.max())
+    )
+    np.testing.assert_array_equal(compacted.step, steps)
+    np.testing.assert_array_equal(gated.step, steps)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), compacted, gated
+    )
+    assert sum(done) == steps.sum()  # progress counts budgeted chip-steps
 
 
 def test_phase_from_nonzero_start_continues_the_batch_order(digits, tiny_mlp, tiny_mlp_params):
@@ -56,17 +60,61 @@ def test_phase_from_nonzero_start_continues_the_batch_order(digits, tiny_mlp, ti
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s1, s2)
 
 
-def test_map_chunks_skips_done_chunks_and_scatters_by_chip_id():
-    ids = np.array([4, 0, 3, 1, 2])  # processing order
-    calls, saved = [], {}
+def _compute(calls):
+    """A chunk function recording its calls: value = 10 * chip id, flag = even id."""
 
-    def compute(chunk):
-        calls.append(chunk.tolist())
-        return dict(value=(chunk * 10).tolist(), flag=(chunk % 2 == 0).tolist())
+    def compute(ids, chunk):
+        calls.append((ids.tolist(), chunk["chip"].tolist()))
+        return dict(value=chunk["chip"] * 10, flag=chunk["chip"] % 2 == 0, rate=chunk["rate"])
 
-    done = {1: dict(value=[-1, -1], flag=[True, True])}  # chunk 1 (chips 3, 1) saved earlier
-    out = population.map_chunks(ids, 2, done, compute, lambda i, r: saved.setdefault(i, r))
-    assert calls == [[4, 0], [2]] and sorted(saved) == [0, 2]
-    assert out["value"].tolist() == [0, -1, 20, -1, 40]
-    assert out["flag"].dtype == bool and out["flag"].tolist() == [True, True, True, True, True]
-    assert list(done) == [1]  # the caller's dict is not modified
+    return compute
+
+
+def test_drive_orders_pads_and_scatters_back_by_chip_id():
+    order = np.array([4, 0, 3, 1, 2])  # processing order
+    inputs = dict(chip=np.arange(5), rate=np.array([0.5, np.inf, np.nan, 0.1, 0.2]))
+    calls = []
+    out = population.drive(inputs, _compute(calls), 2, order)
+    # Chunks of 2 in processing order; the last one padded with zeros to the chunk size.
+    assert calls == [([4, 0], [4, 0]), ([3, 1], [3, 1]), ([2], [2, 0])]
+    assert out["value"].tolist() == [0, 10, 20, 30, 40]
+    assert out["flag"].dtype == bool and out["flag"].tolist() == [True, False, True, False, True]
+    np.testing.assert_array_equal(out["rate"], inputs["rate"])
+
+
+def test_resumed_drive_computes_only_the_missing_chunks(tmp_path):
+    """A reopened store hands back the saved chunks (arrays, NaN and inf kept), and the
+    driver computes only the chunks that are missing."""
+    workdir = str(tmp_path)
+    inputs = dict(chip=np.arange(5), rate=np.array([0.5, np.inf, np.nan, 0.1, 0.2]))
+    first = []
+
+    def interrupted(ids, chunk):
+        if len(first) == 2:
+            raise KeyboardInterrupt
+        return _compute(first)(ids, chunk)
+
+    store = progress.ProgressStore(workdir, dict(a=1), overwrite=False)
+    with pytest.raises(KeyboardInterrupt):
+        population.drive(inputs, interrupted, 2, store=store, stage="s")
+    reopened = progress.ProgressStore(workdir, dict(a=1), overwrite=False)
+    saved = reopened.done("s")
+    assert sorted(saved) == [0, 1]
+    assert saved[0]["value"].tolist() == [0, 10] and saved[0]["flag"].dtype == bool
+    np.testing.assert_array_equal(saved[0]["rate"], [0.5, np.inf])
+    np.testing.assert_array_equal(saved[1]["rate"], [np.nan, 0.1])
+    second = []
+    out = population.drive(inputs, _compute(second), 2, store=reopened, stage="s")
+    assert [ids for ids, _ in second] == [[4]]  # only the missing chunk
+    assert out["value"].tolist() == [0, 10, 20, 30, 40]
+    np.testing.assert_array_equal(out["rate"], inputs["rate"])
+    assert sorted(progress.ProgressStore(workdir, dict(a=1), False).done("s")) == [0, 1, 2]
+
+
+def test_progress_store_refuses_other_settings(tmp_path):
+    store = progress.ProgressStore(str(tmp_path), dict(a=1, b=2), overwrite=False)
+    store.put("s", 0, dict(x=np.zeros(2)))
+    with pytest.raises(ConfigError, match="differs in: b"):
+        progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=False)
+    fresh = progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=True)
+    assert fresh.done("s") == {}

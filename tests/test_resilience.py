@@ -22,7 +22,7 @@ def test_map_min_statistic_picks_first_amount_meeting_target():
     acc = table(
         [[0.95, 0.95, 0.95, 0.95], [0.80, 0.91, 0.95, 0.96], [0.5, 0.7, 0.85, 0.92]], spread=0.01
     )
-    required, stat = resilience.resilience_map(acc, AMOUNTS, target=0.905, statistic="min")
+    required, stat = resilience.required_amounts(acc, AMOUNTS, target=0.905, statistic="min")
     # min over samples = value - 0.01
     np.testing.assert_allclose(
         stat, table([[0.95] * 4, [0.80, 0.91, 0.95, 0.96], [0.5, 0.7, 0.85, 0.92]])[..., 0] - 0.01
@@ -33,10 +33,10 @@ def test_map_min_statistic_picks_first_amount_meeting_target():
 def test_map_mean_and_quantile_statistics():
     acc = np.array([[[0.85, 0.95, 0.96], [0.89, 0.97, 0.97]]])  # F=1, A=2, K=3
     amounts = np.array([0.0, 1.0])
-    assert resilience.resilience_map(acc, amounts, 0.9, "mean")[0][0] == 0.0  # mean 0.92
-    assert resilience.resilience_map(acc, amounts, 0.9, "min")[0][0] == np.inf  # 0.85, 0.89
-    assert resilience.resilience_map(acc, amounts, 0.9, "quantile:0.5")[0][0] == 0.0
-    assert resilience.resilience_map(acc, amounts, 0.9, "quantile:0")[0][0] == np.inf
+    assert resilience.required_amounts(acc, amounts, 0.9, "mean")[0][0] == 0.0  # mean 0.92
+    assert resilience.required_amounts(acc, amounts, 0.9, "min")[0][0] == np.inf  # 0.85, 0.89
+    assert resilience.required_amounts(acc, amounts, 0.9, "quantile:0.5")[0][0] == 0.0
+    assert resilience.required_amounts(acc, amounts, 0.9, "quantile:0")[0][0] == np.inf
 
 
 def test_map_is_non_decreasing_and_unrecoverable_propagates():
@@ -50,7 +50,7 @@ def test_map_is_non_decreasing_and_unrecoverable_propagates():
             [0.5, 0.6, 0.95, 0.95],
         ]
     )
-    required, _ = resilience.resilience_map(acc, AMOUNTS, 0.9, "min")
+    required, _ = resilience.required_amounts(acc, AMOUNTS, 0.9, "min")
     np.testing.assert_array_equal(required, [0.0, 2.0, 2.0, np.inf, np.inf])
     assert np.all(np.diff(required[np.isfinite(required)]) >= 0)
 

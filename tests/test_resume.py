@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from reduce_jax import pipeline, population
+from reduce_jax import pipeline, population, retraining
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
@@ -146,14 +146,14 @@ def test_diverging_chip_is_reported_and_run_goes_on(tmp_path, monkeypatch, small
         sabotaged.append(victim)
         return states, masks
 
-    original_retrain = pipeline.retrain_plan
+    original_retrain = retraining.retrain
 
-    def retrain_plan(*args, **kwargs):
+    def retrain(*args, **kwargs):
         monkeypatch.setattr(population, "init_chunk", init_chunk)
         return original_retrain(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "retrain_plan", retrain_plan)
-    summary = pipeline.run(cfg)
+    monkeypatch.setattr(retraining, "retrain", retrain)
+    summary = pipeline.run(cfg).to_json()
     diverged = [c for c in summary["chips"] if c["status"] == "diverged"]
     assert len(sabotaged) == 1 and len(diverged) == 1
     assert not diverged[0]["meets_target"] and diverged[0]["topup_epochs"] == 0

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
         retrain_epochs=(0.0, 0.5, 1.0), maps_per_rate=3, num_chips=10, chip_fault_rate=0.15,
         max_accuracy_drop=0.05, batch_size=64, learning_rate=3e-3, baseline_epochs=5,
         chips_per_batch=int(sys.argv[1]), topup_epochs=0.5, max_topup_epochs=1.0)
-    s = pipeline.run(cfg)
+    s = pipeline.run(cfg).to_json()
     print(json.dumps(dict(devices=jax.device_count(), shards=sharding.num_shards(),
                           accuracy=s["resilience"]["accuracy"],
                           after=[c["accuracy_after"] for c in s["chips"]],

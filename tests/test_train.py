@@ -97,9 +97,14 @@ def test_batch_indices_cover_each_epoch():
     np.testing.assert_array_equal(fn(4), fn(4))
 
 
-def test_slice_and_stack_chips(tiny_mlp_params):
+def _stack(trees):
+    """Single-chip pytrees stacked along a new leading ``chips`` axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def test_slice_chips(tiny_mlp_params):
     trees = [jax.tree.map(lambda x, i=i: x + i, tiny_mlp_params) for i in range(3)]
-    stacked = train.stack_chips(trees)
+    stacked = _stack(trees)
     chex.assert_tree_shape_prefix(stacked, (3,))
     chex.assert_trees_all_equal(train.slice_chips(stacked, 1), trees[1])
     chex.assert_tree_shape_prefix(train.slice_chips(stacked, np.array([2, 0])), (2,))
@@ -219,7 +224,7 @@ def test_population_step_equals_loop_over_chips(adam_trainer, tiny_mlp_params, m
             singles[i], loss = adam_trainer.step(singles[i], _chip(masks, i), images, labels)
             np.testing.assert_allclose(losses[i], loss, rtol=1e-5, atol=1e-6)
     chex.assert_tree_shape_prefix(pop, (CHIPS,))
-    _assert_states_close(pop, train.stack_chips(singles))
+    _assert_states_close(pop, _stack(singles))
     np.testing.assert_array_equal(pop.step, [4, 4, 2, 0])
     # Different fault maps give different chips.
     kernels = np.asarray(pop.params["fc1"]["kernel"])
