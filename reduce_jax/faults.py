@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import re
 import zipfile
 from typing import NamedTuple
 
@@ -273,6 +274,12 @@ def _load_npz(path: str, rows: int | None, cols: int | None) -> np.ndarray:
     return raw
 
 
+_CSV_FIELDS = ("chip", "row", "col")
+_CSV_INTEGER = re.compile(r"[+-]?[0-9]+")
+# Fast path: three integers of up to 18 digits (well inside int64), spaces allowed.
+_CSV_ROW = re.compile(",".join([r"\s*([+-]?[0-9]{1,18})\s*"] * 3))
+
+
 def _csv_comment(path: str, lineno: int, line: str) -> dict[str, int]:
     """``# chips=N rows=R cols=C`` -> ``{"chips": N, "rows": R, "cols": C}`` (any subset)."""
     out = {}
@@ -281,13 +288,73 @@ def _csv_comment(path: str, lineno: int, line: str) -> dict[str, int]:
             continue
         name, value = kv.split("=", 1)
         if name in ("chips", "rows", "cols"):
-            try:
-                out[name] = int(value)
-            except ValueError:
+            if not _CSV_INTEGER.fullmatch(value) or int(value) <= 0:
                 raise FaultMapError(
-                    f"{path}: line {lineno}: {name}={value!r} in the comment is not an integer"
-                ) from None
+                    f"{path}: line {lineno}: {name}={value} in the comment is not a positive "
+                    "integer"
+                )
+            out[name] = int(value)
     return out
+
+
+def _csv_row(path: str, lineno: int, line: str) -> tuple[int, int, int]:
+    """One data line ``chip,row,col`` -> three integers (signs are checked later)."""
+    match = _CSV_ROW.fullmatch(line)
+    if match:
+        chip, r, c = (int(g) for g in match.groups())
+        return chip, r, c
+    # Not three integers: say which part is wrong.
+    fields = [f.strip() for f in line.split(",")]
+    if len(fields) != 3:
+        raise FaultMapError(
+            f"{path}: line {lineno}: {line!r} has {len(fields)} "
+            f"field{'s' if len(fields) != 1 else ''}; expected 3 (chip,row,col)"
+        )
+    for name, field in zip(_CSV_FIELDS, fields, strict=True):
+        if not _CSV_INTEGER.fullmatch(field):
+            raise FaultMapError(
+                f"{path}: line {lineno}: {name} {field!r} in {line!r} is not an integer"
+            )
+    chip, r, c = (int(f) for f in fields)
+    for name, value in zip(_CSV_FIELDS, (chip, r, c), strict=True):
+        if abs(value) >= 2**62:  # far past any array, and would overflow int64
+            raise FaultMapError(f"{path}: line {lineno}: {name}={value} is out of range")
+    return chip, r, c
+
+
+def _check_csv_entries(
+    path: str, line_of: np.ndarray, arr: np.ndarray, bounds: tuple[int | None, int, int]
+) -> None:
+    """Refuses the first entry (in file order) that is out of range or repeats an earlier one.
+
+    Args:
+      path: the file, for messages.
+      line_of: ``int64[E]`` line number of each entry.
+      arr: ``int64[E, 3]`` entries ``(chip, row, col)``.
+      bounds: exclusive upper bounds of chip, row and col; ``None`` = no upper bound.
+    """
+    upper = np.array([b if b is not None else np.iinfo(np.int64).max for b in bounds])
+    bad = (arr < 0) | (arr >= upper)
+    if bad.any():
+        i, field = np.argwhere(bad)[0]  # row-major: the first line, then its first bad field
+        bound = bounds[field]
+        allowed = f"0..{bound - 1}" if bound is not None else "0 or more"
+        raise FaultMapError(
+            f"{path}: line {line_of[i]}: {_CSV_FIELDS[field]}={arr[i, field]} is out of range "
+            f"(allowed {allowed})"
+        )
+    if len(arr):
+        _, first, inverse = np.unique(arr, axis=0, return_index=True, return_inverse=True)
+        earlier = first[inverse.reshape(-1)]
+        repeats = earlier != np.arange(len(arr))
+        if repeats.any():
+            j = int(np.argmax(repeats))
+            chip, r, c = arr[j]
+            raise FaultMapError(
+                f"{path}: lines {line_of[earlier[j]]} and {line_of[j]} both list "
+                f"chip={chip},row={r},col={c}; duplicate rows are refused "
+                "(a concatenated or corrupted file?)"
+            )
 
 
 def _load_csv(path: str, rows: int | None, cols: int | None, num_chips: int | None) -> np.ndarray:
@@ -297,26 +364,27 @@ def _load_csv(path: str, rows: int | None, cols: int | None, num_chips: int | No
     except (OSError, UnicodeDecodeError) as e:
         raise FaultMapError(f"{path}: cannot read as text ({e})") from e
     declared: dict[str, int] = {}
-    header_seen = False
-    entries = []
+    header_line = 0
+    entries = []  # (chip, row, col)
+    entry_lines = []
     for lineno, line in enumerate(lines, start=1):
         if line.startswith("#"):
             declared.update(_csv_comment(path, lineno, line))
         elif not line.strip():
             continue
-        elif not header_seen:
-            if [h.strip() for h in line.split(",")] != ["chip", "row", "col"]:
-                raise FaultMapError(f"{path}: line {lineno}: expected the header 'chip,row,col'")
-            header_seen = True
-        else:
-            try:
-                chip, r, c = (int(p) for p in line.split(","))
-            except ValueError:
+        elif [h.strip() for h in line.split(",")] == list(_CSV_FIELDS):
+            if header_line:
                 raise FaultMapError(
-                    f"{path}: line {lineno} {line!r} is not three integers chip,row,col"
-                ) from None
-            entries.append((chip, r, c))
-    if not header_seen:
+                    f"{path}: line {lineno}: a second header 'chip,row,col' (the first is on "
+                    f"line {header_line}); concatenated files are refused"
+                )
+            header_line = lineno
+        elif not header_line:
+            raise FaultMapError(f"{path}: line {lineno}: expected the header 'chip,row,col'")
+        else:
+            entries.append(_csv_row(path, lineno, line))
+            entry_lines.append(lineno)
+    if not header_line:
         raise FaultMapError(f"{path}: expected a header line 'chip,row,col'")
     for name, given in (("rows", rows), ("cols", cols), ("chips", num_chips)):
         if given is not None and name in declared and declared[name] != given:
@@ -326,21 +394,16 @@ def _load_csv(path: str, rows: int | None, cols: int | None, num_chips: int | No
             )
     rows = rows if rows is not None else declared.get("rows")
     cols = cols if cols is not None else declared.get("cols")
-    header_chips = declared.get("chips")
     if rows is None or cols is None:
         raise FaultMapError(f"{path}: array size unknown; pass --array_rows and --array_cols")
+    # Without a chip count (argument or comment) every chip id >= 0 is allowed and the count
+    # is the largest id + 1.
+    known_chips = num_chips or declared.get("chips")
     arr = np.array(entries, np.int64).reshape(-1, 3)
-    chips = num_chips or header_chips or (int(arr[:, 0].max()) + 1 if len(arr) else 0)
+    _check_csv_entries(path, np.array(entry_lines, np.int64), arr, (known_chips, rows, cols))
+    chips = known_chips or (int(arr[:, 0].max()) + 1 if len(arr) else 0)
     if chips <= 0:
         raise FaultMapError(f"{path}: no chips in the file")
-    bad = (arr[:, 0] < 0) | (arr[:, 0] >= chips) | (arr[:, 1] < 0) | (arr[:, 1] >= rows)
-    bad |= (arr[:, 2] < 0) | (arr[:, 2] >= cols)
-    if bad.any():
-        chip, r, c = arr[np.argmax(bad)]
-        raise FaultMapError(
-            f"{path}: entry chip={chip},row={r},col={c} is outside "
-            f"chips 0..{chips - 1}, rows 0..{rows - 1}, cols 0..{cols - 1}"
-        )
     maps = np.zeros((chips, rows, cols), bool)
     maps[arr[:, 0], arr[:, 1], arr[:, 2]] = True
     return maps
@@ -354,7 +417,10 @@ def load_fault_maps(
     Args:
       path: ``.npz`` with a ``fault_maps`` array ``bool[chips, R, C]``, or ``.csv`` with a
         header ``chip,row,col`` and one row per faulty PE (optionally preceded by a comment
-        ``# chips=N rows=R cols=C``, which lets chips without faults be counted).
+        ``# chips=N rows=R cols=C``, which lets chips without faults be counted). Each row
+        is three integers with ``0 <= chip < N``, ``0 <= row < R``, ``0 <= col < C``; a
+        PE listed twice or a second header line is refused (a concatenated or corrupted
+        file).
       rows, cols: expected array size (required for CSV files without the comment).
       num_chips: number of chips for CSV files (default: from the comment, else max chip + 1).
 
@@ -362,7 +428,8 @@ def load_fault_maps(
       ``bool[chips, R, C]`` (numpy).
 
     Raises:
-      FaultMapError: one-line message naming the file and what was expected.
+      FaultMapError: one-line message naming the file (for CSV rows the line number and
+        the bad value) and what was expected.
     """
     if not os.path.isfile(path):
         raise FaultMapError(f"{path}: fault-map file not found (expected .npz or .csv)")

@@ -365,3 +365,90 @@ def test_missing_file_and_extension(tmp_path):
 def test_save_rejects_non_3d():
     with pytest.raises(FaultMapError, match=r"\(4, 4\)"):
         faults.save_fault_maps("unused.npz", np.zeros((4, 4), bool))
+
+
+# A CSV written by the test: the comment, the header, then the rows (the first row is line 3).
+_CSV_HEAD = "# chips=2 rows=4 cols=5\nchip,row,col\n"
+
+
+def _csv(tmp_path, body, head=_CSV_HEAD, name="maps.csv"):
+    path = tmp_path / name
+    path.write_text(head + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    "row, field", [("-1,1,1", "chip=-1"), ("0,-1,1", "row=-1"), ("0,1,-1", "col=-1")]
+)
+def test_csv_negative_value_names_line_and_value(tmp_path, row, field):
+    message = _rejects(_csv(tmp_path, f"0,1,1\n{row}\n"))
+    assert "line 4" in message and field in message and "-1" in message, message
+    bounds = {"chip": "0..1", "row": "0..3", "col": "0..4"}[field.split("=")[0]]
+    assert bounds in message, message
+    # Without the comment the chip count comes from the rows: still that line and value.
+    bare = _csv(tmp_path, f"{row}\n", head="chip,row,col\n", name="bare.csv")
+    message = _rejects(bare, rows=4, cols=5)
+    assert "line 2" in message and field in message, message
+
+
+@pytest.mark.parametrize(
+    "row, field, bounds",
+    [("0,4,0", "row=4", "0..3"), ("1,0,5", "col=5", "0..4"), ("2,0,0", "chip=2", "0..1")],
+)
+def test_csv_value_past_the_array_names_line_value_and_range(tmp_path, row, field, bounds):
+    message = _rejects(_csv(tmp_path, f"0,1,1\n\n{row}\n"))  # a blank line: line 5
+    assert "line 5" in message and field in message and bounds in message, message
+    # The array size given by the caller bounds the rows and columns just as well.
+    if field != "chip=2":
+        bare = _csv(tmp_path, f"{row}\n", head="chip,row,col\n", name="bare.csv")
+        message = _rejects(bare, rows=4, cols=5)
+        assert "line 2" in message and field in message and bounds in message, message
+    # And num_chips bounds the chip ids.
+    message = _rejects(
+        _csv(tmp_path, "1,0,0\n", head="chip,row,col\n"), rows=4, cols=5, num_chips=1
+    )
+    assert "line 2" in message and "chip=1" in message and "0..0" in message, message
+
+
+@pytest.mark.parametrize(
+    "row, named",
+    [("0,1.5,1", "row '1.5'"), ("0,1,x", "col 'x'"), ("0,,1", "row ''"), ("1e0,1,1", "chip '1e0'")],
+)
+def test_csv_non_integer_names_line_field_and_value(tmp_path, row, named):
+    message = _rejects(_csv(tmp_path, f"{row}\n"))
+    assert "line 3" in message and named in message and repr(row) in message, message
+
+
+@pytest.mark.parametrize("row, count", [("0,1", 2), ("0", 1), ("0,1,1,1", 4), ("0,1,1,", 4)])
+def test_csv_wrong_number_of_fields_rejected(tmp_path, row, count):
+    message = _rejects(_csv(tmp_path, f"0,0,0\n{row}\n"))
+    assert "line 4" in message and f"{count} field" in message and repr(row) in message, message
+
+
+def test_csv_duplicate_row_names_both_lines(tmp_path):
+    message = _rejects(_csv(tmp_path, "1,0,0\n0,2,2\n# a comment\n1,0,0\n"))
+    assert "lines 3 and 6" in message and "chip=1,row=0,col=0" in message, message
+    # Two files pasted together: the second header is refused with both its lines named.
+    saved = tmp_path / "one.csv"
+    faults.save_fault_maps(str(saved), _population())
+    text = saved.read_text()
+    twice = tmp_path / "twice.csv"
+    twice.write_text(text + text)
+    message = _rejects(twice)
+    header = 1 + len(text.splitlines())
+    assert f"line {header + 1}" in message and "line 2" in message, message
+
+
+def test_csv_bad_declared_size_rejected(tmp_path):
+    for comment in ("chips=2 rows=0 cols=5", "chips=-2 rows=4 cols=5", "chips=2 rows=4 cols=-5"):
+        named = next(kv for kv in comment.split() if kv.split("=")[1] in ("0", "-2", "-5"))
+        message = _rejects(_csv(tmp_path, "", head=f"# {comment}\nchip,row,col\n"))
+        assert "line 1" in message and named in message, message
+
+
+def test_csv_comments_blank_lines_and_spaces_accepted(tmp_path):
+    path = _csv(tmp_path, " 1 , 0 ,4\n\n# chip 0 is fault-free\n1,3,0\r\n  \n")
+    maps = faults.load_fault_maps(str(path), rows=4, cols=5)
+    expected = np.zeros((2, 4, 5), bool)
+    expected[1, 0, 4] = expected[1, 3, 0] = True
+    np.testing.assert_array_equal(maps, expected)

@@ -206,6 +206,64 @@ def test_masked_weights_stay_exactly_zero(
     assert np.all(after > before + 0.3), (before, after)
 
 
+def _sgd_with_decayed_weights(learning_rate):
+    return optax.chain(optax.add_decayed_weights(0.1), optax.sgd(learning_rate, momentum=0.9))
+
+
+def _noisy_sgd(learning_rate):
+    return optax.chain(optax.add_noise(1e-2, 0.55, key=jax.random.key(3)), optax.sgd(learning_rate))
+
+
+def _assert_bypassed_zero_and_trained(states, params, masks):
+    """Bypassed kernel weights are exactly zero; most of the others moved off the baseline."""
+    for layer in ("fc1", "out"):
+        kernel = np.asarray(states.params[layer]["kernel"])
+        mask = np.asarray(masks[layer]["kernel"])
+        assert (mask[1:] == 0).any(axis=(1, 2)).all()  # every faulty chip bypasses weights
+        bypassed = kernel[mask == 0]
+        # Every bit but the sign is zero (``w * 0`` at the start keeps the sign of ``w``).
+        np.testing.assert_array_equal(bypassed.view(np.uint32) & 0x7FFFFFFF, 0)
+        baseline = np.broadcast_to(np.asarray(params[layer]["kernel"]), kernel.shape)
+        changed = (kernel != baseline)[mask == 1]
+        assert changed.mean() > 0.9, changed.mean()
+        assert np.all(np.isfinite(kernel))
+
+
+@pytest.mark.parametrize(
+    "factory, learning_rate",
+    [(optax.adamw, 1e-2), (_sgd_with_decayed_weights, 5e-2)],
+    ids=["adamw", "add_decayed_weights+sgd"],
+)
+def test_weight_decay_keeps_bypassed_weights_exactly_zero(
+    factory, learning_rate, tiny_mlp, tiny_mlp_params, masks, digits_jnp
+):
+    # Weight decay adds ``wd * param`` to every update, gradient or not. The weights on faulty
+    # PEs start at zero, so their decay is zero too and they stay zero (this would hold even
+    # without the update mask; test_updates_are_masked_not_only_gradients checks that mask).
+    kwargs = dict(weight_decay=0.1) if factory is optax.adamw else {}
+    tx = optax.inject_hyperparams(factory)(learning_rate=learning_rate, **kwargs)
+    trainer = train.make_trainer(tiny_mlp, tx, BATCH, 100)
+    x, y, _, _ = digits_jnp
+    budgets = jnp.full((CHIPS,), 30, jnp.int32)
+    states = trainer.init_population(tiny_mlp_params, masks, budgets)
+    states = trainer.run(states, masks, x, y, PHASE_KEY, 0, 30)
+    np.testing.assert_array_equal(states.step, 30)
+    assert not states.diverged.any()
+    _assert_bypassed_zero_and_trained(states, tiny_mlp_params, masks)
+
+
+def test_updates_are_masked_not_only_gradients(tiny_mlp, tiny_mlp_params, masks, digits_jnp):
+    # Gradient noise moves every weight whatever its gradient: only masking the updates keeps
+    # the bypassed weights at zero (with a masked gradient alone they would drift).
+    tx = optax.inject_hyperparams(_noisy_sgd)(learning_rate=5e-2)
+    trainer = train.make_trainer(tiny_mlp, tx, BATCH, 100)
+    x, y, _, _ = digits_jnp
+    states = trainer.init_population(tiny_mlp_params, masks, jnp.full((CHIPS,), 10, jnp.int32))
+    states = trainer.run(states, masks, x, y, PHASE_KEY, 0, 10)
+    np.testing.assert_array_equal(states.step, 10)
+    _assert_bypassed_zero_and_trained(states, tiny_mlp_params, masks)
+
+
 # ------------------------------------------------------------------------------ population
 
 
