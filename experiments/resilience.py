@@ -2,12 +2,15 @@
 
   python -m experiments.resilience --flagfile=experiments/configs/default.flags --workdir=DIR
 
-Flags are validated before any compute; a bad value exits with a one-line message.
+Flags are validated before any compute; a bad value exits with a one-line message (exit code
+2). SIGTERM or SIGINT (Ctrl-C) stops the run with exit code 130; rerunning the same command
+resumes from the finished work saved in --workdir.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging as py_logging
+import os
 import signal
 import sys
 
@@ -17,81 +20,10 @@ from reduce_jax import config as config_lib
 from reduce_jax.data import DatasetError
 from reduce_jax.faults import FaultMapError
 
-_D = config_lib.ReduceConfig()
+# One flag per ReduceConfig field, listed in this CLI's --help.
+config_lib.define_flags(flags.FLAGS)
+flags.adopt_module_key_flags(config_lib)
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; reused to resume).")
-flags.DEFINE_string("dataset", _D.dataset, "mnist5k | digits | mnist | cifar10 | cifar100.")
-flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX / CIFAR files.")
-flags.DEFINE_string("model", _D.model, "mlp | lenet5 | vgg_small.")
-flags.DEFINE_integer("array_rows", _D.array_rows, "Systolic array rows R.")
-flags.DEFINE_integer("array_cols", _D.array_cols, "Systolic array columns C.")
-flags.DEFINE_string(
-    "fault_model", _D.fault_model, "Population fault model: bernoulli | exact | clustered | lines."
-)
-flags.DEFINE_float(
-    "cluster_alpha", _D.cluster_alpha, "Clustering parameter of the clustered model (> 0)."
-)
-flags.DEFINE_float(
-    "line_fraction",
-    _D.line_fraction,
-    "lines model: share of the rate from whole failed rows/columns, in [0, 1] (rest: PE faults).",
-)
-flags.DEFINE_string(
-    "analysis_fault_model", _D.analysis_fault_model, "Fault model of the resilience analysis."
-)
-flags.DEFINE_list(
-    "fault_rates", [str(x) for x in _D.fault_rates], "Analysis grid of PE fault rates."
-)
-flags.DEFINE_list(
-    "retrain_epochs", [str(x) for x in _D.retrain_epochs], "Analysis grid of retraining epochs."
-)
-flags.DEFINE_integer("maps_per_rate", _D.maps_per_rate, "Fault maps K per rate.")
-flags.DEFINE_integer("num_chips", _D.num_chips, "Chips in the sampled population.")
-flags.DEFINE_float(
-    "chip_fault_rate", _D.chip_fault_rate, "Mean PE fault rate of the sampled population."
-)
-flags.DEFINE_string(
-    "chip_fault_maps",
-    None,
-    "Population fault maps file (.npz bool[chips,R,C] or .csv chip,row,col); replaces sampling.",
-)
-flags.DEFINE_float("max_accuracy_drop", _D.max_accuracy_drop, "Target = baseline accuracy - this.")
-flags.DEFINE_float(
-    "target_accuracy", None, "Absolute accuracy target (overrides --max_accuracy_drop)."
-)
-flags.DEFINE_string("statistic", _D.statistic, "Over the maps of a rate: min | mean | quantile:q.")
-flags.DEFINE_string("interpolation", _D.interpolation, "conservative | linear.")
-flags.DEFINE_string(
-    "rate_measure",
-    _D.rate_measure,
-    "Chip rate that selects the amount: pe | effective | importance.",
-)
-flags.DEFINE_integer(
-    "predictor_chips",
-    _D.predictor_chips,
-    "Validation chips of the predictor study (0 = no study): which rate measure predicts the "
-    "retraining a chip needs.",
-)
-flags.DEFINE_string(
-    "grouping", _D.grouping, "none | greedy: fuse chips' fault maps into shared retrainings."
-)
-flags.DEFINE_integer("max_group_size", _D.max_group_size, "Most chips in one fused group (>= 2).")
-flags.DEFINE_float(
-    "fixed_epochs", None, "Per-chip epochs of the fixed policy (default: max retrain_epochs)."
-)
-flags.DEFINE_float("topup_epochs", _D.topup_epochs, "Top-up increment (epochs).")
-flags.DEFINE_float("max_topup_epochs", _D.max_topup_epochs, "Cap on a chip's top-up (epochs).")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch size.")
-flags.DEFINE_string("optimizer", _D.optimizer, "Retraining optimizer: adam | sgd | momentum.")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Retraining learning rate.")
-flags.DEFINE_float("baseline_epochs", _D.baseline_epochs, "Baseline epochs.")
-flags.DEFINE_string("baseline_optimizer", _D.baseline_optimizer, "Baseline optimizer.")
-flags.DEFINE_float("baseline_learning_rate", _D.baseline_learning_rate, "Baseline learning rate.")
-flags.DEFINE_integer(
-    "chips_per_batch", _D.chips_per_batch, "Chips retrained together (bounds memory)."
-)
-flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Test images per evaluation batch.")
-flags.DEFINE_integer("seed", _D.seed, "Seed of every random stream.")
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host runs: host:port of process 0 (jax.distributed)."
 )
@@ -101,57 +33,66 @@ OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False, "Discard progress in --workdir saved with other settings."
 )
 
-
-def _floats(name: str, values: list[str]) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in values)
-    except ValueError:
-        raise config_lib.ConfigError(
-            f"--{name}={','.join(values)} must be a comma-separated list of numbers"
-        ) from None
+# JAX logs each platform it probes and cannot load ("Unable to initialize backend 'tpu'")
+# at INFO; on a machine without that platform this is noise. Its warnings still show.
+_QUIET_LOGGERS = ("jax._src.xla_bridge",)
+EXIT_INTERRUPTED = 130
 
 
-def config_from_flags() -> config_lib.ReduceConfig:
-    """The run's configuration from the parsed flags (one flag per ``ReduceConfig`` field)."""
-    values = {
-        f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(config_lib.ReduceConfig)
-    }
-    for name in ("fault_rates", "retrain_epochs"):
-        values[name] = _floats(name, values[name])
-    if values["target_accuracy"] is not None:  # an absolute target replaces the drop
-        values["max_accuracy_drop"] = None
-    return config_lib.ReduceConfig(**values)
+def _stop(signum: int, frame) -> None:
+    """SIGTERM / SIGINT: prints the resume hint and ends the process at once (exit code 130).
 
-
-def _interrupt(signum, frame):
+    The process leaves with ``os._exit``, skipping the interpreter's teardown: tearing down
+    while XLA's threads still run asynchronously dispatched work can crash ("Fatal Python
+    error: Segmentation fault"). Nothing is lost: progress and outputs are only ever replaced
+    atomically (temporary file, then ``os.replace``), so a stop anywhere leaves the last
+    finished chunk saved and at worst a stray temporary file, which the next run overwrites.
+    """
     del frame
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, RuntimeError, ValueError):  # e.g. the signal came inside a write
+            pass
+    workdir = flags.FLAGS["workdir"].value
+    saved = f"; finished work is saved in {workdir}" if workdir else ""
+    hint = f"interrupted ({signal.Signals(signum).name}){saved}: run the same command to resume\n"
+    try:
+        os.write(2, hint.encode())
+    except OSError:
+        pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _check_processes() -> None:
+    if NUM_PROCESSES.value < 1 or not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
+        raise config_lib.ConfigError(
+            f"--process_id={PROCESS_ID.value} must be in [0, --num_processes={NUM_PROCESSES.value})"
+        )
+    if NUM_PROCESSES.value > 1 and not COORDINATOR_ADDRESS.value:
+        raise config_lib.ConfigError(
+            "--coordinator_address=host:port is required when --num_processes > 1"
+        )
 
 
 def main(argv: list[str]) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.INFO)
+    for name in _QUIET_LOGGERS:
+        py_logging.getLogger(name).setLevel(py_logging.WARNING)
     try:
-        cfg = config_from_flags()
+        cfg = config_lib.from_flags(flags.FLAGS)
         if cfg.workdir is None:
             raise config_lib.ConfigError("--workdir is required (the output directory)")
         config_lib.validate(cfg)
-        if NUM_PROCESSES.value < 1 or not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
-            raise config_lib.ConfigError(
-                f"--process_id={PROCESS_ID.value} must be in [0, --num_processes="
-                f"{NUM_PROCESSES.value})"
-            )
-        if NUM_PROCESSES.value > 1 and not COORDINATOR_ADDRESS.value:
-            raise config_lib.ConfigError(
-                "--coordinator_address=host:port is required when --num_processes > 1"
-            )
+        _check_processes()
         from reduce_jax import pipeline, sharding  # heavy imports only after validation
 
         sharding.initialize(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
-
-        signal.signal(signal.SIGTERM, _interrupt)
         summary = pipeline.run(cfg, overwrite=OVERWRITE.value)
     except (config_lib.ConfigError, DatasetError, FaultMapError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -159,13 +100,6 @@ def main(argv: list[str]) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(
-            f"interrupted; finished work is saved in {WORKDIR.value}: run the same command "
-            "to resume",
-            file=sys.stderr,
-        )
-        return 130
     print(f"{summary.headline()}; outputs in {cfg.workdir}")
     return 0
 

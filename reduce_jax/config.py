@@ -1,65 +1,216 @@
-"""Configuration of a Reduce run, and its validation before any compute."""
+"""Configuration of a Reduce run: its settings, their command-line flags, and their validation.
+
+``ReduceConfig`` is the one place a setting is declared: each field's metadata holds its help
+text, ``define_flags`` turns every field into an absl flag of the same name, type and default,
+and ``from_flags`` reads the parsed flags back into a ``ReduceConfig``. Adding a setting is one
+field here.
+"""
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Sequence
+
+from absl import flags
 
 from reduce_jax import data as data_lib
 from reduce_jax import faults, grouping, models, resilience, systolic, train
 from reduce_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "ReduceConfig", "check_grid", "validate"]
+
+def _setting(default, help_text: str):
+    """A ``ReduceConfig`` field with its flag's help text."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+def _choices(names: Sequence[str]) -> str:
+    return " | ".join(names)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReduceConfig:
-    """Every setting of a Reduce run (the CLI flags have the same names)."""
+    """Every setting of a Reduce run; each field is also a CLI flag of the same name."""
 
-    workdir: str | None = None
-    dataset: str = "mnist5k"
-    data_dir: str | None = None
-    model: str = "lenet5"
-    array_rows: int = 16
-    array_cols: int = 16
-    fault_model: str = "clustered"
-    cluster_alpha: float = 2.0
-    line_fraction: float = 1.0
-    analysis_fault_model: str = "exact"
-    fault_rates: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
-    retrain_epochs: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-    maps_per_rate: int = 4
-    num_chips: int = 64
-    chip_fault_rate: float = 0.1
-    chip_fault_maps: str | None = None
-    max_accuracy_drop: float | None = 0.02
-    target_accuracy: float | None = None
-    statistic: str = "min"
-    interpolation: str = "conservative"
-    rate_measure: str = "pe"
-    predictor_chips: int = 0
-    grouping: str = "none"
-    max_group_size: int = 8
-    fixed_epochs: float | None = None
-    topup_epochs: float = 0.25
-    max_topup_epochs: float = 1.0
-    batch_size: int = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    baseline_epochs: float = 15.0
-    baseline_optimizer: str = "adam"
-    baseline_learning_rate: float = 1e-3
-    chips_per_batch: int = 64
-    eval_batch_size: int = 100
-    seed: int = 0
+    workdir: str | None = _setting(
+        None,
+        "Output directory (created if missing; rerun the same command there to resume). "
+        "Required by the CLI.",
+    )
+    dataset: str = _setting("mnist5k", f"Dataset: {_choices(data_lib.DATASETS)}.")
+    data_dir: str | None = _setting(
+        None, "Folder with the dataset files (mnist: IDX files; cifar10/cifar100: the archive)."
+    )
+    model: str = _setting("lenet5", f"Network: {_choices(models.MODELS)}.")
+    array_rows: int = _setting(16, "Rows R of the systolic array (PEs).")
+    array_cols: int = _setting(16, "Columns C of the systolic array (PEs).")
+    fault_model: str = _setting(
+        "clustered", f"Fault model of the chip population: {_choices(faults.FAULT_MODELS)}."
+    )
+    cluster_alpha: float = _setting(
+        2.0, "Clustered model: clustering parameter (> 0; small = strong chip-to-chip variation)."
+    )
+    line_fraction: float = _setting(
+        1.0,
+        "Lines model: share of the fault rate from whole failed rows/columns, in [0, 1] "
+        "(the rest: independent PE faults).",
+    )
+    analysis_fault_model: str = _setting(
+        "exact",
+        f"Fault model of the resilience analysis chips: {_choices(faults.FAULT_MODELS)}.",
+    )
+    fault_rates: Sequence[float] = _setting(
+        (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
+        "Resilience analysis grid of PE fault rates: increasing, in [0, 1], starting at 0, "
+        "at least 2 points.",
+    )
+    retrain_epochs: Sequence[float] = _setting(
+        (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+        "Resilience analysis grid of retraining amounts (epochs): increasing, starting at 0 "
+        "(no retraining).",
+    )
+    maps_per_rate: int = _setting(4, "Sampled fault maps K per grid fault rate (>= 1).")
+    num_chips: int = _setting(64, "Chips in the sampled population (>= 1).")
+    chip_fault_rate: float = _setting(
+        0.1, "Mean PE fault rate of the sampled population, in [0, 1]."
+    )
+    chip_fault_maps: str | None = _setting(
+        None,
+        "Population fault maps file (.npz with bool[chips, R, C] 'fault_maps', or .csv with "
+        "chip,row,col); replaces sampling.",
+    )
+    max_accuracy_drop: float | None = _setting(
+        0.02, "Accuracy target = baseline accuracy - this, in [0, 1]."
+    )
+    target_accuracy: float | None = _setting(
+        None, "Absolute accuracy target in [0, 1]; when given, replaces --max_accuracy_drop."
+    )
+    statistic: str = _setting(
+        "min",
+        f"Accuracy over the K maps of a grid rate: {resilience.STATISTICS_HELP}.",
+    )
+    interpolation: str = _setting(
+        "conservative",
+        "How a chip's amount is read off the map: conservative (amount at the next grid rate "
+        "up) | linear (between grid rates, rounded up to a whole step).",
+    )
+    rate_measure: str = _setting(
+        "pe",
+        "Chip fault rate that selects its amount: pe (faulty PEs) | effective (bypassed "
+        "weights) | importance (bypassed weight magnitude).",
+    )
+    predictor_chips: int = _setting(
+        0,
+        "Validation chips of the predictor study, which checks how well each rate measure "
+        "predicts the retraining a chip needs (0 = no study).",
+    )
+    grouping: str = _setting(
+        "none",
+        f"Fuse chips' fault maps into shared retrainings: {_choices(grouping.GROUPINGS)}.",
+    )
+    max_group_size: int = _setting(8, "Most chips in one fused group (>= 2).")
+    fixed_epochs: float | None = _setting(
+        None,
+        "Per-chip epochs of the fixed policy Reduce is compared with (default: the largest "
+        "--retrain_epochs).",
+    )
+    topup_epochs: float = _setting(
+        0.25, "Top-up increment (epochs) for a retrained chip still below the target (> 0)."
+    )
+    max_topup_epochs: float = _setting(1.0, "Most top-up epochs per chip (>= 0; 0 = no top-up).")
+    batch_size: int = _setting(128, "Training batch size (baseline and retraining).")
+    optimizer: str = _setting("adam", f"Retraining optimizer: {_choices(train.OPTIMIZERS)}.")
+    learning_rate: float = _setting(1e-3, "Retraining learning rate, in (0, 10].")
+    baseline_epochs: float = _setting(15.0, "Epochs of the fault-free baseline training (> 0).")
+    baseline_optimizer: str = _setting("adam", f"Baseline optimizer: {_choices(train.OPTIMIZERS)}.")
+    baseline_learning_rate: float = _setting(1e-3, "Baseline learning rate, in (0, 10].")
+    chips_per_batch: int = _setting(
+        64, "Chips trained together in one chunk (bounds memory; results do not depend on it)."
+    )
+    eval_batch_size: int = _setting(100, "Test images per evaluation batch.")
+    seed: int = _setting(0, "Seed of every random stream (>= 0).")
 
     def as_dict(self) -> dict:
+        """The settings as plain JSON values (the grids as lists of floats)."""
         d = dataclasses.asdict(self)
         d["fault_rates"] = [float(x) for x in self.fault_rates]
         d["retrain_epochs"] = [float(x) for x in self.retrain_epochs]
         return d
+
+
+class _FloatListParser(flags.ListParser):
+    """A comma-separated list of numbers, parsed to a tuple of floats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syntactic_help = "a comma-separated list of numbers"
+
+    def parse(self, argument) -> tuple[float, ...]:
+        items = argument if isinstance(argument, (list, tuple)) else super().parse(argument)
+        try:
+            return tuple(float(x) for x in items)
+        except (TypeError, ValueError):
+            raise ValueError("must be a comma-separated list of numbers") from None
+
+
+def _flag(field: dataclasses.Field, annotation) -> flags.Flag:
+    """The absl flag of one ``ReduceConfig`` field: its name, default, help and type.
+
+    Types: ``str``, ``int``, ``float``, ``bool``, ``Sequence[float]`` (a comma-separated list,
+    parsed to a tuple of floats) and ``T | None`` of those (default None).
+
+    Raises:
+      TypeError: the annotation is none of these.
+    """
+    name, default, help_text = field.name, field.default, field.metadata.get("help", "")
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        (annotation,) = [a for a in args if a is not type(None)]  # Optional[T]: default None
+    if annotation is bool:
+        return flags.BooleanFlag(name, default, help_text)
+    if typing.get_origin(annotation) is collections.abc.Sequence:
+        if typing.get_args(annotation) == (float,):
+            serializer = flags.CsvListSerializer(",")
+            return flags.Flag(_FloatListParser(), serializer, name, default, help_text)
+    parsers = {str: flags.ArgumentParser, int: flags.IntegerParser, float: flags.FloatParser}
+    if annotation not in parsers:
+        raise TypeError(f"ReduceConfig.{name}: no flag type for {annotation!r}")
+    return flags.Flag(parsers[annotation](), flags.ArgumentSerializer(), name, default, help_text)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one absl flag per ``ReduceConfig`` field (same name, type, default and help).
+
+    The flags belong to this module: a CLI shows them in its ``--help`` with
+    ``flags.adopt_module_key_flags(reduce_jax.config)``.
+
+    Args:
+      flag_values: where to define them.
+    """
+    hints = typing.get_type_hints(ReduceConfig)
+    for field in dataclasses.fields(ReduceConfig):
+        flags.DEFINE_flag(_flag(field, hints[field.name]), flag_values)
+
+
+def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ReduceConfig:
+    """The configuration from parsed flags defined by ``define_flags``.
+
+    ``--target_accuracy``, when given, replaces ``--max_accuracy_drop`` (which has a default).
+
+    Args:
+      flag_values: the parsed flags.
+
+    Returns:
+      The ``ReduceConfig``, not yet validated (see ``validate``).
+    """
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(ReduceConfig)}
+    if values["target_accuracy"] is not None:
+        values["max_accuracy_drop"] = None
+    return ReduceConfig(**values)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -79,6 +230,10 @@ def _in_range(cfg: ReduceConfig, name: str, lo: float, hi: float) -> None:
     _require(lo <= v <= hi, f"--{name}={v} is outside [{lo}, {hi}]")
 
 
+def _join(values: Sequence[float]) -> str:
+    return ",".join(f"{v:.12g}" for v in values)
+
+
 def _check_grid(name: str, values: Sequence[float], lo: float, hi: float | None) -> None:
     _require(len(values) > 0, f"--{name} is empty; give a comma-separated list")
     rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
@@ -86,7 +241,7 @@ def _check_grid(name: str, values: Sequence[float], lo: float, hi: float | None)
         _require(lo <= v and (hi is None or v <= hi), f"--{name}: value {v} is outside {rng}")
     _require(
         all(b > a for a, b in zip(values[:-1], values[1:], strict=True)),
-        f"--{name}={','.join(map(str, values))} must be strictly increasing",
+        f"--{name}={_join(values)} must be strictly increasing",
     )
 
 
@@ -105,7 +260,17 @@ def validate(cfg: ReduceConfig) -> None:
     _require(cfg.cluster_alpha > 0, f"--cluster_alpha={cfg.cluster_alpha} must be > 0")
     _in_range(cfg, "line_fraction", 0, 1)
     _check_grid("fault_rates", list(cfg.fault_rates), 0.0, 1.0)
+    _require(
+        len(cfg.fault_rates) >= 2 and cfg.fault_rates[0] == 0,
+        f"--fault_rates={_join(cfg.fault_rates)} must start at 0 and have at least 2 points "
+        "(a chip's amount is read off the map between grid rates, from fault-free at 0 up)",
+    )
     _check_grid("retrain_epochs", list(cfg.retrain_epochs), 0.0, None)
+    _require(
+        cfg.retrain_epochs[0] == 0,
+        f"--retrain_epochs={_join(cfg.retrain_epochs)} must start at 0 (no retraining, the "
+        "amount for chips that need none)",
+    )
     _require(cfg.maps_per_rate >= 1, f"--maps_per_rate={cfg.maps_per_rate} must be >= 1")
     _require(cfg.num_chips >= 1, f"--num_chips={cfg.num_chips} must be >= 1")
     _in_range(cfg, "chip_fault_rate", 0, 1)
@@ -152,6 +317,7 @@ def validate(cfg: ReduceConfig) -> None:
         except faults.FaultMapError as e:
             raise ConfigError(f"--chip_fault_maps: {e}") from None
     if cfg.workdir is not None:
+        _require(cfg.workdir.strip() != "", "--workdir is empty; give the output directory")
         _check_workdir(cfg.workdir)
 
 

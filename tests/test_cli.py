@@ -1,11 +1,15 @@
-"""The CLI end to end on the smoke flagfile, and its handling of bad flags and files."""
+"""The CLI end to end on the smoke flagfile, its handling of bad flags and files, its --help,
+and stopping it with SIGTERM or SIGINT."""
 
 import csv
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,17 +19,17 @@ from reduce_jax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
+CLI = [sys.executable, "-m", "experiments.resilience"]
+# PYTHONPATH: the CLI of this checkout also when run from another directory.
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+# As a user runs it: JAX picks (and probes) the platforms itself.
+USER_ENV = {k: v for k, v in ENV.items() if k != "JAX_PLATFORMS"}
+RESUME_HINT = "run the same command to resume"
 
 
-def run_cli(*args, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+def run_cli(*args, timeout=600, env=ENV, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "-m", "experiments.resilience", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -33,10 +37,23 @@ def without_timing(summary):
     return {k: v for k, v in summary.items() if k != "timing"}
 
 
+def without_workdir(summary):
+    """The summary less timing and the workdir (runs in two workdirs compare equal)."""
+    config = {k: v for k, v in summary["config"].items() if k != "workdir"}
+    return dict(without_timing(summary), config=config)
+
+
+def one_line_error(proc, needle: str) -> None:
+    """The CLI failed with exit code 2 and one line on stderr that contains ``needle``."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, lines
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
-    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}")
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", env=USER_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "summary.json")) as f:
         return workdir, json.load(f), proc
@@ -106,6 +123,13 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
 
 
 @pytest.mark.slow
+def test_smoke_run_does_not_log_platform_probing(smoke_run):
+    _, _, proc = smoke_run
+    assert "Unable to initialize backend" not in proc.stderr
+    assert "baseline accuracy" in proc.stderr  # the run's own INFO lines still show
+
+
+@pytest.mark.slow
 def test_grouping_predictor_lines_and_importance_end_to_end(tmp_path):
     workdir = str(tmp_path / "grouped")
     proc = run_cli(
@@ -161,7 +185,7 @@ def test_grouping_predictor_lines_and_importance_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_rerun_reuses_baseline_and_gives_identical_summary(smoke_run):
     workdir, first, _ = smoke_run
-    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}")
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", env=USER_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "summary.json")) as f:
         second = json.load(f)
@@ -173,7 +197,7 @@ def test_rerun_reuses_baseline_and_gives_identical_summary(smoke_run):
 def test_other_flags_into_same_workdir_refused(smoke_run):
     workdir, _, _ = smoke_run
     before = open(os.path.join(workdir, "summary.json")).read()
-    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--seed=1")
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--seed=1", env=USER_ENV)
     assert proc.returncode == 2
     assert "--overwrite" in proc.stderr and "seed" in proc.stderr
     assert open(os.path.join(workdir, "summary.json")).read() == before
@@ -188,6 +212,9 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--retrain_epochs=0,1,x"], "--retrain_epochs"),
         (["--num_chips=abc"], "--num_chips"),
         (["--fault_rates=0,0.001,0.5"], "--fault_rates"),  # 0.001 of 64 PEs rounds to 0
+        (["--fault_rates=0.1"], "--fault_rates=0.1 must start at 0 and have at least 2"),
+        (["--retrain_epochs=0.5,1"], "--retrain_epochs=0.5,1 must start at 0"),
+        (["--fixed_epochs=abc"], "--fixed_epochs=abc"),
         (["--no_such_flag=1"], "no_such_flag"),
         (["--dataset=mnist", "--data_dir={tmp}/idx"], "train-images-idx3-ubyte"),
         (["--chip_fault_maps={tmp}/float_maps.npz"], "float_maps.npz"),
@@ -203,10 +230,27 @@ def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
     (tmp_path / "maps.csv").write_text("chip,row,col\n0,9,1\n")  # row 9 on an 8x8 array
     args = [a.format(tmp=tmp_path) for a in args]
     proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+    one_line_error(proc, flag)
     assert not (tmp_path / "w").exists()  # nothing computed or written
+
+
+@pytest.mark.parametrize("workdir", ["", "  "])
+def test_empty_workdir_is_refused_and_nothing_is_written(tmp_path, workdir):
+    # Run from an empty directory: an empty --workdir used to mean "write here".
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", cwd=tmp_path, timeout=120)
+    one_line_error(proc, "--workdir is empty")
+    assert os.listdir(tmp_path) == []
+
+
+def test_help_lists_every_setting_and_not_other_modules_flags():
+    proc = run_cli("--help", timeout=120)
+    text = proc.stdout + proc.stderr
+    for f in dataclasses.fields(config_lib.ReduceConfig):
+        assert f"  --{f.name}:" in text, f.name
+    for name in ("coordinator_address", "num_processes", "process_id", "[no]overwrite"):
+        assert f"  --{name}:" in text, name
+    for other in ("--chex_n_cpu_devices", "--test_srcdir", "--run_with_pdb", "--verbosity"):
+        assert other not in text, other
 
 
 BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
@@ -222,6 +266,10 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(fault_rates=(0.0, 1.5)), "--fault_rates"),
         (dict(fault_rates=(0.2, 0.1)), "strictly increasing"),
         (dict(fault_rates=()), "--fault_rates"),
+        (dict(fault_rates=(0.1,)), "--fault_rates=0.1 must start at 0"),
+        (dict(fault_rates=(0.05, 0.1)), "--fault_rates=0.05,0.1 must start at 0"),
+        (dict(fault_rates=(0.0,)), "at least 2 points"),
+        (dict(retrain_epochs=(0.5, 1.0)), "--retrain_epochs=0.5,1 must start at 0"),
         (dict(retrain_epochs=(0.0, -1.0)), "--retrain_epochs"),
         (dict(maps_per_rate=0), "--maps_per_rate"),
         (dict(num_chips=0), "--num_chips"),
@@ -248,6 +296,8 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(workdir="/proc/nope/run"), "--workdir"),
         (dict(workdir=__file__ + "/run"), "--workdir"),
         (dict(workdir=__file__), "--workdir"),
+        (dict(workdir=""), "--workdir is empty"),
+        (dict(workdir=" \t"), "--workdir is empty"),
     ],
 )
 def test_validate_rejects_bad_settings(changes, needle):
@@ -285,3 +335,107 @@ def test_validate_rejects_fault_map_file_of_wrong_size(tmp_path):
 
 def test_validate_accepts_defaults():
     config_lib.validate(config_lib.ReduceConfig())
+
+
+class _Run:
+    """A CLI run in a subprocess whose stderr lines are collected as they come."""
+
+    def __init__(self, workdir: str, env: dict):
+        self.workdir, self.lines = workdir, []
+        self.proc = subprocess.Popen(
+            [*CLI, f"--flagfile={SMOKE}", f"--workdir={workdir}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr))
+        self._reader.start()
+
+    def handler_installed(self) -> bool:
+        """The CLI catches SIGTERM (Linux: bit 15 of SigCgt in /proc/PID/status)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                mask = next(ln for ln in f if ln.startswith("SigCgt:")).split()[1]
+        except (OSError, StopIteration):
+            return False
+        return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+    def progress(self) -> dict:
+        try:
+            with open(os.path.join(self.workdir, "progress.json")) as f:
+                return json.load(f)["phases"]
+        except (OSError, ValueError):
+            return {}
+
+    def finish(self) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=300)
+        self._reader.join(timeout=60)
+        return rc, "".join(self.lines)
+
+
+def logged(text):
+    return lambda run: any(text in line for line in run.lines)
+
+
+def saved(phase):
+    return lambda run: bool(run.progress().get(phase))
+
+
+def written(name):
+    return lambda run: os.path.exists(os.path.join(run.workdir, name))
+
+
+def started(run):
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc to see the handler")
+def test_stopped_ten_times_with_sigterm_or_sigint_then_resumed_equals_uninterrupted(
+    smoke_run, tmp_path
+):
+    """Each stop: exit 130 and the resume hint, never a crash; progress stays readable.
+
+    One workdir is stopped over and over, each time at the next point of the run (the runs
+    resume in between, so the stops walk through startup, baseline, analysis, retraining and
+    the outputs); then one run finishes it.
+    """
+    _, reference, _ = smoke_run
+    a, r = reference["timing"]["analysis_s"], reference["timing"]["retrain_s"]
+    stops = [  # (where, signal, when to start the delay, delay in s)
+        ("validation", signal.SIGTERM, started, 0.0),
+        ("data loading", signal.SIGINT, started, 0.3),
+        ("baseline training", signal.SIGTERM, logged("baseline: epoch"), 0.0),
+        ("baseline just saved", signal.SIGTERM, written("baseline.json"), 0.0),
+        ("analysis", signal.SIGINT, logged("baseline accuracy"), 0.4 * a),
+        ("analysis just saved", signal.SIGTERM, saved("analysis"), 0.0),
+        ("retraining", signal.SIGINT, logged("baseline accuracy"), 0.3 * r),
+        ("retraining, later", signal.SIGTERM, logged("baseline accuracy"), 0.6 * r),
+        ("retraining just saved", signal.SIGTERM, saved("retrain"), 0.0),
+        ("writing the outputs", signal.SIGINT, written("summary.json"), 0.0),
+    ]
+    workdir = str(tmp_path / "w")
+    for where, signum, anchor, delay in stops:
+        run = _Run(workdir, USER_ENV)
+        deadline = time.time() + 300
+        while not (run.handler_installed() and anchor(run)):
+            assert run.proc.poll() is None, f"run ended before the stop at {where}"
+            assert time.time() < deadline, f"no stop at {where}"
+            time.sleep(0.01)
+        time.sleep(delay)
+        assert run.proc.poll() is None, f"run ended before the stop at {where}"
+        run.proc.send_signal(signum)
+        rc, err = run.finish()
+        assert rc == 130, f"{where}: exit code {rc}\n{err[-3000:]}"
+        assert RESUME_HINT in err and "Fatal Python error" not in err, f"{where}\n{err[-3000:]}"
+        if os.path.exists(os.path.join(workdir, "progress.json")):
+            with open(os.path.join(workdir, "progress.json")) as f:
+                json.load(f)
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", env=USER_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        resumed = json.load(f)
+    assert without_workdir(resumed) == without_workdir(reference)
+    assert not [n for n in os.listdir(workdir) if n.endswith(".tmp")]
