@@ -239,4 +239,3 @@ def make_trainer(
 def slice_chips(tree: PyTree, index) -> PyTree:
     """Select chips (an index array or slice) along the leading axis of every leaf."""
     return jax.tree.map(lambda x: x[index], tree)
-
