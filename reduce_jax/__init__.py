@@ -1,13 +1,41 @@
 """reduce_jax: resilience-driven fault-aware retraining for populations of faulty
-systolic-array DNN accelerators."""
+systolic-array DNN accelerators.
 
-from reduce_jax.faults import load_fault_maps, sample_fault_maps, save_fault_maps
-from reduce_jax.systolic import effective_fault_rate, pe_fault_rate, weight_masks
+    import reduce_jax
+    summary = reduce_jax.run(reduce_jax.ReduceConfig(dataset="digits", model="mlp"))
+    print(summary.headline())
+"""
+
+from reduce_jax.config import ConfigError, ReduceConfig
+from reduce_jax.data import Dataset, load_dataset
+from reduce_jax.faults import FaultSpec, load_fault_maps, sample_fault_maps, save_fault_maps
+from reduce_jax.pipeline import run
+from reduce_jax.summary import Summary
+from reduce_jax.systolic import (
+    chip_rates,
+    describe_mapping,
+    effective_fault_rate,
+    kernel_mask,
+    pe_fault_rate,
+    pe_weights,
+    weight_masks,
+)
 
 __all__ = [
+    "ConfigError",
+    "Dataset",
+    "FaultSpec",
+    "ReduceConfig",
+    "Summary",
+    "chip_rates",
+    "describe_mapping",
     "effective_fault_rate",
+    "kernel_mask",
+    "load_dataset",
     "load_fault_maps",
     "pe_fault_rate",
+    "pe_weights",
+    "run",
     "sample_fault_maps",
     "save_fault_maps",
     "weight_masks",

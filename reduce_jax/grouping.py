@@ -243,8 +243,7 @@ def run_grouped(
     chip_maps: np.ndarray,
     plan: GroupPlan,
     per_chip: retraining.ChipOutcome,
-    weights: dict[str, np.ndarray],
-    rate_measure: str,
+    rmap: resilience.ResilienceMap,
     key: jax.Array,
     store: ProgressStore | None = None,
 ) -> GroupedOutcome:
@@ -256,8 +255,7 @@ def run_grouped(
       chip_maps: ``bool[chips, R, C]``.
       plan: from ``plan_groups``.
       per_chip: the per-chip retraining of every chip (``retraining.retrain``).
-      weights: measure -> ``float[R, C]`` (``pe`` and ``rate_measure`` at least).
-      rate_measure: the map's measure.
+      rmap: the resilience map (the per-PE weights of its measures).
       key: key of the groups' batch order.
       store: saves finished chunks under ``grouped`` (resume).
     """
@@ -294,8 +292,8 @@ def run_grouped(
         served_by[members[members >= 0]] = u
     return GroupedOutcome(
         retrainings=table,
-        fused_pe_rate=np.array([float(weights["pe"][f].sum()) for f in fused]),
-        fused_rate=np.array([float(weights[rate_measure][f].sum()) for f in fused]),
+        fused_pe_rate=np.array([float(rmap.weights["pe"][f].sum()) for f in fused]),
+        fused_rate=np.array([float(rmap.weights[rmap.rate_measure][f].sum()) for f in fused]),
         split=np.concatenate([split, np.zeros(len(kept), bool)]),
         split_from=np.concatenate([np.full(len(split), -1), split_from[kept]]),
         served_by=served_by,

@@ -67,14 +67,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         store = _progress_store(cfg, overwrite)
         data = population.DeviceData.from_dataset(ds)
     model = models.get_model(cfg.model, ds.num_classes)
-    amaps = (
-        _fault_spec(cfg, cfg.analysis_fault_model)
-        .sample(
-            keys.analysis_maps,
-            np.repeat(np.asarray(cfg.fault_rates, np.float64), cfg.maps_per_rate),
-        )
-        .reshape(len(cfg.fault_rates), cfg.maps_per_rate, cfg.array_rows, cfg.array_cols)
-    )
+    amaps = _analysis_fault_maps(cfg, keys.analysis_maps)
     _check_shape_grid(cfg, model, ds.image_shape, amaps)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
@@ -89,22 +82,17 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
     with timer.phase("analysis"):
         analysis = resilience.analyze(ctx, amaps, amount_steps, keys.analysis_data, store)
     rmap = resilience.resilience_map(
-        analysis,
-        amounts,
-        ctx.target,
-        cfg.statistic,
-        systolic.grid_rates(weights, amaps),
-        cfg.rate_measure,
+        analysis, amaps, weights, amounts, ctx.target, cfg.statistic, cfg.rate_measure,
         ctx.steps_per_epoch,
-    )
+    )  # fmt: skip
     study = None
     if cfg.predictor_chips > 0:
         with timer.phase("predictor"):
-            study = _predictor_study(cfg, ctx, rmap, weights, keys, store)
+            study = _predictor_study(cfg, ctx, rmap, keys, store)
 
     # 3. Per-chip amounts; 4-5. retraining, verification and top-ups of every chip alone.
     maps = _chip_fault_maps(cfg, keys.chips)
-    assignment = resilience.assign(rmap, systolic.chip_rates(weights, maps), cfg.interpolation)
+    assignment = resilience.assign(rmap, maps, cfg.interpolation)
     with timer.phase("retrain"):
         singles = [[i] for i in range(len(maps))]
         units = retraining.Units.of_groups(maps, singles, assignment.budgets, assignment.ok)
@@ -114,7 +102,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
     grouped = None
     if cfg.grouping != "none":
         with timer.phase("grouped_retrain"):
-            grouped = _grouped(cfg, ctx, maps, assignment, rmap, per_chip, weights, keys, store)
+            grouped = _grouped(cfg, ctx, maps, assignment, rmap, per_chip, keys.grouped, store)
 
     # 6. Cost.
     chips = cost_lib.chip_results(assignment, per_chip, ctx.target, grouped)
@@ -123,24 +111,14 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
     cost = cost_lib.summarize(chips, fixed, analysis_epochs, ctx.steps_per_epoch, grouped)
     timer.times["wall_s"] = timer.total()
     summary = Summary(
-        config=cfg,
-        overwrite=overwrite,
-        baseline=base,
-        target=ctx.target,
-        steps_per_epoch=ctx.steps_per_epoch,
-        analysis=analysis,
-        rmap=rmap,
-        assignment=assignment,
-        chips=chips,
-        grouped=grouped,
-        cost=cost,
-        predictor=study,
+        config=cfg, overwrite=overwrite, baseline=base, target=ctx.target,
+        steps_per_epoch=ctx.steps_per_epoch, analysis=analysis, rmap=rmap,
+        assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
         mapping=systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols),
         timing=timer.times,
-    )
+    )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
         report.write_outputs(summary.to_json(), cfg.workdir)
-    logging.info("%s", summary.headline())
     return summary
 
 
@@ -153,6 +131,14 @@ def _progress_store(cfg: ReduceConfig, overwrite: bool) -> ProgressStore:
             sha = hashlib.sha256(f.read()).hexdigest()
     key = dict(cfg.as_dict(), devices=jax.device_count(), chip_fault_maps_sha256=sha)
     return ProgressStore(cfg.workdir, key, overwrite)
+
+
+def _analysis_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
+    """The analysis chips' maps ``bool[F, K, R, C]``: ``K`` of ``--analysis_fault_model`` at
+    every grid rate."""
+    rates = np.repeat(np.asarray(cfg.fault_rates, np.float64), cfg.maps_per_rate)
+    maps = _fault_spec(cfg, cfg.analysis_fault_model).sample(key, rates)
+    return maps.reshape(len(cfg.fault_rates), cfg.maps_per_rate, *maps.shape[1:])
 
 
 def _fault_spec(cfg: ReduceConfig, model: str) -> faults.FaultSpec:
@@ -242,7 +228,7 @@ def _chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
     return faults.load_fault_maps(cfg.chip_fault_maps, cfg.array_rows, cfg.array_cols)
 
 
-def _predictor_study(cfg, ctx, rmap, weights, keys: Keys, store) -> predictor.PredictorStudy:
+def _predictor_study(cfg, ctx, rmap, keys: Keys, store) -> predictor.PredictorStudy:
     """Validation chips of ``--fault_model`` with (mean) rates spread evenly over
     ``[0, max(--fault_rates)]``, retrained over the amount grid (``predictor.run_study``)."""
     rates = np.linspace(0.0, max(cfg.fault_rates), cfg.predictor_chips)
@@ -254,17 +240,14 @@ def _predictor_study(cfg, ctx, rmap, weights, keys: Keys, store) -> predictor.Pr
             cfg.fault_model,
         )
     return predictor.run_study(
-        ctx, maps, rates, rmap, weights, cfg.interpolation, keys.predictor_data, store
+        ctx, maps, rates, rmap, cfg.interpolation, keys.predictor_data, store
     )
 
 
-def _grouped(cfg, ctx, maps, assignment, rmap, per_chip, weights, keys, store):
+def _grouped(cfg, ctx, maps, assignment, rmap, per_chip, key, store):
     """Plans the groups on the map and retrains them (``grouping.run_grouped``)."""
-    w = weights[cfg.rate_measure]
     amount = grouping.amount_fn(rmap.measured_rates, rmap.required_steps, cfg.interpolation)
-    plan = grouping.plan_groups(
-        maps, assignment.ok, w, amount, rmap.required_steps, cfg.max_group_size
-    )
-    return grouping.run_grouped(
-        ctx, maps, plan, per_chip, weights, cfg.rate_measure, keys.grouped, store
-    )
+    w = rmap.weights[cfg.rate_measure]
+    levels = rmap.required_steps
+    plan = grouping.plan_groups(maps, assignment.ok, w, amount, levels, cfg.max_group_size)
+    return grouping.run_grouped(ctx, maps, plan, per_chip, rmap, key, store)

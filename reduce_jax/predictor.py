@@ -152,7 +152,6 @@ def run_study(
     fault_maps: np.ndarray,
     requested_rates: np.ndarray,
     rmap: resilience.ResilienceMap,
-    weights: dict[str, np.ndarray],
     interpolation: str,
     key: jax.Array,
     store: ProgressStore | None = None,
@@ -163,8 +162,7 @@ def run_study(
       ctx: the run's context.
       fault_maps: ``bool[n, R, C]`` the validation chips.
       requested_rates: ``float[n]`` the rates they were sampled at.
-      rmap: the resilience map (its grid rates in every measure, its required steps).
-      weights: measure -> ``float[R, C]`` per-PE weights of the trained baseline.
+      rmap: the resilience map (its measures' weights and grid rates, required steps).
       interpolation: of the map, as for the population.
       key: key of the chips' batch order.
       store: saves finished chunks under ``predictor`` (resume).
@@ -174,7 +172,7 @@ def run_study(
     )
     needed = needed_steps(analysis.accuracy[:, :, 0], analysis.amount_steps, ctx.target)
     scores = study(
-        systolic.chip_rates(weights, fault_maps),
+        systolic.chip_rates(rmap.weights, fault_maps),
         rmap.grid_rates,
         rmap.required_steps,
         needed,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reduce_jax import population, sharding, train
+from reduce_jax import population, sharding, systolic, train
 from reduce_jax.progress import Meter, ProgressStore
 
 STATISTICS_HELP = "min, mean, or quantile:q with q in [0, 1]"
@@ -139,6 +139,9 @@ class ResilienceMap(NamedTuple):
     """The least retraining that meets the target at every grid fault rate.
 
     Attributes:
+      weights: measure -> ``float64[R, C]`` per-PE weights of every rate measure
+        (``systolic.pe_weights`` of the trained baseline): a map's rate is their sum over
+        its faulty PEs.
       grid_rates: measure -> ``float64[F]`` the grid points' measured rates (mean over
         their ``K`` maps) in every rate measure.
       rate_measure: the measure the map is read in.
@@ -148,6 +151,7 @@ class ResilienceMap(NamedTuple):
       amount_steps: ``int64[A]`` the amount grid in steps.
     """
 
+    weights: dict[str, np.ndarray]
     grid_rates: dict[str, np.ndarray]
     rate_measure: str
     required_epochs: np.ndarray
@@ -163,19 +167,30 @@ class ResilienceMap(NamedTuple):
 
 def resilience_map(
     analysis: Analysis,
+    fault_maps: np.ndarray,
+    weights: dict[str, np.ndarray],
     retrain_epochs: np.ndarray,
     target: float,
     statistic: str,
-    grid_rates: dict[str, np.ndarray],
     rate_measure: str,
     steps_per_epoch: int,
 ) -> ResilienceMap:
-    """The resilience map of an analysis under the target (``required_amounts``)."""
+    """The resilience map of an analysis under the target (``required_amounts``).
+
+    Args:
+      analysis: from ``analyze``; fault_maps: its maps ``bool[F, K, R, C]``.
+      weights: measure -> ``float[R, C]`` (``systolic.measure_weights``).
+      retrain_epochs: ``float[A]`` the amounts; target, statistic: as in
+        ``required_amounts``.
+      rate_measure: the measure the map is read in.
+      steps_per_epoch: to express the amounts in steps.
+    """
     required, stat = required_amounts(analysis.accuracy, retrain_epochs, target, statistic)
     finite = np.isfinite(required)
     steps = train.epochs_to_steps(np.where(finite, required, 0), steps_per_epoch)
     return ResilienceMap(
-        grid_rates=grid_rates,
+        weights=weights,
+        grid_rates=systolic.grid_rates(weights, fault_maps),
         rate_measure=rate_measure,
         required_epochs=required,
         required_steps=np.where(finite, steps, np.inf),
@@ -230,14 +245,15 @@ class Assignment(NamedTuple):
         return np.where(self.ok, self.steps, 0).astype(np.int64)
 
 
-def assign(rmap: ResilienceMap, rates: dict[str, np.ndarray], interpolation: str) -> Assignment:
+def assign(rmap: ResilienceMap, fault_maps: np.ndarray, interpolation: str) -> Assignment:
     """Every chip's amount from its rate in the map's measure (``retraining_amount``).
 
     Args:
       rmap: the resilience map.
-      rates: measure -> ``float[chips]`` the chips' rates (``systolic.chip_rates``).
+      fault_maps: ``bool[chips, R, C]`` the chips' maps.
       interpolation: ``conservative`` | ``linear``.
     """
+    rates = systolic.chip_rates(rmap.weights, fault_maps)
     steps, status = retraining_amount(
         rmap.measured_rates, rmap.required_steps, rates[rmap.rate_measure], interpolation
     )

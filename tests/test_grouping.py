@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reduce_jax import grouping, models, pipeline, population, retraining, systolic, train
+from reduce_jax import (
+    grouping,
+    models,
+    pipeline,
+    population,
+    resilience,
+    retraining,
+    systolic,
+    train,
+)
 
 ROWS = COLS = 4
 W_PE = np.full((ROWS, COLS), 1.0 / (ROWS * COLS))
@@ -205,7 +214,8 @@ def run_grouped_with(monkeypatch, groups, group_outcome, per_chip, num_chips):
     monkeypatch.setattr(retraining, "retrain", retrain)
     plan = grouping.GroupPlan(groups, np.array([6, 5][: len(groups)]))
     maps = np.zeros((num_chips, ROWS, COLS), bool)
-    out = grouping.run_grouped(None, maps, plan, per_chip, {"pe": W_PE}, "pe", None)
+    rmap = resilience.ResilienceMap({"pe": W_PE}, {}, "pe", None, None, None, None)
+    out = grouping.run_grouped(None, maps, plan, per_chip, rmap, None)
     return out, calls
 
 

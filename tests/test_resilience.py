@@ -113,3 +113,32 @@ def test_monotone_and_conservative_dominates_linear(increments, rates):
     assert bool(jnp.all(lin[ok] <= cons[ok]))
     assert bool(jnp.all(jnp.diff(cons[ok]) >= 0)) and bool(jnp.all(jnp.diff(lin[ok]) >= 0))
     assert bool(jnp.all(lin[ok] == jnp.ceil(lin[ok])))  # whole steps
+
+
+def test_typed_map_and_assignment_read_the_rates_in_the_maps_measure():
+    """``resilience_map`` measures the grid's rates in every measure and reads the map in
+    one; ``assign`` reads each chip's rate in the same measure."""
+    rows = cols = 4
+    weights = dict(pe=np.full((rows, cols), 1 / 16), half=np.zeros((rows, cols)))
+    weights["half"][:2] = 1 / 8  # only the top half of the array counts
+    grid = np.zeros((3, 2, rows, cols), bool)
+    grid[1, :, 0, :2] = True  # 2 PEs: pe 0.125, half 0.25
+    grid[2, :, 0, :] = True  # 4 PEs: pe 0.25, half 0.5
+    acc = np.array([[0.95, 0.95, 0.95], [0.5, 0.95, 0.95], [0.5, 0.5, 0.95]])
+    analysis = resilience.Analysis(
+        accuracy=np.repeat(acc[..., None], 2, -1),
+        diverged=np.zeros((3, 2), bool),
+        amount_steps=np.array([0, 5, 10]),
+    )
+    rmap = resilience.resilience_map(
+        analysis, grid, weights, np.array([0.0, 0.5, 1.0]), 0.9, "min", "half", 10
+    )
+    np.testing.assert_allclose(rmap.measured_rates, [0.0, 0.25, 0.5])
+    np.testing.assert_allclose(rmap.grid_rates["pe"], [0.0, 0.125, 0.25])
+    np.testing.assert_array_equal(rmap.required_steps, [0, 5, 10])
+    chips = np.zeros((3, rows, cols), bool)
+    chips[1, 0, 0] = True  # half 0.125: between grid points 0 and 0.25
+    chips[2, 3, :] = True  # bottom row only: half 0 although 4 PEs are faulty
+    a = resilience.assign(rmap, chips, "conservative")
+    np.testing.assert_allclose(a.rates["half"], [0.0, 0.125, 0.0])
+    assert a.budgets.tolist() == [0, 5, 0] and a.ok.all()

@@ -38,6 +38,7 @@ def _summary() -> Summary:
         amount_steps=np.array([0, 10]),
     )
     rmap = resilience.ResilienceMap(
+        weights=dict(pe=np.full((4, 4), 1 / 16)),
         grid_rates=dict(pe=np.array([0.0, 0.2])),
         rate_measure="pe",
         required_epochs=np.array([0.0, np.inf]),
