@@ -342,7 +342,7 @@ def bench(
         cache.clear()
         cache["key"] = key
         cache["trainer"] = train.make_trainer(model, tx, batch_size)
-        cache["data"] = population.DeviceData.from_dataset(ds)
+        cache["data"] = population.DeviceData.from_dataset(data_lib.split_validation(ds, 0.1))
     trainer, data = cache["trainer"], cache["data"]
     idx = train.batch_indices(jax.random.key(2), 0, data.num_train, batch_size)
     x, y = data.train_images[idx], data.train_labels[idx]

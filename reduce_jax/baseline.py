@@ -58,7 +58,7 @@ def train_baseline(
     through exactly the code path that retraining uses.
 
     Returns:
-      ``(params, info)`` with ``info = {train_s, steps, test_accuracy}``.
+      ``(params, info)`` with ``info = {train_s, steps, accuracy}`` (validation accuracy).
     """
     init_key, data_key = jax.random.split(key)
     params = models.init_params(model, init_key, data.image_shape)
@@ -69,7 +69,10 @@ def train_baseline(
     ones = train.unit_masks(params)
     state = trainer.init_population(params, ones, jnp.array([total], jnp.int32))
     images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
-    test_x, test_y = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
+    # Progress and the recorded accuracy are on the validation split (the test set reports
+    # only); a dataset without one is evaluated on its test set.
+    held_out = (data.val_images, data.val_labels) if data.val_images is not None else None
+    val_x, val_y = map(jnp.asarray, held_out or (data.test_images, data.test_labels))
     start = time.perf_counter()
     done = 0
     while done < total:
@@ -77,14 +80,16 @@ def train_baseline(
         state = trainer.run(state, ones, images, labels, data_key, done, n)
         done += n
         if done % (5 * spe) == 0 or done == total:
-            acc = float(trainer.evaluate(state.params, ones, test_x, test_y)[0])
-            logging.info("baseline: epoch %.1f/%g test accuracy %.4f", done / spe, epochs, acc)
+            acc = float(trainer.evaluate(state.params, ones, val_x, val_y)[0])
+            logging.info(
+                "baseline: epoch %.1f/%g validation accuracy %.4f", done / spe, epochs, acc
+            )
     if bool(state.diverged[0]):
         raise FloatingPointError(
             "baseline training diverged (non-finite loss); lower --baseline_learning_rate"
         )
-    accuracy = float(trainer.evaluate(state.params, ones, test_x, test_y)[0])
-    info = dict(train_s=time.perf_counter() - start, steps=total, test_accuracy=accuracy)
+    accuracy = float(trainer.evaluate(state.params, ones, val_x, val_y)[0])
+    info = dict(train_s=time.perf_counter() - start, steps=total, accuracy=accuracy)
     return train.slice_chips(state.params, 0), info
 
 
@@ -137,7 +142,7 @@ def get_baseline(
     """Loads the baseline from ``workdir`` or trains (and saves) it.
 
     Returns:
-      ``(params, info)``; ``info`` has ``test_accuracy``, ``train_s``, ``steps`` and
+      ``(params, info)``; ``info`` has ``accuracy`` (validation), ``train_s``, ``steps`` and
       ``reused`` (True when loaded from the checkpoint).
     """
     model = models.get_model(model_name, data.num_classes)
@@ -146,6 +151,7 @@ def get_baseline(
         # study, so multi-host runs train it on every process (same seed, same params).
         workdir = None
     config = baseline_config(data.name, model_name, epochs, batch_size, optimizer, lr, seed)
+    config["train_examples"] = len(data.train_labels)  # the validation split is held out
     if workdir is not None:
         abstract = jax.eval_shape(
             lambda: models.init_params(model, jax.random.key(0), data.image_shape)

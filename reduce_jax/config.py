@@ -45,6 +45,12 @@ class ReduceConfig:
     data_dir: str | None = _setting(
         None, "Folder with the dataset files (mnist: IDX files; cifar10/cifar100: the archive)."
     )
+    validation_fraction: float = _setting(
+        0.1,
+        "Share of the training set held out, stratified, as the validation split that every "
+        "decision (resilience map, verification, top-ups) is taken on, in (0, 0.5]; the test "
+        "set only reports results.",
+    )
     model: str = _setting("lenet5", f"Network: {_choices(models.MODELS)}.")
     array_rows: int = _setting(16, "Rows R of the systolic array (PEs).")
     array_cols: int = _setting(16, "Columns C of the systolic array (PEs).")
@@ -252,6 +258,10 @@ def validate(cfg: ReduceConfig) -> None:
     fault-map files are read and validated.
     """
     _one_of(cfg, "dataset", data_lib.DATASETS)
+    _require(
+        0 < cfg.validation_fraction <= 0.5,
+        f"--validation_fraction={cfg.validation_fraction} is outside (0, 0.5]",
+    )
     _one_of(cfg, "model", models.MODELS)
     for name in ("array_rows", "array_cols"):
         _in_range(cfg, name, 1, 4096)

@@ -22,8 +22,11 @@ class ChipResults(NamedTuple):
         training). These describe per-chip Reduce.
       selected_steps: ``int64[chips]`` the amount from the map (``-1``: not retrained).
       topup_steps: ``int64[chips]``.
-      accuracy_before, accuracy_after: ``float64[chips]`` on the chip, before and after.
-      meets_target: ``bool[chips]``.
+      accuracy_before, accuracy_after: ``float64[chips]`` on the chip, before and after
+        (validation split: the one decisions are taken on).
+      meets_target: ``bool[chips]`` on the validation split.
+      test_accuracy_after: ``float64[chips]`` after, on the test set (reported only).
+      meets_target_test: ``bool[chips]`` not diverged and ``test_accuracy_after >= target``.
       group: ``int64[chips]`` grouped runs: the retraining that served the chip (``-1``:
         none); ``None`` in runs without grouping, like the two fields below.
       grouped_accuracy_after: ``float64[chips]`` the serving model on the chip (NaN: none).
@@ -36,6 +39,8 @@ class ChipResults(NamedTuple):
     accuracy_before: np.ndarray
     accuracy_after: np.ndarray
     meets_target: np.ndarray
+    test_accuracy_after: np.ndarray
+    meets_target_test: np.ndarray
     group: np.ndarray | None = None
     grouped_accuracy_after: np.ndarray | None = None
     grouped_meets_target: np.ndarray | None = None
@@ -68,6 +73,8 @@ def chip_results(
         accuracy_before=outcome.accuracy_before,
         accuracy_after=outcome.accuracy_after,
         meets_target=meets,
+        test_accuracy_after=outcome.test_accuracy_after,
+        meets_target_test=(outcome.test_accuracy_after >= target) & ~diverged,
     )
     if grouped is None:
         return results
@@ -114,6 +121,7 @@ class Cost(NamedTuple):
     savings_fraction_recoverable: float | None
     topup_epochs: float
     chips_meeting_target: int
+    chips_meeting_target_test: int
     chips_unrecoverable: int
     chips_missing_target: int
     chips_diverged: int
@@ -172,6 +180,7 @@ def summarize(
         # Summed chip by chip in epochs, as the chip records report them.
         topup_epochs=sum(float(t / spe) for t in chips.topup_steps),
         chips_meeting_target=int(chips.meets_target.sum()),
+        chips_meeting_target_test=int(chips.meets_target_test.sum()),
         chips_unrecoverable=int(np.isin(chips.status, ("above_grid", "unrecoverable")).sum()),
         chips_missing_target=int((chips.status == "missed_target").sum()),
         chips_diverged=int((chips.status == "diverged").sum()),

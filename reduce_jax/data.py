@@ -53,6 +53,9 @@ class Dataset:
         test_labels: int32[M].
         num_classes: Number of classes.
         name: Dataset name, one of ``DATASETS`` for loaded datasets.
+        val_images: float32[V, H, W, C] held out of the training set (``split_validation``),
+            or None before the split.
+        val_labels: int32[V], or None.
     """
 
     train_images: np.ndarray = dataclasses.field(repr=False)
@@ -61,9 +64,12 @@ class Dataset:
     test_labels: np.ndarray = dataclasses.field(repr=False)
     num_classes: int
     name: str
+    val_images: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    val_labels: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for split in ("train", "test"):
+        splits = ("train", "test") + (("val",) if self.val_images is not None else ())
+        for split in splits:
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
             if np.ndim(images) != 4 or np.ndim(labels) != 1 or len(images) != len(labels):
@@ -71,11 +77,13 @@ class Dataset:
                     f"dataset {self.name!r}: {split} images must be [N, H, W, C] and labels [N], "
                     f"got {np.shape(images)} and {np.shape(labels)}"
                 )
-        if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise DatasetError(
-                f"dataset {self.name!r}: train image shape {self.train_images.shape[1:]} differs "
-                f"from test image shape {self.test_images.shape[1:]}"
-            )
+        for split in splits[1:]:
+            shape = getattr(self, f"{split}_images").shape[1:]
+            if self.train_images.shape[1:] != shape:
+                raise DatasetError(
+                    f"dataset {self.name!r}: train image shape {self.train_images.shape[1:]} "
+                    f"differs from {split} image shape {shape}"
+                )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -337,6 +345,47 @@ def _load_cifar(name: str, data_dir: str) -> Dataset:
         arrays[f"{split}_images"] = _to_float(np.concatenate([p[0] for p in parts]), 255.0)
         arrays[f"{split}_labels"] = np.concatenate([p[1] for p in parts])
     return Dataset(**arrays, num_classes=spec.num_classes, name=name)
+
+
+def split_validation(data: Dataset, fraction: float) -> Dataset:
+    """Holds ``fraction`` of the training set out as the validation split.
+
+    Stratified by label and deterministic (the same split for every seed and run), so the
+    resilience map, verification and top-ups are decided on images that neither trained
+    the baseline nor report the result (the test set).
+
+    Args:
+        data: a dataset without a validation split.
+        fraction: share of the training images held out, in (0, 1).
+
+    Returns:
+        The dataset with ``train_*`` reduced to the rest and ``val_*`` set.
+
+    Raises:
+        DatasetError: a class has too few training images to be split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if data.val_images is not None:
+        raise ValueError(f"dataset {data.name!r} already has a validation split")
+    idx = np.arange(len(data.train_labels))
+    try:
+        train_idx, val_idx = train_test_split(
+            idx, test_size=fraction, stratify=data.train_labels, random_state=0
+        )
+    except ValueError as e:
+        raise DatasetError(
+            f"dataset {data.name!r}: cannot hold out --validation_fraction={fraction} of "
+            f"{len(idx)} training images stratified by class ({e})"
+        ) from None
+    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    return dataclasses.replace(
+        data,
+        train_images=data.train_images[train_idx],
+        train_labels=data.train_labels[train_idx],
+        val_images=data.train_images[val_idx],
+        val_labels=data.train_labels[val_idx],
+    )
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:

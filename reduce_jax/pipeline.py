@@ -64,6 +64,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
     with timer.phase("load_data"):
         # Everything that can be wrong with the inputs is found before the workdir is touched.
         ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
+        ds = data_lib.split_validation(ds, cfg.validation_fraction)
         store = _progress_store(cfg, overwrite)
         data = population.DeviceData.from_dataset(ds)
     model = models.get_model(cfg.model, ds.num_classes)
@@ -189,13 +190,20 @@ def _context(cfg: ReduceConfig, model, params, data, base_info: dict):
     )
     spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
     one_chip = jax.tree.map(lambda x: x[None], params)
-    accuracy = float(
-        trainer.evaluate(one_chip, train.unit_masks(params), data.test_images, data.test_labels)[0]
+    accuracy, test_accuracy = (
+        float(trainer.evaluate(one_chip, train.unit_masks(params), *data.split(s))[0])
+        for s in ("val", "test")
     )
     target = (
         cfg.target_accuracy if cfg.target_accuracy is not None else accuracy - cfg.max_accuracy_drop
     )
-    logging.info("baseline accuracy %.4f, target %.4f, %d steps per epoch", accuracy, target, spe)
+    logging.info(
+        "baseline accuracy %.4f (validation; test %.4f), target %.4f, %d steps per epoch",
+        accuracy,
+        test_accuracy,
+        target,
+        spe,
+    )
     ctx = population.Context(
         trainer=trainer,
         params=params,
@@ -208,8 +216,9 @@ def _context(cfg: ReduceConfig, model, params, data, base_info: dict):
     )
     base = Baseline(
         accuracy=accuracy,
+        test_accuracy=test_accuracy,
         steps=base_info["steps"],
-        accuracy_at_training=base_info["test_accuracy"],
+        accuracy_at_training=base_info["accuracy"],
         reused=base_info["reused"],
     )
     return ctx, base

@@ -24,17 +24,39 @@ PyTree = Any
 
 
 class DeviceData(NamedTuple):
-    """Train and test sets on the device."""
+    """Train, validation and test sets on the device.
+
+    Decisions (the resilience map, verification, top-ups) use the validation split; the test
+    set only reports results.
+    """
 
     train_images: jax.Array
     train_labels: jax.Array
+    val_images: jax.Array
+    val_labels: jax.Array
     test_images: jax.Array
     test_labels: jax.Array
 
     @classmethod
     def from_dataset(cls, data: Dataset) -> DeviceData:
-        arrays = (data.train_images, data.train_labels, data.test_images, data.test_labels)
+        """From a dataset with a validation split (``data.split_validation``)."""
+        if data.val_images is None:
+            raise ValueError(f"dataset {data.name!r} has no validation split")
+        arrays = (
+            data.train_images,
+            data.train_labels,
+            data.val_images,
+            data.val_labels,
+            data.test_images,
+            data.test_labels,
+        )
         return cls(*sharding.replicate([jnp.asarray(a) for a in arrays]))
+
+    def split(self, name: str) -> tuple[jax.Array, jax.Array]:
+        """``(images, labels)`` of the ``val`` or ``test`` split."""
+        if name not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {name!r}")
+        return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
 
     @property
     def num_train(self) -> int:
@@ -143,9 +165,15 @@ def run_phase(
     return states
 
 
-def evaluate(trainer: train.Trainer, states: train.ChipState, masks: PyTree, data: DeviceData):
-    """Test accuracy ``float64[chips]`` (numpy) of every chip."""
-    acc = trainer.evaluate(states.params, masks, data.test_images, data.test_labels)
+def evaluate(
+    trainer: train.Trainer,
+    states: train.ChipState,
+    masks: PyTree,
+    data: DeviceData,
+    split: str = "val",
+):
+    """Accuracy ``float64[chips]`` (numpy) of every chip on the ``val`` or ``test`` split."""
+    acc = trainer.evaluate(states.params, masks, *data.split(split))
     return sharding.to_host(acc).astype(np.float64)
 
 

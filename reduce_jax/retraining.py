@@ -64,8 +64,10 @@ class ChipOutcome(NamedTuple):
       members: ``int64[U, W]`` member chips (``-1``: no member in that slot).
       steps: ``int64[U]`` planned steps (0 where not retrained).
       retrained: ``bool[U]``.
-      accuracy_before: ``float64[U]`` on the unit's map, before retraining.
-      accuracy_after: ``float64[U]`` on the unit's map, after retraining and top-ups.
+      accuracy_before: ``float64[U]`` on the unit's map, before retraining (validation).
+      accuracy_after: ``float64[U]`` on the unit's map, after retraining and top-ups
+        (validation: the split every decision is taken on).
+      test_accuracy_after: ``float64[U]`` the same on the test set (reported only).
       topup_steps: ``int64[U]``.
       diverged: ``bool[U]`` the training became non-finite (the unit is frozen).
       member_accuracy: ``float64[U, W]`` the unit's model on each member chip's own map
@@ -78,6 +80,7 @@ class ChipOutcome(NamedTuple):
     retrained: np.ndarray
     accuracy_before: np.ndarray
     accuracy_after: np.ndarray
+    test_accuracy_after: np.ndarray
     topup_steps: np.ndarray
     diverged: np.ndarray
     member_accuracy: np.ndarray
@@ -151,6 +154,7 @@ def retrain(
         retrained=np.asarray(units.retrain, bool),
         accuracy_before=out["before"],
         accuracy_after=out["after"],
+        test_accuracy_after=out["test_after"],
         topup_steps=out["topup"],
         diverged=out["diverged"],
         member_accuracy=member_acc,
@@ -172,6 +176,7 @@ def _retrain_chunk(
     return dict(
         before=before,
         after=after,
+        test_after=population.evaluate(ctx.trainer, states, masks, ctx.data, "test"),
         topup=topup,
         diverged=sharding.to_host(states.diverged),
         params=states.params,
@@ -249,8 +254,6 @@ def _verify_members(
         u, j = unit[lo : lo + size], slot[lo : lo + size]
         maps, idx = population.pad_chunk(chip_maps[members[u, j]], u, size)
         masks = population.population_masks(ctx.params, sharding.shard_chips(jnp.asarray(maps)))
-        acc = ctx.trainer.evaluate(
-            population.take(params, idx), masks, ctx.data.test_images, ctx.data.test_labels
-        )
+        acc = ctx.trainer.evaluate(population.take(params, idx), masks, *ctx.data.split("val"))
         member_acc[u, j] = sharding.to_host(acc).astype(np.float64)[: len(u)]
     return member_acc

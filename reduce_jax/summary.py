@@ -23,13 +23,15 @@ class Baseline:
     """The fault-free baseline of a run.
 
     Attributes:
-      accuracy: test accuracy of the baseline (the target is taken from it).
+      accuracy: validation accuracy of the baseline (the target is taken from it).
+      test_accuracy: its test accuracy (reported only).
       steps: steps it was trained for.
       accuracy_at_training: the accuracy recorded when it was trained.
       reused: loaded from the run's checkpoint rather than trained.
     """
 
     accuracy: float
+    test_accuracy: float
     steps: int
     accuracy_at_training: float
     reused: bool
@@ -73,6 +75,7 @@ class Summary:
         return _plain(
             dict(
                 baseline_accuracy=self.baseline.accuracy,
+                baseline_test_accuracy=self.baseline.test_accuracy,
                 target_accuracy=float(self.target),
                 baseline=dict(
                     steps=self.baseline.steps,
@@ -141,6 +144,8 @@ class Summary:
                 accuracy_before=float(ch.accuracy_before[i]),
                 accuracy_after=float(ch.accuracy_after[i]),
                 meets_target=bool(ch.meets_target[i]),
+                test_accuracy_after=float(ch.test_accuracy_after[i]),
+                meets_target_test=bool(ch.meets_target_test[i]),
             )
             if ch.group is not None:
                 group = int(ch.group[i])

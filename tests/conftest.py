@@ -7,13 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reduce_jax import config, data, models
+from reduce_jax import config, data, models, population
 
 
 @pytest.fixture(scope="session")
 def digits():
     """8x8 sklearn digits: 1437 train / 360 test images, NHWC float32."""
     return data.load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_device(digits):
+    """The digits on the device, 10% of the training images held out for validation."""
+    return population.DeviceData.from_dataset(data.split_validation(digits, 0.1))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ def outcome(accuracy_before, accuracy_after, topup_steps, diverged, steps, retra
         retrained=np.asarray(retrained),
         accuracy_before=np.asarray(accuracy_before),
         accuracy_after=np.asarray(accuracy_after),
+        test_accuracy_after=np.asarray(accuracy_after),
         topup_steps=np.asarray(topup_steps),
         diverged=np.asarray(diverged),
         member_accuracy=np.asarray(accuracy_after)[:, None],
@@ -129,7 +130,7 @@ def test_all_unrecoverable():
 
 def test_no_chips():
     with pytest.raises(ValueError):
-        cost.summarize(cost.ChipResults(*([np.zeros(0)] * 6)), 4.0, 30.0, SPE)
+        cost.summarize(cost.ChipResults(*([np.zeros(0)] * 8)), 4.0, 30.0, SPE)
 
 
 def test_grouped_cost_counts_every_group_and_split():

@@ -144,7 +144,9 @@ def test_greedy_plan_never_costs_more_than_per_chip(
             )
 
 
-def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(digits):
+def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(
+    digits, digits_device
+):
     rng = np.random.default_rng(1)
     maps = rng.random((3, 8, 8)) < 0.15
     fused = np.asarray(grouping.fuse(maps))
@@ -154,7 +156,7 @@ def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(di
     )
     trainer = train.make_trainer(model, train.make_optimizer("adam", 3e-3), 32)
     states, masks = population.init_chunk(trainer, params, fused[None], np.array([20]))
-    data = population.DeviceData.from_dataset(digits)
+    data = digits_device
     states = trainer.run(
         states, masks, data.train_images, data.train_labels, jax.random.key(2), 0, 20
     )
@@ -196,6 +198,7 @@ def outcome(groups, steps, topup, meets, retrained=True):
         retrained=np.broadcast_to(retrained, (n,)).copy(),
         accuracy_before=np.full(n, 0.1),
         accuracy_after=acc,
+        test_accuracy_after=acc - 0.01,
         topup_steps=np.asarray(topup),
         diverged=np.zeros(n, bool),
         member_accuracy=np.where(members >= 0, acc[:, None], np.nan),

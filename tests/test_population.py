@@ -21,9 +21,9 @@ def test_pad_chunk():
     assert pm.shape == (5, 2, 2) and not pm[3:].any() and pb.tolist() == [5, 6, 7, 0, 0]
 
 
-def test_compacted_phase_equals_gated_phase(digits, tiny_mlp, tiny_mlp_params):
+def test_compacted_phase_equals_gated_phase(digits_device, tiny_mlp, tiny_mlp_params):
     """Dropping finished chips equals running every chip to the longest budget, gated."""
-    data = population.DeviceData.from_dataset(digits)
+    data = digits_device
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(3), 6, 8, 8, 0.2))
     steps = np.array([0, 9, 2, 5, 1, 9])
@@ -45,9 +45,11 @@ def test_compacted_phase_equals_gated_phase(digits, tiny_mlp, tiny_mlp_params):
     assert sum(done) == steps.sum()  # progress counts budgeted chip-steps
 
 
-def test_phase_from_nonzero_start_continues_the_batch_order(digits, tiny_mlp, tiny_mlp_params):
+def test_phase_from_nonzero_start_continues_the_batch_order(
+    digits_device, tiny_mlp, tiny_mlp_params
+):
     """Two phases 0..3 and 3..7 equal one phase 0..7 (same batches, same states)."""
-    data = population.DeviceData.from_dataset(digits)
+    data = digits_device
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("sgd", 0.1), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(4), 2, 8, 8, 0.1))
     key = jax.random.key(1)

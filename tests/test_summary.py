@@ -56,6 +56,7 @@ def _summary() -> Summary:
         retrained=np.array([True, True, False]),
         accuracy_before=np.array([0.9, 0.8, 0.3]),
         accuracy_after=np.array([0.9, 0.92, 0.3]),
+        test_accuracy_after=np.array([0.89, 0.91, 0.31]),
         topup_steps=np.array([0, 5, 0]),
         diverged=np.zeros(3, bool),
         member_accuracy=np.array([[0.9], [0.92], [0.3]]),
@@ -92,7 +93,9 @@ def _summary() -> Summary:
     return Summary(
         config=cfg,
         overwrite=False,
-        baseline=Baseline(accuracy=0.9, steps=100, accuracy_at_training=0.9, reused=False),
+        baseline=Baseline(
+            accuracy=0.9, test_accuracy=0.89, steps=100, accuracy_at_training=0.9, reused=False
+        ),
         target=0.88,
         steps_per_epoch=SPE,
         analysis=analysis,
@@ -123,8 +126,11 @@ def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
     assert s["predictor_study"]["needed_epochs"] == [0.0, None]
     assert s["mapping"][0]["shape"] == [2, 3]
     assert s["cost"]["chips_unrecoverable"] == 1 and s["cost"]["groups"] == 1
+    assert [c["meets_target_test"] for c in chips] == [True, True, False]
+    assert s["baseline_test_accuracy"] == 0.89
     assert list(s) == [
         "baseline_accuracy",
+        "baseline_test_accuracy",
         "target_accuracy",
         "baseline",
         "resilience",
