@@ -79,6 +79,11 @@ class ReduceConfig:
         "Resilience analysis grid of retraining amounts (epochs): increasing, starting at 0 "
         "(no retraining).",
     )
+    eval_every: float = _setting(
+        0.125,
+        "The analysis also evaluates every this many epochs between the --retrain_epochs "
+        "amounts (retraining nests, so this costs evaluations only; 0 = the grid only), >= 0.",
+    )
     maps_per_rate: int = _setting(4, "Sampled fault maps K per grid fault rate (>= 1).")
     num_chips: int = _setting(64, "Chips in the sampled population (>= 1).")
     chip_fault_rate: float = _setting(
@@ -123,6 +128,16 @@ class ReduceConfig:
         None,
         "Per-chip epochs of the fixed policy Reduce is compared with (default: the largest "
         "--retrain_epochs).",
+    )
+    compare_policies: bool = _setting(
+        True,
+        "Also run the fixed and adaptive policies on the population (one retraining per chip "
+        "up to the larger of their amounts), to compare Reduce with them in one run.",
+    )
+    adaptive_max_epochs: float | None = _setting(
+        None,
+        "Cap of the adaptive policy (verify at 0, top up --topup_epochs at a time until the "
+        "target): most epochs per chip, > 0 (default: the fixed policy's amount).",
     )
     topup_epochs: float = _setting(
         0.25, "Top-up increment (epochs) for a retrained chip still below the target (> 0)."
@@ -281,6 +296,7 @@ def validate(cfg: ReduceConfig) -> None:
         f"--retrain_epochs={_join(cfg.retrain_epochs)} must start at 0 (no retraining, the "
         "amount for chips that need none)",
     )
+    _require(cfg.eval_every >= 0, f"--eval_every={cfg.eval_every} must be >= 0")
     _require(cfg.maps_per_rate >= 1, f"--maps_per_rate={cfg.maps_per_rate} must be >= 1")
     _require(cfg.num_chips >= 1, f"--num_chips={cfg.num_chips} must be >= 1")
     _in_range(cfg, "chip_fault_rate", 0, 1)
@@ -305,6 +321,11 @@ def validate(cfg: ReduceConfig) -> None:
             max(cfg.retrain_epochs, default=0) > 0,
             "--retrain_epochs needs an amount > 0 (it sets the fixed policy's amount), "
             "or give --fixed_epochs",
+        )
+    if cfg.adaptive_max_epochs is not None:
+        _require(
+            cfg.adaptive_max_epochs > 0,
+            f"--adaptive_max_epochs={cfg.adaptive_max_epochs} must be > 0",
         )
     _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
     _require(cfg.max_topup_epochs >= 0, f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")

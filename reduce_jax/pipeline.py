@@ -25,6 +25,7 @@ from reduce_jax import (
     faults,
     grouping,
     models,
+    policies,
     population,
     predictor,
     report,
@@ -50,6 +51,7 @@ class Keys(NamedTuple):
     predictor_maps: jax.Array
     predictor_data: jax.Array
     grouped: jax.Array
+    policies: jax.Array
 
     @classmethod
     def from_seed(cls, seed: int) -> Keys:
@@ -78,12 +80,11 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
     ctx, base = _context(cfg, model, params, data, base_info)
 
     # 1-2. Resilience analysis and map.
-    amounts = np.asarray(cfg.retrain_epochs, np.float64)
-    amount_steps = train.epochs_to_steps(amounts, ctx.steps_per_epoch)
+    amounts, _ = resilience.amount_axis(cfg.retrain_epochs, cfg.eval_every, ctx.steps_per_epoch)
     with timer.phase("analysis"):
-        analysis = resilience.analyze(ctx, amaps, amount_steps, keys.analysis_data, store)
+        analysis = resilience.analyze(ctx, amaps, amounts, keys.analysis_data, store)
     rmap = resilience.resilience_map(
-        analysis, amaps, weights, amounts, ctx.target, cfg.statistic, cfg.rate_measure,
+        analysis, amaps, weights, ctx.target, cfg.statistic, cfg.rate_measure,
         ctx.steps_per_epoch,
     )  # fmt: skip
     study = None
@@ -105,16 +106,20 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         with timer.phase("grouped_retrain"):
             grouped = _grouped(cfg, ctx, maps, assignment, rmap, per_chip, keys.grouped, store)
 
-    # 6. Cost.
+    # 6. Cost, and Reduce against the policies a user would follow without it.
     chips = cost_lib.chip_results(assignment, per_chip, ctx.target, grouped)
     fixed = cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max()
     analysis_epochs = len(cfg.fault_rates) * cfg.maps_per_rate * amounts.max()
     cost = cost_lib.summarize(chips, fixed, analysis_epochs, ctx.steps_per_epoch, grouped)
+    with timer.phase("policies"):
+        outcomes = _Outcomes(analysis, chips, grouped, study)
+        comparison = _compare(cfg, ctx, maps, outcomes, fixed, keys.policies, store)
     timer.times["wall_s"] = timer.total()
     summary = Summary(
         config=cfg, overwrite=overwrite, baseline=base, target=ctx.target,
         steps_per_epoch=ctx.steps_per_epoch, analysis=analysis, rmap=rmap,
         assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
+        policies=comparison,
         mapping=systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols),
         timing=timer.times,
     )  # fmt: skip
@@ -260,3 +265,35 @@ def _grouped(cfg, ctx, maps, assignment, rmap, per_chip, key, store):
     levels = rmap.required_steps
     plan = grouping.plan_groups(maps, assignment.ok, w, amount, levels, cfg.max_group_size)
     return grouping.run_grouped(ctx, maps, plan, per_chip, rmap, key, store)
+
+
+class _Outcomes(NamedTuple):
+    """What the run measured, for the comparison of policies."""
+
+    analysis: resilience.Analysis
+    chips: cost_lib.ChipResults
+    grouped: grouping.GroupedOutcome | None
+    study: predictor.PredictorStudy | None
+
+
+def _compare(cfg, ctx, maps, outcomes: _Outcomes, fixed_epochs, key, store) -> policies.Comparison:
+    """Every policy's cost and result (``policies``); ``fixed`` and ``adaptive`` from one
+    trajectory per chip (with ``--compare_policies``)."""
+    inc = ctx.topup_steps
+    found = {"reduce": policies.reduce_policy(outcomes.chips, inc)}
+    if cfg.compare_policies:
+        spe = ctx.steps_per_epoch
+        fixed_steps = int(train.epochs_to_steps(fixed_epochs, spe))
+        cap = cfg.adaptive_max_epochs if cfg.adaptive_max_epochs is not None else fixed_epochs
+        cap_steps = int(train.epochs_to_steps(cap, spe))
+        points = policies.trajectory_points(inc, cap_steps, fixed_steps, spe)
+        traj = policies.run_trajectory(ctx, maps, points, key, store)
+        found["fixed"] = policies.fixed_policy(traj, fixed_steps, ctx.target)
+        found["adaptive"] = policies.adaptive_policy(traj, cap_steps, ctx.target)
+    if outcomes.grouped is not None:
+        found["grouped"] = policies.grouped_policy(outcomes.grouped, outcomes.chips, inc)
+    if outcomes.study is not None:
+        found["oracle"] = policies.oracle_policy(outcomes.study, ctx.target)
+    ordered = {name: found[name] for name in policies.POLICIES if name in found}
+    compute = policies.measure_compute(ctx, cfg.batch_size)
+    return policies.compare(ordered, outcomes.analysis, compute)

@@ -168,7 +168,7 @@ def run_study(
       store: saves finished chunks under ``predictor`` (resume).
     """
     analysis = resilience.analyze(
-        ctx, fault_maps[:, None], rmap.amount_steps, key, store, "predictor"
+        ctx, fault_maps[:, None], rmap.amount_epochs, key, store, "predictor", with_test=True
     )
     needed = needed_steps(analysis.accuracy[:, :, 0], analysis.amount_steps, ctx.target)
     scores = study(

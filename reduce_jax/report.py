@@ -169,13 +169,17 @@ def _floats(values) -> np.ndarray:
 def _plot_accuracy(summary: dict, ax) -> None:
     res = summary["resilience"]
     rates = _floats(res["fault_rates"])
-    colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(res["retrain_epochs"]), 1)))
-    for j, epochs in enumerate(res["retrain_epochs"]):
+    # One line per amount of the grid (the axis may be denser: --eval_every).
+    grid = set(res.get("grid_epochs", res["retrain_epochs"]))
+    shown = [j for j, e in enumerate(res["retrain_epochs"]) if e in grid]
+    colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(shown), 1)))
+    for c, j in enumerate(shown):
+        epochs = res["retrain_epochs"][j]
         stat = _floats(row[j] for row in res["statistic_accuracy"])
         samples = np.array([_floats(row[j]) for row in res["accuracy"]])  # [F, K]
-        ax.plot(rates, stat, "o-", color=colors[j], ms=4, label=f"{epochs:g} epochs")
+        ax.plot(rates, stat, "o-", color=colors[c], ms=4, label=f"{epochs:g} epochs")
         ax.fill_between(
-            rates, np.nanmin(samples, 1), np.nanmax(samples, 1), color=colors[j], alpha=0.15, lw=0
+            rates, np.nanmin(samples, 1), np.nanmax(samples, 1), color=colors[c], alpha=0.15, lw=0
         )
     ax.axhline(summary["target_accuracy"], color="k", ls="--", lw=1, label="target")
     ax.axhline(summary["baseline_accuracy"], color="k", ls=":", lw=1, label="baseline")

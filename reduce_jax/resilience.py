@@ -46,28 +46,60 @@ def parse_statistic(statistic: str) -> Callable[[np.ndarray], np.ndarray]:
     raise ValueError(f"--statistic={statistic!r} is not one of: {STATISTICS_HELP}")
 
 
+def amount_axis(
+    grid_epochs, eval_every: float, steps_per_epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The amounts the analysis evaluates at: the grid's, and every multiple of
+    ``eval_every`` epochs up to the largest.
+
+    Amounts nest (each chip is retrained once, up to the largest), so a denser axis costs
+    evaluations only, and the map can select amounts between the grid's points.
+
+    Args:
+      grid_epochs: ``float[A0]`` the amount grid (``--retrain_epochs``), increasing.
+      eval_every: spacing of the extra amounts in epochs (0: the grid only).
+      steps_per_epoch: to express amounts in steps.
+
+    Returns:
+      ``(epochs float64[A], steps int64[A])``, increasing, one entry per distinct number of
+      steps (the smallest amount in epochs that gives it).
+    """
+    epochs = np.asarray(grid_epochs, np.float64)
+    if eval_every > 0:
+        count = int(np.floor(epochs.max() / eval_every + 1e-9))
+        epochs = np.union1d(epochs, np.round(np.arange(1, count + 1) * eval_every, 12))
+    steps, first = np.unique(train.epochs_to_steps(epochs, steps_per_epoch), return_index=True)
+    return epochs[first], steps.astype(np.int64)
+
+
 class Analysis(NamedTuple):
     """Result of the resilience analysis.
 
     Attributes:
-      accuracy: ``float64[F, A, K]`` accuracy of sample ``k`` of grid rate ``f`` after amount
-        ``a`` (0 from the amount at which the chip diverged on).
+      accuracy: ``float64[F, A, K]`` validation accuracy of sample ``k`` of grid rate ``f``
+        after amount ``a`` (0 from the amount at which the chip diverged on).
       diverged: ``bool[F, K]`` the chip's training became non-finite.
-      amount_steps: ``int64[A]`` the amounts in steps.
+      amount_epochs: ``float64[A]`` the amounts evaluated at (``amount_axis``), in epochs.
+      amount_steps: ``int64[A]`` the same in steps.
+      test_accuracy: ``float64[F, A, K]`` the same on the test set (reported only), or None
+        where it was not measured.
     """
 
     accuracy: np.ndarray
     diverged: np.ndarray
+    amount_epochs: np.ndarray
     amount_steps: np.ndarray
+    test_accuracy: np.ndarray | None = None
 
 
 def analyze(
     ctx: population.Context,
     fault_maps: np.ndarray,
-    amount_steps: np.ndarray,
+    amount_epochs: np.ndarray,
     key: jax.Array,
     store: ProgressStore | None = None,
     stage: str = "analysis",
+    with_test: bool = False,
 ) -> Analysis:
     """Accuracy of sampled chips at every (fault rate, retraining amount) of the grid.
 
@@ -77,18 +109,21 @@ def analyze(
     Args:
       ctx: the run's context.
       fault_maps: ``bool[F, K, R, C]``.
-      amount_steps: ``int[A]`` increasing retraining amounts in steps (0 = no retraining).
+      amount_epochs: ``float[A]`` increasing retraining amounts in epochs (0 = no
+        retraining), one per distinct number of steps (``amount_axis``).
       key: key of the batch order.
       store: saves finished chunks under ``stage`` (resume).
       stage: the stage's name (``analysis``; ``predictor`` for the predictor study).
+      with_test: also evaluate on the test set (for reporting).
 
     Returns:
       ``Analysis``.
     """
     num_f, k = fault_maps.shape[:2]
-    steps = np.asarray(amount_steps, np.int64)
-    if np.any(np.diff(steps) < 0) or steps.min() < 0:
-        raise ValueError(f"amount_steps must be non-negative and sorted, got {steps}")
+    epochs = np.asarray(amount_epochs, np.float64)
+    steps = train.epochs_to_steps(epochs, ctx.steps_per_epoch)
+    if np.any(np.diff(steps) <= 0) or steps.min() < 0:
+        raise ValueError(f"amounts must be non-negative and increasing in steps, got {steps}")
     flat_maps = np.asarray(fault_maps).reshape(num_f * k, *fault_maps.shape[2:])
     meter = Meter(f"{stage} training", len(flat_maps) * int(steps.max()))
 
@@ -97,7 +132,8 @@ def analyze(
         real = np.arange(len(maps)) < len(ids)
         budgets = np.where(real, steps.max(), 0)
         states, masks = population.init_chunk(ctx.trainer, ctx.params, maps, budgets)
-        chunk_acc, prev = [], 0
+        splits = ("val", "test") if with_test else ("val",)
+        chunk_acc, prev = {split: [] for split in splits}, 0
         for s in steps:
             states = population.run_phase(
                 ctx.trainer,
@@ -110,11 +146,12 @@ def analyze(
                 start=prev,
             )
             prev = int(s)
-            acc_now = population.evaluate(ctx.trainer, states, masks, ctx.data)
             # A diverged chip is frozen at its last finite state; it never counts as
             # recovered from the amount at which it diverged on.
             div_now = sharding.to_host(states.diverged)
-            chunk_acc.append(np.where(div_now, 0.0, acc_now))
+            for split in splits:
+                acc_now = population.evaluate(ctx.trainer, states, masks, ctx.data, split)
+                chunk_acc[split].append(np.where(div_now, 0.0, acc_now))
         for chip in ids[div_now[: len(ids)]]:
             logging.warning(
                 "%s chip %d: loss or weights became non-finite; its accuracy counts as 0 "
@@ -122,16 +159,18 @@ def analyze(
                 stage,
                 chip,
             )
-        return dict(accuracy=np.stack(chunk_acc, 1), diverged=div_now)
+        return dict(diverged=div_now, **{s: np.stack(a, 1) for s, a in chunk_acc.items()})
 
     out = population.drive(
         dict(maps=flat_maps), compute, ctx.chips_per_batch, store=store, stage=stage
     )
-    acc, diverged = out["accuracy"], out["diverged"]
+    by_rate = lambda acc: acc.reshape(num_f, k, -1).transpose(0, 2, 1)  # noqa: E731
     return Analysis(
-        accuracy=acc.reshape(num_f, k, -1).transpose(0, 2, 1),
-        diverged=diverged.reshape(num_f, k),
+        accuracy=by_rate(out["val"]),
+        diverged=out["diverged"].reshape(num_f, k),
+        amount_epochs=epochs,
         amount_steps=steps,
+        test_accuracy=by_rate(out["test"]) if with_test else None,
     )
 
 
@@ -148,7 +187,8 @@ class ResilienceMap(NamedTuple):
       required_epochs: ``float64[F]`` least amount (``inf``: unrecoverable), non-decreasing.
       required_steps: ``float64[F]`` the same in steps (``inf``: unrecoverable).
       statistic_accuracy: ``float64[F, A]`` the statistic over the ``K`` maps.
-      amount_steps: ``int64[A]`` the amount grid in steps.
+      amount_epochs: ``float64[A]`` the amounts the analysis evaluated at (epochs).
+      amount_steps: ``int64[A]`` the same in steps.
     """
 
     weights: dict[str, np.ndarray]
@@ -157,6 +197,7 @@ class ResilienceMap(NamedTuple):
     required_epochs: np.ndarray
     required_steps: np.ndarray
     statistic_accuracy: np.ndarray
+    amount_epochs: np.ndarray
     amount_steps: np.ndarray
 
     @property
@@ -169,7 +210,6 @@ def resilience_map(
     analysis: Analysis,
     fault_maps: np.ndarray,
     weights: dict[str, np.ndarray],
-    retrain_epochs: np.ndarray,
     target: float,
     statistic: str,
     rate_measure: str,
@@ -180,12 +220,11 @@ def resilience_map(
     Args:
       analysis: from ``analyze``; fault_maps: its maps ``bool[F, K, R, C]``.
       weights: measure -> ``float[R, C]`` (``systolic.measure_weights``).
-      retrain_epochs: ``float[A]`` the amounts; target, statistic: as in
-        ``required_amounts``.
+      target, statistic: as in ``required_amounts``.
       rate_measure: the measure the map is read in.
       steps_per_epoch: to express the amounts in steps.
     """
-    required, stat = required_amounts(analysis.accuracy, retrain_epochs, target, statistic)
+    required, stat = required_amounts(analysis.accuracy, analysis.amount_epochs, target, statistic)
     finite = np.isfinite(required)
     steps = train.epochs_to_steps(np.where(finite, required, 0), steps_per_epoch)
     return ResilienceMap(
@@ -195,6 +234,7 @@ def resilience_map(
         required_epochs=required,
         required_steps=np.where(finite, steps, np.inf),
         statistic_accuracy=stat,
+        amount_epochs=analysis.amount_epochs,
         amount_steps=analysis.amount_steps,
     )
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from reduce_jax import cost as cost_lib
-from reduce_jax import grouping, predictor, resilience
+from reduce_jax import grouping, policies, predictor, resilience
 from reduce_jax.config import ReduceConfig
 
 
@@ -49,6 +49,7 @@ class Summary:
       assignment: every chip's rates and amount; chips: every chip's result.
       grouped: the grouped retraining (grouped runs; else None).
       cost: the cost accounting; predictor: the predictor study (or None).
+      policies: Reduce against the fixed, adaptive, grouped and oracle policies.
       mapping: ``systolic.describe_mapping`` of the network on the array.
       timing: seconds per phase.
     """
@@ -65,6 +66,7 @@ class Summary:
     grouped: grouping.GroupedOutcome | None
     cost: cost_lib.Cost
     predictor: predictor.PredictorStudy | None
+    policies: policies.Comparison
     mapping: list[dict]
     timing: dict[str, Any]
 
@@ -86,7 +88,8 @@ class Summary:
                     fault_rates=rates,
                     measured_rates=rmap.measured_rates,
                     measured_rates_by_measure=rmap.grid_rates,
-                    retrain_epochs=np.asarray(cfg.retrain_epochs, np.float64),
+                    grid_epochs=np.asarray(cfg.retrain_epochs, np.float64),
+                    retrain_epochs=self.analysis.amount_epochs,
                     retrain_steps=self.analysis.amount_steps,
                     accuracy=self.analysis.accuracy,
                     statistic=cfg.statistic,
@@ -103,6 +106,7 @@ class Summary:
                 chips=self._chip_records(),
                 groups=self._group_records(),
                 cost=self.cost._asdict(),
+                policies=self._policies(),
                 predictor_study=self._predictor(),
                 config=dict(cfg.as_dict(), overwrite=self.overwrite),
                 timing=self.timing,
@@ -185,6 +189,30 @@ class Summary:
                 )
             )
         return records
+
+    def _policies(self) -> dict:
+        c = self.policies
+        compute, spe = c.compute, self.steps_per_epoch
+
+        def entry(p: policies.Policy) -> dict:
+            return dict(
+                chips=p.chips,
+                train_epochs=p.train_steps / spe,
+                train_steps=p.train_steps,
+                eval_passes=p.eval_passes,
+                compute_epochs=compute.epochs(p.train_steps, p.eval_passes),
+                flops=compute.flops(p.train_steps, p.eval_passes),
+                chips_meeting_target=p.chips_meeting_target,
+                chips_meeting_target_test=p.chips_meeting_target_test,
+            )
+
+        return dict(
+            **{name: entry(p) for name, p in c.policies.items()},
+            analysis=entry(c.analysis),
+            break_even_vs_adaptive=c.break_even_vs_adaptive,
+            step_flops=compute.step_flops,
+            eval_pass_flops=compute.eval_flops,
+        )
 
     def _predictor(self) -> dict | None:
         p = self.predictor

@@ -217,7 +217,7 @@ def run_grouped_with(monkeypatch, groups, group_outcome, per_chip, num_chips):
     monkeypatch.setattr(retraining, "retrain", retrain)
     plan = grouping.GroupPlan(groups, np.array([6, 5][: len(groups)]))
     maps = np.zeros((num_chips, ROWS, COLS), bool)
-    rmap = resilience.ResilienceMap({"pe": W_PE}, {}, "pe", None, None, None, None)
+    rmap = resilience.ResilienceMap({"pe": W_PE}, {}, "pe", None, None, None, None, None)
     out = grouping.run_grouped(None, maps, plan, per_chip, rmap, None)
     return out, calls
 

@@ -128,11 +128,10 @@ def test_typed_map_and_assignment_read_the_rates_in_the_maps_measure():
     analysis = resilience.Analysis(
         accuracy=np.repeat(acc[..., None], 2, -1),
         diverged=np.zeros((3, 2), bool),
+        amount_epochs=np.array([0.0, 0.5, 1.0]),
         amount_steps=np.array([0, 5, 10]),
     )
-    rmap = resilience.resilience_map(
-        analysis, grid, weights, np.array([0.0, 0.5, 1.0]), 0.9, "min", "half", 10
-    )
+    rmap = resilience.resilience_map(analysis, grid, weights, 0.9, "min", "half", 10)
     np.testing.assert_allclose(rmap.measured_rates, [0.0, 0.25, 0.5])
     np.testing.assert_allclose(rmap.grid_rates["pe"], [0.0, 0.125, 0.25])
     np.testing.assert_array_equal(rmap.required_steps, [0, 5, 10])

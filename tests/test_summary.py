@@ -35,6 +35,7 @@ def _summary() -> Summary:
     analysis = resilience.Analysis(
         accuracy=np.full((2, 2, 2), 0.9),
         diverged=np.zeros((2, 2), bool),
+        amount_epochs=np.array([0.0, 1.0]),
         amount_steps=np.array([0, 10]),
     )
     rmap = resilience.ResilienceMap(
@@ -44,6 +45,7 @@ def _summary() -> Summary:
         required_epochs=np.array([0.0, np.inf]),
         required_steps=np.array([0.0, np.inf]),
         statistic_accuracy=np.full((2, 2), 0.9),
+        amount_epochs=np.array([0.0, 1.0]),
         amount_steps=np.array([0, 10]),
     )
     status = np.array([resilience.OK, resilience.OK, resilience.ABOVE_GRID])
@@ -85,7 +87,7 @@ def _summary() -> Summary:
     study = predictor.PredictorStudy(
         requested_rates=np.array([0.0, 0.2]),
         analysis=resilience.Analysis(
-            np.full((2, 2, 1), 0.9), np.zeros((2, 1), bool), np.array([0, 10])
+            np.full((2, 2, 1), 0.9), np.zeros((2, 1), bool), np.array([0.0, 1.0]), np.array([0, 10])
         ),
         needed_steps=np.array([0.0, np.inf]),
         scores=dict(measures={}, best_measure=None),
