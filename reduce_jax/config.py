@@ -102,12 +102,15 @@ class ReduceConfig:
     )
     statistic: str = _setting(
         "min",
-        f"Accuracy over the K maps of a grid rate: {resilience.STATISTICS_HELP}.",
+        f"Accuracy over the K maps of a grid rate: {resilience.STATISTICS_HELP}; or auto "
+        "(the one, with --interpolation, that cross-validation on the analysis finds "
+        "cheapest, top-ups included, without more misses than min).",
     )
     interpolation: str = _setting(
         "conservative",
         "How a chip's amount is read off the map: conservative (amount at the next grid rate "
-        "up) | linear (between grid rates, rounded up to a whole step).",
+        "up) | linear (between grid rates, rounded up to a whole step) | auto (chosen with "
+        "--statistic by cross-validation on the analysis).",
     )
     rate_measure: str = _setting(
         "pe",
@@ -305,11 +308,12 @@ def validate(cfg: ReduceConfig) -> None:
         has_drop != has_target, "give exactly one of --max_accuracy_drop and --target_accuracy"
     )
     _in_range(cfg, "max_accuracy_drop" if has_drop else "target_accuracy", 0, 1)
-    try:
-        resilience.parse_statistic(cfg.statistic)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _one_of(cfg, "interpolation", resilience.INTERPOLATIONS)
+    if cfg.statistic != resilience.AUTO:
+        try:
+            resilience.parse_statistic(cfg.statistic)
+        except ValueError as e:
+            raise ConfigError(f"{e}, or auto") from None
+    _one_of(cfg, "interpolation", (*resilience.INTERPOLATIONS, resilience.AUTO))
     _one_of(cfg, "rate_measure", systolic.RATE_MEASURES)
     _in_range(cfg, "predictor_chips", 0, 1 << 20)
     _one_of(cfg, "grouping", grouping.GROUPINGS)

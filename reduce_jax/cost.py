@@ -131,8 +131,8 @@ class Cost(NamedTuple):
 
 def break_even_chips(analysis_epochs: float, per_chip_saving: float) -> int | None:
     """Least population ``n`` with ``n * per_chip_saving >= analysis_epochs`` (None if
-    Reduce saves nothing per chip)."""
-    if per_chip_saving <= 0:
+    Reduce saves nothing per chip, or either value is unknown: NaN)."""
+    if not per_chip_saving > 0 or math.isnan(analysis_epochs):
         return None
     return math.ceil(analysis_epochs / per_chip_saving - 1e-9)
 

@@ -19,9 +19,8 @@ import numpy as np
 from absl import logging
 
 from reduce_jax import baseline as baseline_lib
-from reduce_jax import cost as cost_lib
-from reduce_jax import data as data_lib
 from reduce_jax import (
+    calibration,
     faults,
     grouping,
     models,
@@ -35,6 +34,8 @@ from reduce_jax import (
     systolic,
     train,
 )
+from reduce_jax import cost as cost_lib
+from reduce_jax import data as data_lib
 from reduce_jax.config import ReduceConfig, check_grid, validate
 from reduce_jax.progress import ProgressStore, Timer
 from reduce_jax.summary import Baseline, Summary
@@ -83,10 +84,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
     amounts, _ = resilience.amount_axis(cfg.retrain_epochs, cfg.eval_every, ctx.steps_per_epoch)
     with timer.phase("analysis"):
         analysis = resilience.analyze(ctx, amaps, amounts, keys.analysis_data, store)
-    rmap = resilience.resilience_map(
-        analysis, amaps, weights, ctx.target, cfg.statistic, cfg.rate_measure,
-        ctx.steps_per_epoch,
-    )  # fmt: skip
+    rmap, choice = _resilience_map(cfg, ctx, analysis, amaps, weights)
     study = None
     if cfg.predictor_chips > 0:
         with timer.phase("predictor"):
@@ -94,7 +92,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
 
     # 3. Per-chip amounts; 4-5. retraining, verification and top-ups of every chip alone.
     maps = _chip_fault_maps(cfg, keys.chips)
-    assignment = resilience.assign(rmap, maps, cfg.interpolation)
+    assignment = resilience.assign(rmap, maps)
     with timer.phase("retrain"):
         singles = [[i] for i in range(len(maps))]
         units = retraining.Units.of_groups(maps, singles, assignment.budgets, assignment.ok)
@@ -119,13 +117,43 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         config=cfg, overwrite=overwrite, baseline=base, target=ctx.target,
         steps_per_epoch=ctx.steps_per_epoch, analysis=analysis, rmap=rmap,
         assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
-        policies=comparison,
+        policies=comparison, calibration=choice,
         mapping=systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols),
         timing=timer.times,
     )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
         report.write_outputs(summary.to_json(), cfg.workdir)
     return summary
+
+
+def _resilience_map(cfg, ctx, analysis, amaps, weights):
+    """The map under the target; with ``auto``, its statistic and interpolation are chosen
+    by cross-validation on the analysis (``calibration.choose``; else the choice is None)."""
+    statistic, interpolation, choice = cfg.statistic, cfg.interpolation, None
+    if resilience.AUTO in (statistic, interpolation):
+        grid = systolic.grid_rates(weights, amaps)[cfg.rate_measure]
+        flat = amaps.reshape(-1, *amaps.shape[2:])
+        rates = systolic.chip_rates(weights, flat)[cfg.rate_measure].reshape(amaps.shape[:2])
+        choice = calibration.choose(
+            ctx,
+            analysis,
+            rates,
+            grid,
+            calibration.STATISTICS if statistic == resilience.AUTO else (statistic,),
+            resilience.INTERPOLATIONS if interpolation == resilience.AUTO else (interpolation,),
+        )
+        statistic, interpolation = choice.statistic, choice.interpolation
+        logging.info(
+            "map: %s statistic, %s interpolation (cross-validated on %d analysis chips)",
+            statistic,
+            interpolation,
+            choice.chips,
+        )
+    rmap = resilience.resilience_map(
+        analysis, amaps, weights, ctx.target, statistic, cfg.rate_measure,
+        ctx.steps_per_epoch, interpolation,
+    )  # fmt: skip
+    return rmap, choice
 
 
 def _progress_store(cfg: ReduceConfig, overwrite: bool) -> ProgressStore:
@@ -253,14 +281,12 @@ def _predictor_study(cfg, ctx, rmap, keys: Keys, store) -> predictor.PredictorSt
             "taken from --chip_fault_maps",
             cfg.fault_model,
         )
-    return predictor.run_study(
-        ctx, maps, rates, rmap, cfg.interpolation, keys.predictor_data, store
-    )
+    return predictor.run_study(ctx, maps, rates, rmap, keys.predictor_data, store)
 
 
 def _grouped(cfg, ctx, maps, assignment, rmap, per_chip, key, store):
     """Plans the groups on the map and retrains them (``grouping.run_grouped``)."""
-    amount = grouping.amount_fn(rmap.measured_rates, rmap.required_steps, cfg.interpolation)
+    amount = grouping.amount_fn(rmap.measured_rates, rmap.required_steps, rmap.interpolation)
     w = rmap.weights[cfg.rate_measure]
     levels = rmap.required_steps
     plan = grouping.plan_groups(maps, assignment.ok, w, amount, levels, cfg.max_group_size)

@@ -249,13 +249,6 @@ class Comparison(NamedTuple):
     break_even_vs_adaptive: int | None
 
 
-def break_even(one_off: float, per_chip_saving: float) -> int | None:
-    """Least ``n`` with ``n * per_chip_saving >= one_off`` (None if nothing is saved)."""
-    if per_chip_saving <= 0:
-        return None
-    return max(1, math.ceil(one_off / per_chip_saving - 1e-9))
-
-
 def analysis_policy(analysis: resilience.Analysis) -> Policy:
     """The resilience analysis as a cost: ``F * K`` chips to the largest amount, each
     evaluated at every amount of the axis."""
@@ -275,10 +268,9 @@ def compare(
     """Collects the policies and Reduce's break-even population against ``adaptive``."""
     one_off = analysis_policy(analysis)
     cost = lambda p: compute.epochs(p.train_steps, p.eval_passes)  # noqa: E731
+    per_chip = lambda p: cost(p) / max(p.chips, 1)  # noqa: E731
     even = None
     if "adaptive" in policies and "reduce" in policies:
-        per_chip = lambda p: cost(p) / max(p.chips, 1)  # noqa: E731
-        even = break_even(
-            cost(one_off), per_chip(policies["adaptive"]) - per_chip(policies["reduce"])
-        )
+        saving = per_chip(policies["adaptive"]) - per_chip(policies["reduce"])
+        even = cost_lib.break_even_chips(cost(one_off), saving)
     return Comparison(policies, one_off, compute, even)

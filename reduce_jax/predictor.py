@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from scipy import stats
 
-from reduce_jax import population, resilience, systolic
+from reduce_jax import calibration, population, resilience, systolic
 from reduce_jax.progress import ProgressStore
 
 
@@ -81,6 +81,49 @@ def score_measure(
         flagged_recoverable=int(np.sum(~served & finite)),
         excess_epochs=float(np.maximum(gap, 0).sum() / steps_per_epoch),
         shortfall_epochs=float(np.maximum(-gap, 0).sum() / steps_per_epoch),
+    )
+
+
+def reduce_vs_oracle(
+    ctx: population.Context,
+    analysis: resilience.Analysis,
+    selected: np.ndarray,
+    needed: np.ndarray,
+) -> dict:
+    """What Reduce would spend on the study's chips against the oracle (the least evaluated
+    amount each one needed), from the chips' own accuracy curves.
+
+    Args:
+      ctx: the run's context (target, top-up increment and cap).
+      analysis: the chips' accuracies (``K = 1``).
+      selected: ``float[n]`` the amount the map selects for each (``inf``: not served).
+      needed: ``float[n]`` the oracle's amount (``inf``: no evaluated amount met the target).
+
+    Returns:
+      Over the chips both serve: ``reduce_over_oracle`` (Reduce's amounts plus the top-ups
+      they would need, over the oracle's amounts; None if the oracle spends nothing),
+      ``reduce_epochs``, ``oracle_epochs``, ``compared_chips``; ``reduce_missed`` (of those,
+      chips still below the target after the top-up cap) and ``reduce_flagged`` (chips the
+      oracle serves that the map does not).
+    """
+    spent, met = calibration.reduce_totals(
+        analysis.accuracy[:, :, 0],
+        analysis.amount_steps,
+        selected,
+        ctx.target,
+        ctx.topup_steps,
+        ctx.max_topup_steps,
+    )
+    oracle = np.isfinite(needed)
+    both = oracle & np.isfinite(selected)
+    reduce_steps, oracle_steps = float(spent[both].sum()), float(needed[both].sum())
+    return dict(
+        reduce_over_oracle=reduce_steps / oracle_steps if oracle_steps > 0 else None,
+        reduce_epochs=reduce_steps / ctx.steps_per_epoch,
+        oracle_epochs=oracle_steps / ctx.steps_per_epoch,
+        compared_chips=int(both.sum()),
+        reduce_missed=int((both & ~met).sum()),
+        reduce_flagged=int((oracle & ~np.isfinite(selected)).sum()),
     )
 
 
@@ -152,7 +195,6 @@ def run_study(
     fault_maps: np.ndarray,
     requested_rates: np.ndarray,
     rmap: resilience.ResilienceMap,
-    interpolation: str,
     key: jax.Array,
     store: ProgressStore | None = None,
 ) -> PredictorStudy:
@@ -162,8 +204,8 @@ def run_study(
       ctx: the run's context.
       fault_maps: ``bool[n, R, C]`` the validation chips.
       requested_rates: ``float[n]`` the rates they were sampled at.
-      rmap: the resilience map (its measures' weights and grid rates, required steps).
-      interpolation: of the map, as for the population.
+      rmap: the resilience map (its measures' weights and grid rates, required steps, and
+        its interpolation, as for the population).
       key: key of the chips' batch order.
       store: saves finished chunks under ``predictor`` (resume).
     """
@@ -176,9 +218,14 @@ def run_study(
         rmap.grid_rates,
         rmap.required_steps,
         needed,
-        interpolation,
+        rmap.interpolation,
         ctx.steps_per_epoch,
     )
+    rates = systolic.chip_rates(rmap.weights, fault_maps)[rmap.rate_measure]
+    selected, _ = resilience.retraining_amount(
+        rmap.measured_rates, rmap.required_steps, rates, rmap.interpolation
+    )
+    scores.update(reduce_vs_oracle(ctx, analysis, np.asarray(selected, np.float64), needed))
     logging.info(
         "predictor study: rank correlation of rate and needed retraining: %s",
         ", ".join(

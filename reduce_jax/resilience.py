@@ -23,6 +23,7 @@ from reduce_jax import population, sharding, systolic, train
 from reduce_jax.progress import Meter, ProgressStore
 
 STATISTICS_HELP = "min, mean, or quantile:q with q in [0, 1]"
+AUTO = "auto"  # --statistic / --interpolation chosen by ``calibration.choose``
 INTERPOLATIONS = ("conservative", "linear")
 
 # Status of a chip's amount.
@@ -189,6 +190,8 @@ class ResilienceMap(NamedTuple):
       statistic_accuracy: ``float64[F, A]`` the statistic over the ``K`` maps.
       amount_epochs: ``float64[A]`` the amounts the analysis evaluated at (epochs).
       amount_steps: ``int64[A]`` the same in steps.
+      statistic: the statistic over the ``K`` maps it was built with.
+      interpolation: how a chip's amount is read off it (``INTERPOLATIONS``).
     """
 
     weights: dict[str, np.ndarray]
@@ -199,6 +202,8 @@ class ResilienceMap(NamedTuple):
     statistic_accuracy: np.ndarray
     amount_epochs: np.ndarray
     amount_steps: np.ndarray
+    statistic: str = "min"
+    interpolation: str = "conservative"
 
     @property
     def measured_rates(self) -> np.ndarray:
@@ -214,6 +219,7 @@ def resilience_map(
     statistic: str,
     rate_measure: str,
     steps_per_epoch: int,
+    interpolation: str = "conservative",
 ) -> ResilienceMap:
     """The resilience map of an analysis under the target (``required_amounts``).
 
@@ -223,6 +229,7 @@ def resilience_map(
       target, statistic: as in ``required_amounts``.
       rate_measure: the measure the map is read in.
       steps_per_epoch: to express the amounts in steps.
+      interpolation: how chips' amounts are read off the map.
     """
     required, stat = required_amounts(analysis.accuracy, analysis.amount_epochs, target, statistic)
     finite = np.isfinite(required)
@@ -236,6 +243,8 @@ def resilience_map(
         statistic_accuracy=stat,
         amount_epochs=analysis.amount_epochs,
         amount_steps=analysis.amount_steps,
+        statistic=statistic,
+        interpolation=interpolation,
     )
 
 
@@ -285,17 +294,17 @@ class Assignment(NamedTuple):
         return np.where(self.ok, self.steps, 0).astype(np.int64)
 
 
-def assign(rmap: ResilienceMap, fault_maps: np.ndarray, interpolation: str) -> Assignment:
-    """Every chip's amount from its rate in the map's measure (``retraining_amount``).
+def assign(rmap: ResilienceMap, fault_maps: np.ndarray) -> Assignment:
+    """Every chip's amount from its rate in the map's measure (``retraining_amount``, with
+    the map's interpolation).
 
     Args:
       rmap: the resilience map.
       fault_maps: ``bool[chips, R, C]`` the chips' maps.
-      interpolation: ``conservative`` | ``linear``.
     """
     rates = systolic.chip_rates(rmap.weights, fault_maps)
     steps, status = retraining_amount(
-        rmap.measured_rates, rmap.required_steps, rates[rmap.rate_measure], interpolation
+        rmap.measured_rates, rmap.required_steps, rates[rmap.rate_measure], rmap.interpolation
     )
     return Assignment(rates=rates, steps=np.asarray(steps), status=np.asarray(status))
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from reduce_jax import calibration, grouping, policies, predictor, resilience
 from reduce_jax import cost as cost_lib
-from reduce_jax import grouping, policies, predictor, resilience
 from reduce_jax.config import ReduceConfig
 
 
@@ -50,6 +50,7 @@ class Summary:
       grouped: the grouped retraining (grouped runs; else None).
       cost: the cost accounting; predictor: the predictor study (or None).
       policies: Reduce against the fixed, adaptive, grouped and oracle policies.
+      calibration: how ``auto`` chose the map's statistic and interpolation (else None).
       mapping: ``systolic.describe_mapping`` of the network on the array.
       timing: seconds per phase.
     """
@@ -67,6 +68,7 @@ class Summary:
     cost: cost_lib.Cost
     predictor: predictor.PredictorStudy | None
     policies: policies.Comparison
+    calibration: calibration.Choice | None
     mapping: list[dict]
     timing: dict[str, Any]
 
@@ -92,7 +94,7 @@ class Summary:
                     retrain_epochs=self.analysis.amount_epochs,
                     retrain_steps=self.analysis.amount_steps,
                     accuracy=self.analysis.accuracy,
-                    statistic=cfg.statistic,
+                    statistic=rmap.statistic,
                     statistic_accuracy=rmap.statistic_accuracy,
                     diverged=self.analysis.diverged,
                 ),
@@ -102,6 +104,8 @@ class Summary:
                     required_epochs=rmap.required_epochs,
                     required_steps=_ints(rmap.required_steps),
                     rate_measure=rmap.rate_measure,
+                    interpolation=rmap.interpolation,
+                    calibration=self.calibration._asdict() if self.calibration else None,
                 ),
                 chips=self._chip_records(),
                 groups=self._group_records(),

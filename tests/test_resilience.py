@@ -138,6 +138,6 @@ def test_typed_map_and_assignment_read_the_rates_in_the_maps_measure():
     chips = np.zeros((3, rows, cols), bool)
     chips[1, 0, 0] = True  # half 0.125: between grid points 0 and 0.25
     chips[2, 3, :] = True  # bottom row only: half 0 although 4 PEs are faulty
-    a = resilience.assign(rmap, chips, "conservative")
+    a = resilience.assign(rmap, chips)
     np.testing.assert_allclose(a.rates["half"], [0.0, 0.125, 0.0])
     assert a.budgets.tolist() == [0, 5, 0] and a.ok.all()

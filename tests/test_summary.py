@@ -4,7 +4,16 @@ import json
 
 import numpy as np
 
-from reduce_jax import cost, grouping, predictor, report, resilience, retraining
+from reduce_jax import (
+    calibration,
+    cost,
+    grouping,
+    policies,
+    predictor,
+    report,
+    resilience,
+    retraining,
+)
 from reduce_jax.config import ReduceConfig
 from reduce_jax.summary import Baseline, Summary, _plain
 
@@ -107,6 +116,17 @@ def _summary() -> Summary:
         grouped=grouped,
         cost=cost.summarize(chips, 1.0, 4.0, SPE, grouped),
         predictor=study,
+        policies=policies.compare(
+            dict(
+                adaptive=policies.Policy(3, 40, 6, 3, 2),
+                reduce=policies.Policy(3, 15, 3, 2, 2),
+            ),
+            analysis,
+            policies.Compute(step_flops=2.0, eval_flops=float("nan"), steps_per_epoch=SPE),
+        ),
+        calibration=calibration.Choice(
+            "mean", "linear", [dict(statistic="mean", total_epochs=1.5, missed=0)], 2
+        ),
         mapping=[dict(name="k", shape=(2, 3), matrix=(2, 3), tiles=1, utilisation=0.5)],
         timing=dict(wall_s=1.0),
     )
@@ -129,6 +149,12 @@ def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
     assert s["mapping"][0]["shape"] == [2, 3]
     assert s["cost"]["chips_unrecoverable"] == 1 and s["cost"]["groups"] == 1
     assert [c["meets_target_test"] for c in chips] == [True, True, False]
+    # An evaluation pass without a flop count (NaN) leaves the compute unknown: null.
+    assert s["policies"]["reduce"]["train_epochs"] == 1.5
+    assert s["policies"]["reduce"]["compute_epochs"] is None
+    assert s["policies"]["eval_pass_flops"] is None
+    assert s["policies"]["break_even_vs_adaptive"] is None
+    assert s["resilience_map"]["calibration"]["statistic"] == "mean"
     assert s["baseline_test_accuracy"] == 0.89
     assert list(s) == [
         "baseline_accuracy",
@@ -140,6 +166,7 @@ def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
         "chips",
         "groups",
         "cost",
+        "policies",
         "predictor_study",
         "config",
         "timing",
