@@ -321,5 +321,5 @@ def _compare(cfg, ctx, maps, outcomes: _Outcomes, fixed_epochs, key, store) -> p
     if outcomes.study is not None:
         found["oracle"] = policies.oracle_policy(outcomes.study, ctx.target)
     ordered = {name: found[name] for name in policies.POLICIES if name in found}
-    compute = policies.measure_compute(ctx, cfg.batch_size)
+    compute = policies.measure_compute(ctx, cfg.batch_size, cfg.eval_batch_size)
     return policies.compare(ordered, outcomes.analysis, compute)

@@ -66,26 +66,29 @@ class Compute(NamedTuple):
         return train_steps * self.step_flops + eval_passes * self.eval_flops
 
 
-def measure_compute(ctx: population.Context, batch_size: int) -> Compute:
+def measure_compute(ctx: population.Context, batch_size: int, eval_batch_size: int) -> Compute:
     """``Compute`` of the run's model from XLA's cost analysis (compiles, runs nothing).
 
-    The evaluation pass is counted as the evaluation of one image, times the number of
-    validation images (XLA counts the body of ``Trainer.evaluate``'s scan once, not once
-    per batch).
+    The evaluation pass is counted as one evaluation batch times the number of batches of
+    the validation split (XLA counts the body of ``Trainer.evaluate``'s scan once, not once
+    per batch; the last batch is padded, and computed, in full).
     """
     trainer, params = ctx.trainer, ctx.params
     images, labels = ctx.data.val_images, ctx.data.val_labels
     shape = lambda x, lead=(): jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype)  # noqa: E731
+    batch = (
+        lambda b: (  # noqa: E731
+            jax.ShapeDtypeStruct((b, *images.shape[1:]), images.dtype),
+            jax.ShapeDtypeStruct((b,), labels.dtype),
+        )
+    )
     mask = jax.tree.map(shape, params)
     state = jax.eval_shape(lambda m: train.init_chip(params, m, trainer.tx, 1), mask)
-    x = jax.ShapeDtypeStruct((batch_size, *images.shape[1:]), images.dtype)
-    y = jax.ShapeDtypeStruct((batch_size,), labels.dtype)
-    step = xla_flops(trainer.step.lower(state, mask, x, y).compile())
+    step = xla_flops(trainer.step.lower(state, mask, *batch(batch_size)).compile())
     one = jax.tree.map(lambda p: shape(p, (1,)), params)
-    image = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
-    label = jax.ShapeDtypeStruct((1,), labels.dtype)
-    per_image = xla_flops(trainer.evaluate.lower(one, one, image, label).compile())
-    return Compute(step, per_image * len(labels), ctx.steps_per_epoch)
+    b = min(eval_batch_size, len(labels))
+    per_batch = xla_flops(trainer.evaluate.lower(one, one, *batch(b)).compile())
+    return Compute(step, per_batch * math.ceil(len(labels) / b), ctx.steps_per_epoch)
 
 
 class Policy(NamedTuple):

@@ -326,3 +326,34 @@ def test_cifar_archive_missing_member(tmp_path):
         os.remove(tmp_path / "cifar-10-batches-py" / member)
     os.rmdir(tmp_path / "cifar-10-batches-py")
     _raises("cifar-10-batches-py/test_batch", load_dataset, "cifar10", str(tmp_path))
+
+
+def test_validation_split_is_stratified_disjoint_and_deterministic(digits):
+    split = data.split_validation(digits, 0.1)
+    assert len(split.val_labels) == round(0.1 * len(digits.train_labels))
+    assert len(split.train_labels) + len(split.val_labels) == len(digits.train_labels)
+    # Every training image lands in exactly one of the two parts.
+    flat = lambda x: {bytes(row) for row in x.reshape(len(x), -1)}  # noqa: E731
+    train, val = flat(split.train_images), flat(split.val_images)
+    assert not train & val and train | val == flat(digits.train_images)
+    # Stratified: each class's share of the validation split is its share of the training set.
+    for c in range(10):
+        share = np.mean(digits.train_labels == c)
+        assert abs(np.mean(split.val_labels == c) - share) < 0.02
+    again = data.split_validation(digits, 0.1)
+    np.testing.assert_array_equal(again.val_labels, split.val_labels)
+    np.testing.assert_array_equal(again.val_images, split.val_images)
+    np.testing.assert_array_equal(split.test_images, digits.test_images)  # untouched
+
+
+def test_validation_split_refuses_what_cannot_be_stratified():
+    one_of_a_kind = data.Dataset(
+        train_images=np.zeros((5, 2, 2, 1), np.float32),
+        train_labels=np.array([0, 0, 0, 0, 1], np.int32),
+        test_images=np.zeros((2, 2, 2, 1), np.float32),
+        test_labels=np.array([0, 1], np.int32),
+        num_classes=2,
+        name="tiny",
+    )
+    with pytest.raises(data.DatasetError, match="--validation_fraction=0.4"):
+        data.split_validation(one_of_a_kind, 0.4)

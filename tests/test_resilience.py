@@ -141,3 +141,15 @@ def test_typed_map_and_assignment_read_the_rates_in_the_maps_measure():
     a = resilience.assign(rmap, chips)
     np.testing.assert_allclose(a.rates["half"], [0.0, 0.125, 0.0])
     assert a.budgets.tolist() == [0, 5, 0] and a.ok.all()
+
+
+def test_amount_axis_adds_every_eval_every_and_keeps_one_amount_per_step_count():
+    epochs, steps = resilience.amount_axis([0.0, 0.25, 1.0], 0.125, 10)
+    np.testing.assert_allclose(epochs, [0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0])
+    np.testing.assert_array_equal(steps, [0, 2, 3, 4, 5, 7, 8, 9, 10])
+    # Amounts that round up to the same step count are evaluated once.
+    epochs, steps = resilience.amount_axis([0.0, 0.25, 1.0], 0.125, 4)
+    np.testing.assert_array_equal(steps, [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(epochs, [0, 0.125, 0.375, 0.625, 0.875])
+    epochs, steps = resilience.amount_axis([0.0, 0.5, 2.0], 0.0, 10)  # the grid only
+    np.testing.assert_array_equal(steps, [0, 5, 20])
