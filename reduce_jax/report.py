@@ -1,6 +1,6 @@
-"""Outputs of a run: ``summary.json``, ``resilience.csv``, ``chips.csv`` and PNG plots, plus
-``groups.csv`` and ``cost_grouping.png`` for grouped runs and ``predictor.png`` (and
-``predictor.csv``) when the run has a predictor study.
+"""Outputs of a run: ``summary.json``, ``resilience.csv``, ``chips.csv`` and the plots
+(``reduce_jax.plots``), plus ``groups.csv`` for grouped runs and ``predictor.csv`` when the
+run has a predictor study.
 
 Every file is written atomically (to a temporary name in the same directory, flushed and
 fsynced, then ``os.replace``d), so an interrupted run never leaves a truncated output and a
@@ -18,21 +18,11 @@ import json
 import math
 import os
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from reduce_jax import plots
 
 DPI = 120
-PLOT_NAMES = (
-    "accuracy_vs_fault_rate.png",
-    "required_epochs.png",
-    "chip_epochs_histogram.png",
-    "cost.png",
-)
-GROUPING_PLOT = "cost_grouping.png"
-PREDICTOR_PLOT = "predictor.png"
 
 
 def _check_finite(obj, path: str = "$") -> None:
@@ -153,224 +143,12 @@ def write_csv_atomic(path: str, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def _save(fig, path: str) -> None:
-    """Saves ``fig`` as PNG atomically (the temporary name keeps the .png suffix) and closes it."""
+def _save_png(fig, path: str) -> None:
+    """Saves ``fig`` as PNG atomically (the temporary name keeps the .png suffix); closes it."""
     try:
         _replace_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI), True, ".tmp.png")
     finally:
         plt.close(fig)
-
-
-def _floats(values) -> np.ndarray:
-    """``float64`` array with ``None`` -> NaN."""
-    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-
-
-def _plot_accuracy(summary: dict, ax) -> None:
-    res = summary["resilience"]
-    rates = _floats(res["fault_rates"])
-    # One line per amount of the grid (the axis may be denser: --eval_every).
-    grid = set(res.get("grid_epochs", res["retrain_epochs"]))
-    shown = [j for j, e in enumerate(res["retrain_epochs"]) if e in grid]
-    colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(shown), 1)))
-    for c, j in enumerate(shown):
-        epochs = res["retrain_epochs"][j]
-        stat = _floats(row[j] for row in res["statistic_accuracy"])
-        samples = np.array([_floats(row[j]) for row in res["accuracy"]])  # [F, K]
-        ax.plot(rates, stat, "o-", color=colors[c], ms=4, label=f"{epochs:g} epochs")
-        ax.fill_between(
-            rates, np.nanmin(samples, 1), np.nanmax(samples, 1), color=colors[c], alpha=0.15, lw=0
-        )
-    ax.axhline(summary["target_accuracy"], color="k", ls="--", lw=1, label="target")
-    ax.axhline(summary["baseline_accuracy"], color="k", ls=":", lw=1, label="baseline")
-    ax.set(
-        xlabel="fault rate",
-        ylabel=f"test accuracy ({res['statistic']} over samples)",
-        title="Accuracy after retraining (band: min..max over samples)",
-    )
-    ax.legend(fontsize=8, loc="best")
-
-
-def _plot_required(summary: dict, ax) -> None:
-    rmap = summary["resilience_map"]
-    # The map is interpolated at the measured rates of the analysis maps (same measure as
-    # the chips' rates), so that is where its points are drawn.
-    rates = _floats(rmap.get("measured_rates", rmap["fault_rates"]))
-    required = _floats(rmap["required_epochs"])
-    measure = rmap.get("rate_measure", "pe")
-    chips = [c for c in summary["chips"] if c.get("selected_epochs") is not None]
-    chip_x = _floats(c[f"{measure}_fault_rate"] for c in chips)
-    chip_y = _floats(c["selected_epochs"] for c in chips)
-    finite = np.concatenate([required[np.isfinite(required)], chip_y, [1.0]])
-    top = 1.1 * float(np.nanmax(finite))
-    ax.plot(rates, required, "o-", color="C0", label="required (resilience map)")
-    if len(chips):
-        ax.scatter(chip_x, chip_y, s=16, alpha=0.4, color="C1", label="chips (selected)")
-    bad = ~np.isfinite(required)
-    if bad.any():
-        ax.plot(
-            rates[bad],
-            np.full(bad.sum(), top),
-            "x",
-            color="red",
-            ms=9,
-            mew=2,
-            label="unrecoverable",
-            clip_on=False,
-        )
-    ax.set_ylim(-0.03 * top, top * 1.04)
-    ax.set(
-        xlabel=f"fault rate ({measure})",
-        ylabel="retraining epochs",
-        title="Required retraining vs fault rate",
-    )
-    ax.legend(fontsize=8, loc="upper left")
-
-
-def _plot_histogram(summary: dict, ax) -> None:
-    chips = summary["chips"]
-    totals = _floats(
-        c["selected_epochs"] + (c.get("topup_epochs") or 0.0)
-        for c in chips
-        if c.get("selected_epochs") is not None
-    )
-    values, counts = np.unique(totals, return_counts=True)
-    if 0 < len(values) <= 20:  # Amounts come from a small grid: one bar per distinct amount.
-        width = 0.8 * (np.diff(values).min() if len(values) > 1 else 1.0)
-        ax.bar(values, counts, width=width, color="C0", alpha=0.8, label="chips")
-    elif len(values):
-        ax.hist(totals, bins=20, color="C0", alpha=0.8, label="chips")
-    fixed = summary["cost"]["fixed_epochs_per_chip"]
-    ax.axvline(fixed, color="k", ls="--", lw=1.2, label=f"fixed policy ({fixed:g} epochs)")
-    ax.plot([], [], " ", label=f"unrecoverable: {len(chips) - totals.size} of {len(chips)} chips")
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="per-chip epochs (selected + top-up)", ylabel="chips")
-    ax.set_title("Per-chip retraining amount")
-    ax.legend(fontsize=8, loc="best")
-
-
-def _plot_cost(summary: dict, ax) -> None:
-    """Cumulative cost for n = 0..N chips, extended to show the break-even point if beyond N."""
-    cost, n_chips = summary["cost"], len(summary["chips"])
-    be = cost.get("break_even_chips")
-    n_max = max(n_chips, 1, int(np.ceil(1.25 * be)) if be is not None else 0)
-    n = np.linspace(0, n_max, 200)
-    # reduce_epochs: the population's per-chip amounts plus top-ups, without the analysis.
-    per_chip = cost["reduce_epochs"] / n_chips if n_chips else 0.0
-    analysis, fixed = cost["analysis_epochs"], cost["fixed_epochs_per_chip"]
-    reduce_label = f"Reduce (analysis {analysis:g} + {per_chip:.3g}/chip)"
-    ax.plot(n, analysis + n * per_chip, "-", color="C0", lw=2, label=reduce_label)
-    ax.plot(n, n * fixed, "--", color="C3", lw=2, label=f"fixed ({fixed:g}/chip)")
-    if n_max > n_chips:
-        ax.axvline(
-            n_chips, color="k", ls="-", lw=0.8, alpha=0.5, label=f"this run: {n_chips} chips"
-        )
-    if be is not None:
-        ax.plot([be], [analysis + be * per_chip], "o", color="k", ms=6, label=f"break-even: {be}")
-    ax.set(xlabel="number of chips", ylabel="cumulative retraining cost (epochs)")
-    ax.set_title("Retraining cost: Reduce vs fixed")
-    ax.set_xlim(0, n_max)
-    ax.legend(fontsize=8, loc="upper left")
-
-
-def _plot_grouping(summary: dict, fig) -> None:
-    """The three costs of the population (fixed, per-chip Reduce, grouped Reduce), and the
-    two Reduce costs split into selected amounts and top-ups."""
-    cost = summary["cost"]
-    left, right = fig.subplots(1, 2)
-    names = ["fixed", "Reduce\nper chip", "Reduce\ngrouped"]
-    totals = [cost["fixed_epochs"], cost["reduce_epochs"], cost["grouped_epochs"]]
-    bars = left.bar(names, totals, color=["C3", "C0", "C2"], alpha=0.85)
-    for bar, v in zip(bars, totals, strict=True):
-        left.annotate(
-            f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8
-        )
-    if min(totals) > 0:
-        left.set_yscale("log")
-    left.set(ylabel="retraining epochs, whole population (log)")
-    left.set_title(
-        f"{len(summary['chips'])} chips, {cost['groups']} groups ({cost['groups_split']} split)",
-        fontsize=9,
-    )
-    planned = [cost["reduce_planned_epochs"], cost["grouped_planned_epochs"]]
-    topups = [
-        cost["reduce_epochs"] - cost["reduce_planned_epochs"],
-        cost["grouped_epochs"] - cost["grouped_planned_epochs"],
-    ]
-    right.bar(names[1:], planned, color=["C0", "C2"], alpha=0.85, label="selected amounts")
-    right.bar(names[1:], topups, bottom=planned, color="0.6", alpha=0.85, label="top-ups")
-    right.set(ylabel="epochs")
-    right.set_title(
-        f"chips meeting the target: {cost['chips_meeting_target']} per chip, "
-        f"{cost['grouped_chips_meeting_target']} grouped",
-        fontsize=9,
-    )
-    right.legend(fontsize=8)
-    for ax in (left, right):
-        ax.grid(alpha=0.3, axis="y")
-
-
-def _plot_predictor(summary: dict, fig) -> None:
-    """Per measure: validation chips' rate against the retraining they really needed."""
-    study = summary["predictor_study"]
-    measures = study["measures"]
-    needed = np.array([np.nan if x is None else x for x in study["needed_epochs"]])
-    top = np.nanmax(needed) if np.isfinite(needed).any() else 1.0
-    shown = np.where(np.isnan(needed), 1.15 * top + 0.1, needed)
-    axes = fig.subplots(1, len(measures), sharey=True, squeeze=False)[0]
-    for ax, (name, v) in zip(axes, measures.items(), strict=True):
-        rates = np.asarray(v["rates"])
-        ax.scatter(rates[~np.isnan(needed)], shown[~np.isnan(needed)], s=18, color="C0")
-        ax.scatter(
-            rates[np.isnan(needed)],
-            shown[np.isnan(needed)],
-            s=18,
-            marker="x",
-            color="C3",
-            label="unrecoverable within the grid",
-        )
-        rho = v.get("spearman_rate")
-        ax.set_title(
-            f"{name}: rank corr. {rho:.2f}\nunder {v['under']}, over {v['over']}"
-            if rho is not None
-            else f"{name}\n(skipped: grid not increasing)"
-            if "skipped" in v
-            else name,
-            fontsize=9,
-        )
-        ax.set_xlabel(f"{name} fault rate")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("needed retraining (epochs)")
-    axes[0].legend(fontsize=7, loc="upper left")
-
-
-def plot_all(summary: dict, workdir: str) -> list[str]:
-    """Writes the plots (``PLOT_NAMES``, then ``GROUPING_PLOT`` for grouped runs and
-    ``PREDICTOR_PLOT`` with a predictor study) into ``workdir``; returns their paths."""
-    paths = []
-    for name, draw in zip(
-        PLOT_NAMES, (_plot_accuracy, _plot_required, _plot_histogram, _plot_cost), strict=True
-    ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        draw(summary, ax)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = os.path.join(workdir, name)
-        _save(fig, path)
-        paths.append(path)
-    if summary["cost"].get("grouped_epochs") is not None:
-        fig = plt.figure(figsize=(9.6, 4.4))
-        _plot_grouping(summary, fig)
-        fig.tight_layout()
-        paths.append(os.path.join(workdir, GROUPING_PLOT))
-        _save(fig, paths[-1])
-    if summary.get("predictor_study"):
-        fig = plt.figure(figsize=(4 * len(summary["predictor_study"]["measures"]), 4.0))
-        _plot_predictor(summary, fig)
-        fig.tight_layout()
-        paths.append(os.path.join(workdir, PREDICTOR_PLOT))
-        _save(fig, paths[-1])
-    return paths
 
 
 def write_outputs(summary: dict, workdir: str) -> list[str]:
@@ -393,4 +171,7 @@ def write_outputs(summary: dict, workdir: str) -> list[str]:
     if summary.get("predictor_study"):
         paths.append(os.path.join(workdir, "predictor.csv"))
         write_csv_atomic(paths[-1], predictor_rows(summary))
-    return paths + plot_all(summary, workdir)
+    for name, fig in plots.figures(summary):
+        paths.append(os.path.join(workdir, name))
+        _save_png(fig, paths[-1])
+    return paths

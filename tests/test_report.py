@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from reduce_jax import report
+from reduce_jax import plots, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,6 +34,8 @@ def _summary() -> dict:
                 "accuracy_before": 0.8,
                 "accuracy_after": 0.93,
                 "meets_target": True,
+                "test_accuracy_after": 0.92,
+                "meets_target_test": True,
             }
         )
     chips.append(
@@ -80,6 +82,17 @@ def _summary() -> dict:
             "break_even_chips": 14,
             "topup_epochs": 0.5,
         },
+        "policies": {
+            name: {
+                "chips": 5,
+                "train_epochs": epochs,
+                "compute_epochs": epochs + 0.5,
+                "chips_meeting_target": 4,
+            }
+            for name, epochs in (("fixed", 10.0), ("adaptive", 4.0), ("reduce", 5.5))
+        }
+        | {"analysis": {"chips": 6, "train_epochs": 12.0, "compute_epochs": 14.0}}
+        | {"break_even_vs_adaptive": None},
         "config": {"model": "mlp", "seed": 0},
         "timing": {"wall_s": 1.5},
     }
@@ -94,7 +107,7 @@ def test_write_outputs(tmp_path):
     summary = _summary()
     paths = report.write_outputs(summary, str(tmp_path))
     names = [os.path.basename(p) for p in paths]
-    assert names == ["summary.json", "resilience.csv", "chips.csv", *report.PLOT_NAMES]
+    assert names == ["summary.json", "resilience.csv", "chips.csv", *plots.PLOT_NAMES]
 
     with open(tmp_path / "summary.json") as f:
         assert json.load(f) == summary
@@ -117,7 +130,7 @@ def test_write_outputs(tmp_path):
     assert last["selected_epochs"] == "" and last["selected_steps"] == ""
     assert last["status"] == "above_grid" and last["chip"] == "4"
 
-    for name in report.PLOT_NAMES:
+    for name in plots.PLOT_NAMES:
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_MAGIC), name
     assert sorted(os.listdir(tmp_path)) == sorted(names)  # No temporary files left behind.

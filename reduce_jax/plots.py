@@ -1,0 +1,337 @@
+"""The plots of a run, drawn from its ``summary.json`` dict (``None`` marks a missing value).
+
+* ``accuracy_vs_fault_rate.png``: the analysis, one line per grid amount, zoomed to the
+  decision band around the target, with the full range beside it;
+* ``required_epochs.png``: the resilience map and every chip's selected amount;
+* ``chip_epochs_histogram.png``: per-chip amounts against the fixed policy;
+* ``cost.png``: cumulative cost of Reduce (with its analysis) and fixed retraining;
+* ``chip_accuracy.png``: every chip's accuracy before and after, against the target;
+* ``policies.png``: compute of every policy (training and evaluation) and its chips that
+  meet the target; cumulative compute over the population size;
+* ``cost_grouping.png`` (grouped runs) and ``predictor.png`` (with a predictor study).
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+DPI = 120
+PLOT_NAMES = (
+    "accuracy_vs_fault_rate.png",
+    "required_epochs.png",
+    "chip_epochs_histogram.png",
+    "cost.png",
+    "chip_accuracy.png",
+    "policies.png",
+)
+GROUPING_PLOT = "cost_grouping.png"
+PREDICTOR_PLOT = "predictor.png"
+
+
+def _floats(values) -> np.ndarray:
+    """``float64`` array with ``None`` -> NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _epochs(x: float) -> str:
+    return f"{x:g} epoch" + ("" if x == 1 else "s")
+
+
+def _plot_accuracy(summary: dict, fig) -> None:
+    """The analysis: zoomed to the band where decisions are taken (target +- a few points),
+    and over its full range."""
+    res = summary["resilience"]
+    rates = _floats(res["fault_rates"])
+    # One line per amount of the grid (the axis may be denser: --eval_every).
+    grid = set(res.get("grid_epochs", res["retrain_epochs"]))
+    shown = [j for j, e in enumerate(res["retrain_epochs"]) if e in grid]
+    colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(shown), 1)))
+    target, base = summary["target_accuracy"], summary["baseline_accuracy"]
+    zoom, full = fig.subplots(1, 2)
+    for ax in (zoom, full):
+        for c, j in enumerate(shown):
+            stat = _floats(row[j] for row in res["statistic_accuracy"])
+            samples = np.array([_floats(row[j]) for row in res["accuracy"]])  # [F, K]
+            label = _epochs(res["retrain_epochs"][j])
+            ax.plot(rates, stat, "o-", color=colors[c], ms=4, label=label)
+            low, high = np.nanmin(samples, 1), np.nanmax(samples, 1)
+            ax.fill_between(rates, low, high, color=colors[c], alpha=0.15, lw=0)
+        ax.axhline(target, color="k", ls="--", lw=1, label="target")
+        ax.axhline(base, color="k", ls=":", lw=1, label="baseline")
+        ax.set_xlabel("fault rate")
+        ax.grid(alpha=0.3)
+    zoom.set_ylim(target - 0.04, min(1.0, max(base, target) + 0.01))
+    zoom.set_ylabel(f"validation accuracy ({res['statistic']} over samples)")
+    zoom.set_title("Decision band (band: min..max over samples)", fontsize=9)
+    full.set_title("Full range", fontsize=9)
+    full.legend(fontsize=7, loc="lower left")
+
+
+def _plot_required(summary: dict, ax) -> None:
+    rmap = summary["resilience_map"]
+    # The map is interpolated at the measured rates of the analysis maps (same measure as
+    # the chips' rates), so that is where its points are drawn.
+    rates = _floats(rmap.get("measured_rates", rmap["fault_rates"]))
+    required = _floats(rmap["required_epochs"])
+    measure = rmap.get("rate_measure", "pe")
+    chips = [c for c in summary["chips"] if c.get("selected_epochs") is not None]
+    chip_x = _floats(c[f"{measure}_fault_rate"] for c in chips)
+    chip_y = _floats(c["selected_epochs"] for c in chips)
+    finite = np.concatenate([required[np.isfinite(required)], chip_y, [1.0]])
+    top = 1.1 * float(np.nanmax(finite))
+    ax.plot(rates, required, "o-", color="C0", label="required (resilience map)")
+    if len(chips):
+        ax.scatter(chip_x, chip_y, s=16, alpha=0.4, color="C1", label="chips (selected)")
+    bad = ~np.isfinite(required)
+    if bad.any():
+        ax.plot(
+            rates[bad],
+            np.full(bad.sum(), top),
+            "x",
+            color="red",
+            ms=9,
+            mew=2,
+            label="unrecoverable",
+            clip_on=False,
+        )
+    ax.set_ylim(-0.03 * top, top * 1.04)
+    ax.set(
+        xlabel=f"fault rate ({measure})",
+        ylabel="retraining epochs",
+        title="Required retraining vs fault rate",
+    )
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _plot_histogram(summary: dict, ax) -> None:
+    chips = summary["chips"]
+    totals = _floats(
+        c["selected_epochs"] + (c.get("topup_epochs") or 0.0)
+        for c in chips
+        if c.get("selected_epochs") is not None
+    )
+    values, counts = np.unique(totals, return_counts=True)
+    if 0 < len(values) <= 20:  # Amounts come from a small grid: one bar per distinct amount.
+        width = 0.8 * (np.diff(values).min() if len(values) > 1 else 1.0)
+        ax.bar(values, counts, width=width, color="C0", alpha=0.8, label="chips")
+    elif len(values):
+        ax.hist(totals, bins=20, color="C0", alpha=0.8, label="chips")
+    fixed = summary["cost"]["fixed_epochs_per_chip"]
+    ax.axvline(fixed, color="k", ls="--", lw=1.2, label=f"fixed policy ({fixed:g} epochs)")
+    ax.plot([], [], " ", label=f"unrecoverable: {len(chips) - totals.size} of {len(chips)} chips")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="per-chip epochs (selected + top-up)", ylabel="chips")
+    ax.set_title("Per-chip retraining amount")
+    ax.legend(fontsize=8, loc="best")
+
+
+def _plot_cost(summary: dict, ax) -> None:
+    """Cumulative cost for n = 0..N chips, extended to show the break-even point if beyond N."""
+    cost, n_chips = summary["cost"], len(summary["chips"])
+    be = cost.get("break_even_chips")
+    n_max = max(n_chips, 1, int(np.ceil(1.25 * be)) if be is not None else 0)
+    n = np.linspace(0, n_max, 200)
+    # reduce_epochs: the population's per-chip amounts plus top-ups, without the analysis.
+    per_chip = cost["reduce_epochs"] / n_chips if n_chips else 0.0
+    analysis, fixed = cost["analysis_epochs"], cost["fixed_epochs_per_chip"]
+    reduce_label = f"Reduce (analysis {analysis:g} + {per_chip:.3g}/chip)"
+    ax.plot(n, analysis + n * per_chip, "-", color="C0", lw=2, label=reduce_label)
+    ax.plot(n, n * fixed, "--", color="C3", lw=2, label=f"fixed ({fixed:g}/chip)")
+    if n_max > n_chips:
+        ax.axvline(
+            n_chips, color="k", ls="-", lw=0.8, alpha=0.5, label=f"this run: {n_chips} chips"
+        )
+    if be is not None:
+        ax.plot([be], [analysis + be * per_chip], "o", color="k", ms=6, label=f"break-even: {be}")
+    ax.set(xlabel="number of chips", ylabel="cumulative retraining cost (epochs)")
+    ax.set_title("Retraining cost: Reduce vs fixed")
+    ax.set_xlim(0, n_max)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _plot_grouping(summary: dict, fig) -> None:
+    """The three costs of the population (fixed, per-chip Reduce, grouped Reduce), and the
+    two Reduce costs split into selected amounts and top-ups."""
+    cost = summary["cost"]
+    left, right = fig.subplots(1, 2)
+    names = ["fixed", "Reduce\nper chip", "Reduce\ngrouped"]
+    totals = [cost["fixed_epochs"], cost["reduce_epochs"], cost["grouped_epochs"]]
+    bars = left.bar(names, totals, color=["C3", "C0", "C2"], alpha=0.85)
+    for bar, v in zip(bars, totals, strict=True):
+        left.annotate(
+            f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8
+        )
+    if min(totals) > 0:
+        left.set_yscale("log")
+    left.set(ylabel="retraining epochs, whole population (log)")
+    left.set_title(
+        f"{len(summary['chips'])} chips, {cost['groups']} groups ({cost['groups_split']} split)",
+        fontsize=9,
+    )
+    planned = [cost["reduce_planned_epochs"], cost["grouped_planned_epochs"]]
+    topups = [
+        cost["reduce_epochs"] - cost["reduce_planned_epochs"],
+        cost["grouped_epochs"] - cost["grouped_planned_epochs"],
+    ]
+    right.bar(names[1:], planned, color=["C0", "C2"], alpha=0.85, label="selected amounts")
+    right.bar(names[1:], topups, bottom=planned, color="0.6", alpha=0.85, label="top-ups")
+    right.set(ylabel="epochs")
+    right.set_title(
+        f"chips meeting the target: {cost['chips_meeting_target']} per chip, "
+        f"{cost['grouped_chips_meeting_target']} grouped",
+        fontsize=9,
+    )
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+
+
+def _plot_predictor(summary: dict, fig) -> None:
+    """Per measure: validation chips' rate against the retraining they really needed, and
+    what the map predicted for them; the x-axis spans the grid's rates."""
+    study = summary["predictor_study"]
+    measures = study["measures"]
+    needed = _floats(study["needed_epochs"])
+    top = np.nanmax(needed) if np.isfinite(needed).any() else 1.0
+    shown = np.where(np.isnan(needed), 1.15 * top + 0.1, needed)
+    axes = fig.subplots(1, len(measures), sharey=True, squeeze=False)[0]
+    grid = summary["resilience"].get("measured_rates_by_measure", {})
+    for ax, (name, v) in zip(axes, measures.items(), strict=True):
+        rates = np.asarray(v["rates"])
+        ok = ~np.isnan(needed)
+        ax.scatter(rates[ok], shown[ok], s=18, color="C0", label="needed")
+        ax.scatter(rates[~ok], shown[~ok], s=18, marker="x", color="C3", label="unrecoverable")
+        if v.get("predicted_epochs"):
+            predicted = _floats(v["predicted_epochs"])
+            ax.scatter(
+                rates, predicted, s=22, facecolors="none", edgecolors="C1", label="predicted"
+            )
+        if name in grid and len(grid[name]):
+            hi = float(np.nanmax(_floats(grid[name])))
+            ax.set_xlim(-0.02 * hi, 1.05 * hi)
+        rho = v.get("spearman_rate")
+        ax.set_title(
+            f"{name}: rank corr. {rho:.2f}\nunder {v['under']}, over {v['over']}"
+            if rho is not None
+            else f"{name}\n(skipped: grid not increasing)"
+            if "skipped" in v
+            else name,
+            fontsize=9,
+        )
+        ax.set_xlabel(f"{name} fault rate")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("retraining (epochs)")
+    axes[0].legend(fontsize=7, loc="upper left")
+
+
+def _plot_chip_accuracy(summary: dict, ax) -> None:
+    """Every chip's validation accuracy before and after retraining (and on the test set),
+    ordered by its fault rate, against the target."""
+    chips = summary["chips"]
+    measure = summary["resilience_map"].get("rate_measure", "pe")
+    rate = _floats(c[f"{measure}_fault_rate"] for c in chips)
+    order = np.argsort(rate, kind="stable")
+    x = np.arange(len(chips))
+    get = lambda key: _floats(chips[i].get(key) for i in order)  # noqa: E731
+    before, after = get("accuracy_before"), get("accuracy_after")
+    ax.vlines(x, before, after, color="0.7", lw=1)
+    ax.plot(x, before, "v", color="C3", ms=4, label="before (validation)")
+    ax.plot(x, after, "^", color="C0", ms=4, label="after (validation)")
+    if all("test_accuracy_after" in c for c in chips):
+        ax.plot(x, get("test_accuracy_after"), ".", color="C2", ms=4, label="after (test)")
+    ax.axhline(summary["target_accuracy"], color="k", ls="--", lw=1, label="target")
+    ax.set(xlabel=f"chips, by {measure} fault rate", ylabel="accuracy")
+    ax.set_title("Per-chip accuracy before and after retraining", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+
+
+_POLICY_COLORS = dict(fixed="C3", adaptive="C4", reduce="C0", grouped="C2", oracle="C7")
+
+
+def _plot_policies(summary: dict, fig) -> None:
+    """Compute of every policy (training + evaluation, in training epochs), annotated with
+    its chips meeting the target; and cumulative compute over the population size, Reduce
+    with its analysis."""
+    pol = summary["policies"]
+    names = [n for n in _POLICY_COLORS if pol.get(n)]
+    left, right = fig.subplots(1, 2)
+    for i, name in enumerate(names):
+        p = pol[name]
+        train, total = p["train_epochs"], p["compute_epochs"]
+        evals = (total - train) if total is not None else 0.0
+        left.bar(i, train, color=_POLICY_COLORS[name], alpha=0.85)
+        left.bar(i, evals, bottom=train, color="0.6", alpha=0.85)
+        left.annotate(
+            f"{p['chips_meeting_target']}/{p['chips']}",
+            (i, train + evals),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    left.legend(handles=[Patch(color="0.6", alpha=0.85, label="evaluation")], fontsize=7)
+    ticks = [f"{n}\n({pol[n]['chips']} chips)" if n == "oracle" else n for n in names]
+    left.set_xticks(range(len(names)), ticks)
+    left.set(ylabel="compute (training epochs)")
+    left.set_title("Per policy (label: chips meeting the target)", fontsize=9)
+    n_chips = max(pol["reduce"]["chips"], 1)
+    analysis = pol["analysis"]["compute_epochs"] or pol["analysis"]["train_epochs"]
+    be = pol.get("break_even_vs_adaptive")
+    evens = [b for b in (be, summary["cost"].get("break_even_chips")) if b]
+    n_max = max([n_chips] + [int(np.ceil(1.25 * b)) for b in evens])
+    n = np.linspace(0, n_max, 100)
+    for name in names:
+        if name == "oracle":
+            continue
+        p = pol[name]
+        per = (p["compute_epochs"] or p["train_epochs"]) / max(p["chips"], 1)
+        one_off = analysis if name in ("reduce", "grouped") else 0.0
+        right.plot(n, one_off + n * per, color=_POLICY_COLORS[name], lw=2, label=name)
+    if be:
+        right.axvline(be, color="k", lw=0.8, ls=":", label=f"Reduce = adaptive at {be}")
+    right.set(xlabel="number of chips", ylabel="cumulative compute (training epochs)")
+    right.set_title("Over the population (Reduce with its analysis)", fontsize=9)
+    right.set_xlim(0, n_max)
+    right.legend(fontsize=7, loc="upper left")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+
+
+def figures(summary: dict) -> list[tuple[str, plt.Figure]]:
+    """The run's plots as ``(file name, figure)`` pairs: ``PLOT_NAMES`` (``policies.png``
+    only where the summary has policies), then ``GROUPING_PLOT`` for grouped runs and
+    ``PREDICTOR_PLOT`` with a predictor study. The caller saves and closes them."""
+    out = []
+    single = {
+        "required_epochs.png": _plot_required,
+        "chip_epochs_histogram.png": _plot_histogram,
+        "cost.png": _plot_cost,
+        "chip_accuracy.png": _plot_chip_accuracy,
+    }
+    wide = {"accuracy_vs_fault_rate.png": _plot_accuracy}
+    if summary.get("policies"):
+        wide["policies.png"] = _plot_policies
+    if summary["cost"].get("grouped_epochs") is not None:
+        wide[GROUPING_PLOT] = _plot_grouping
+    for name in PLOT_NAMES + (GROUPING_PLOT,):
+        if name in single:
+            fig, ax = plt.subplots(figsize=(6.4, 4.4))
+            single[name](summary, ax)
+            ax.grid(alpha=0.3)
+        elif name in wide:
+            fig = plt.figure(figsize=(10.4, 4.4))
+            wide[name](summary, fig)
+        else:
+            continue
+        fig.tight_layout()
+        out.append((name, fig))
+    if summary.get("predictor_study"):
+        fig = plt.figure(figsize=(4 * len(summary["predictor_study"]["measures"]), 4.0))
+        _plot_predictor(summary, fig)
+        fig.tight_layout()
+        out.append((PREDICTOR_PLOT, fig))
+    return out
