@@ -29,6 +29,13 @@ COORDINATOR_ADDRESS = flags.DEFINE_string(
 )
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host runs: number of processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host runs: this process's index.")
+SEEDS = flags.DEFINE_integer(
+    "seeds",
+    1,
+    "Repeat the study for this many seeds from --seed, each into --workdir/seed_<s>, and "
+    "write --workdir/seeds.json with every headline number's mean and spread (>= 1; 1 = "
+    "one run in --workdir).",
+)
 OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False, "Discard progress in --workdir saved with other settings."
 )
@@ -90,9 +97,16 @@ def main(argv: list[str]) -> int:
             raise config_lib.ConfigError("--workdir is required (the output directory)")
         config_lib.validate(cfg)
         _check_processes()
-        from reduce_jax import pipeline, sharding  # heavy imports only after validation
+        if SEEDS.value < 1:
+            raise config_lib.ConfigError(f"--seeds={SEEDS.value} must be >= 1")
+        from reduce_jax import pipeline, seeds, sharding  # heavy imports after validation
 
         sharding.initialize(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
+        if SEEDS.value > 1:
+            out = seeds.run_seeds(cfg, SEEDS.value, overwrite=OVERWRITE.value)
+            print(seeds.table(out["metrics"]))
+            print(f"{SEEDS.value} seeds; outputs in {cfg.workdir}/seeds.json")
+            return 0
         summary = pipeline.run(cfg, overwrite=OVERWRITE.value)
     except (config_lib.ConfigError, DatasetError, FaultMapError) as e:
         print(f"error: {e}", file=sys.stderr)
