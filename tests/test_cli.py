@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from reduce_jax import config as config_lib
-from reduce_jax import pipeline
+from reduce_jax import pipeline, plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
@@ -117,9 +117,24 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
         assert len(list(csv.DictReader(fh))) == len(chips)
     with open(os.path.join(workdir, "resilience.csv")) as fh:
         assert len(list(csv.DictReader(fh))) == f * a * k
-    for png in ("accuracy_vs_fault_rate", "required_epochs", "chip_epochs_histogram", "cost"):
-        assert os.path.getsize(os.path.join(workdir, png + ".png")) > 1000
+    for png in plots.PLOT_NAMES:
+        assert os.path.getsize(os.path.join(workdir, png)) > 1000
     assert "chips meet the target" in proc.stdout
+    # Decisions on the validation split, the test set for reporting.
+    assert s["config"]["validation_fraction"] > 0 and s["baseline_test_accuracy"] is not None
+    assert cost["chips_meeting_target_test"] == sum(
+        c["test_accuracy_after"] >= s["target_accuracy"] and c["status"] != "diverged"
+        for c in chips
+    )
+    pol = s["policies"]
+    assert pol["reduce"]["train_epochs"] == pytest.approx(cost["reduce_epochs"])
+    assert pol["reduce"]["chips_meeting_target"] == cost["chips_meeting_target"]
+    assert pol["fixed"]["train_epochs"] == pytest.approx(cost["fixed_epochs"])
+    assert pol["fixed"]["eval_passes"] == len(chips)
+    assert pol["adaptive"]["train_epochs"] <= pol["fixed"]["train_epochs"] + 1e-9
+    assert pol["adaptive"]["eval_passes"] >= len(chips)
+    for p in ("fixed", "adaptive", "reduce"):
+        assert pol[p]["compute_epochs"] > pol[p]["train_epochs"]  # evaluation costs too
 
 
 @pytest.mark.slow
@@ -246,8 +261,9 @@ def test_help_lists_every_setting_and_not_other_modules_flags():
     proc = run_cli("--help", timeout=120)
     text = proc.stdout + proc.stderr
     for f in dataclasses.fields(config_lib.ReduceConfig):
-        assert f"  --{f.name}:" in text, f.name
-    for name in ("coordinator_address", "num_processes", "process_id", "[no]overwrite"):
+        name = f"[no]{f.name}" if isinstance(f.default, bool) else f.name
+        assert f"  --{name}:" in text, f.name
+    for name in ("coordinator_address", "num_processes", "process_id", "[no]overwrite", "seeds"):
         assert f"  --{name}:" in text, name
     for other in ("--chex_n_cpu_devices", "--test_srcdir", "--run_with_pdb", "--verbosity"):
         assert other not in text, other
@@ -279,6 +295,11 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(max_accuracy_drop=None, target_accuracy=1.5), "--target_accuracy"),
         (dict(statistic="quantile:1.5"), "--statistic"),
         (dict(interpolation="cubic"), "--interpolation"),
+        (dict(statistic="median"), "or auto"),
+        (dict(validation_fraction=0.0), "--validation_fraction"),
+        (dict(validation_fraction=0.6), "--validation_fraction"),
+        (dict(eval_every=-0.1), "--eval_every"),
+        (dict(adaptive_max_epochs=0.0), "--adaptive_max_epochs"),
         (dict(rate_measure="area"), "--rate_measure"),
         (dict(line_fraction=1.5), "--line_fraction"),
         (dict(predictor_chips=-1), "--predictor_chips"),
