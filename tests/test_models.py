@@ -46,7 +46,9 @@ def test_conv_equals_flax_conv(padding, kernel_size, strides):
 def test_im2col_ordering_matches_hwio_reshape(padding):
     kh, kw, cin = 3, 2, 2
     x = np.arange(1 * 4 * 5 * cin, dtype=np.float32).reshape(1, 4, 5, cin) + 1
-    patches = np.asarray(conv.im2col(jnp.asarray(x), kh, kw, conv.pads_of(padding, kh, kw)))
+    patches = np.asarray(
+        conv.im2col(jnp.asarray(x), conv.Window(kh, kw, conv.pads_of(padding, kh, kw)))
+    )
     if padding == "SAME":
         # Low side gets (k-1)//2, as lax/flax SAME padding for stride 1.
         xp = np.pad(x, ((0, 0), (1, 1), (0, 1), (0, 0)))
