@@ -29,16 +29,15 @@ its own.
 
 Operands are float32 (or one float dtype for all of them).
 
-A kernel gradient of per-chip inputs is a canonical (NHWC/HWIO) convolution of the input,
-with channels as the batch, against the output gradient (dilated by the strides); written
-so, XLA:CPU runs it fast inside loops too (``Trainer.run`` runs every step inside a
-``fori_loop``), where the form ``jax.grad`` produces is lowered to a slow generic
-convolution. The input gradient is ``conv2d`` of the output gradient with the flipped
-kernel; with strides ``(sh, sw)`` it is ``sh * sw`` such stride-1 convolutions, one per
-phase ``(y mod sh, x mod sw)`` of the input with the kernel taps that reach it, interleaved
-(the transposed convolution, without the multiplications by the zeros a dilated output
-gradient would hold). Only first derivatives of the gradients are defined (training needs no
-more).
+A stride-1 kernel gradient of per-chip inputs is a canonical (NHWC/HWIO) convolution of the
+input, with channels as the batch, against the output gradient; written so, XLA:CPU runs it
+fast inside loops too (``Trainer.run`` runs every step inside a ``fori_loop``), where the
+form ``jax.grad`` produces is lowered to a slow generic convolution. A strided one is the
+GEMM ``patches^T @ dy``. The input gradient is ``conv2d`` of the output gradient with the
+flipped kernel at stride 1; with strides (the transposed convolution) it is the GEMM
+``dy @ kernel^T`` followed by col2im (every tap's columns added, shifted, into its phase of
+the input), which ``vmap`` batches as matrix products. Only first derivatives of the
+gradients are defined (training needs no more).
 """
 
 from __future__ import annotations
@@ -157,35 +156,23 @@ def conv_single(x: jax.Array, kernel: jax.Array, window: Window) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, window.strides, window.pads, dimension_numbers=_DIMS)
 
 
-def _trim(x: jax.Array, window: Window) -> tuple[jax.Array, Pads]:
-    """``x [B, H, W, C]`` and padding without the rows and columns past the last window (a
-    strided convolution may leave up to ``stride - 1`` unused), so that the padded size is
-    ``(H' - 1) * stride + kh`` exactly."""
-    pads = []
-    for axis, ((lo, hi), s, k) in enumerate(
-        zip(window.pads, window.strides, (window.kh, window.kw), strict=True)
-    ):
-        n = x.shape[1 + axis]
-        hi -= (n + lo + hi - k) % s
-        if hi < 0:
-            x = lax.slice_in_dim(x, 0, n + hi, axis=1 + axis)
-            hi = 0
-        pads.append((lo, hi))
-    return x, tuple(pads)
-
-
 def kernel_grad_single(x: jax.Array, dy: jax.Array, window: Window) -> jax.Array:
     """Kernel gradient ``float[kh, kw, C, O]`` of one chip from its input ``float[B, H, W, C]``
     and output gradient ``float[B, H', W', O]``:
-    ``sum_b,y,z xpad[b, sh*y+i, sw*z+j, c] dy[b, y, z, o]``, as a canonical convolution
-    (channels as batch, batch as features, the output gradient dilated by the strides)."""
-    x, pads = _trim(x, window)
+    ``sum_b,y,z xpad[b, sh*y+i, sw*z+j, c] dy[b, y, z, o]``.
+
+    Stride 1: a canonical convolution (channels as batch, batch as features). Strided: the
+    GEMM ``patches^T @ dy`` (XLA:CPU, 8 chips of a 3x3 stride-2 16 -> 32 layer on 128 32x32
+    images: 5.3 to 6.2 CPU-ms per chip, against 7.9 for the canonical convolution with the
+    output gradient dilated by the strides).
+    """
+    if tuple(window.strides) != (1, 1):
+        return shared_kernel_grad(x, dy, window)
     out = lax.conv_general_dilated(
         x.transpose(3, 1, 2, 0),
         dy.transpose(1, 2, 0, 3),
         (1, 1),
-        pads,
-        rhs_dilation=window.strides,
+        window.pads,
         dimension_numbers=_DIMS,
     )
     return out.transpose(1, 2, 0, 3)
@@ -334,29 +321,31 @@ def input_grad(dy: jax.Array, kernel: jax.Array, window: Window, size) -> jax.Ar
     """Gradient ``float[B, H, W, C]`` of a convolution's input of size ``(H, W)`` from the
     output gradient ``dy float[B, H', W', O]``.
 
-    Stride 1: ``conv`` of ``dy`` with the flipped kernel. Strides ``(sh, sw)``: padded-input
-    row ``sh * m + p`` gets ``sum_t dy[m - t] kernel[p + sh * t]``, a stride-1 convolution of
-    ``dy`` with the flipped taps ``kernel[p::sh]``; the ``sh * sw`` phases are interleaved and
-    the padding cut off.
+    Stride 1: ``conv`` of ``dy`` with the flipped kernel. Strides ``(sh, sw)``: the GEMM
+    ``cols = dy @ kernel^T`` gives every tap's contribution ``float[B, H', W', kh, kw, C]``;
+    tap ``(i, j)`` lands on padded-input row ``sh * y + i``, i.e. on phase ``i mod sh`` at
+    ``y + i // sh``, so each phase is a sum of shifted (padded) columns, and the phases are
+    interleaved and the padding cut off (col2im). No convolution, so ``vmap`` batches it as
+    matrix products; on XLA:CPU it ran in 10.3 CPU-ms per chip against 14 to 15 for one
+    stride-1 convolution per phase (3x3 stride-2 16 -> 32 layer, 8 chips, 128 32x32 images).
     """
     if tuple(window.strides) == (1, 1):
         return _conv(dy, _flip(kernel), _transposed(window))
     (sh, sw), ((top, bottom), (left, right)) = window.strides, window.pads
-    h, w = size
-    ho, wo = dy.shape[1:3]
+    kh, kw, c, o = kernel.shape
+    (h, w), (b, ho, wo) = size, dy.shape[:3]
     mh, mw = -(-(h + top + bottom) // sh), -(-(w + left + right) // sw)  # rows per phase
-    b, c = dy.shape[0], kernel.shape[2]
+    cols = (dy @ kernel.reshape(kh * kw * c, o).T).reshape(b, ho, wo, kh, kw, c)
     rows = []
     for p in range(sh):
         row = []
         for q in range(sw):
-            taps = kernel[p::sh, q::sw]
-            kp, kq = taps.shape[:2]
-            if kp == 0 or kq == 0:  # a kernel smaller than the stride misses this phase
-                row.append(jnp.zeros((b, mh, mw, c), dy.dtype))
-                continue
-            phase = Window(kp, kq, ((kp - 1, mh - ho), (kq - 1, mw - wo)))
-            row.append(_conv(dy, _flip(taps), phase))
+            phase = jnp.zeros((b, mh, mw, c), dy.dtype)
+            for t, i in enumerate(range(p, kh, sh)):
+                for u, j in enumerate(range(q, kw, sw)):
+                    shift = ((0, 0), (t, mh - ho - t), (u, mw - wo - u), (0, 0))
+                    phase = phase + jnp.pad(cols[:, :, :, i, j], shift)
+            row.append(phase)
         rows.append(jnp.stack(row, axis=3))  # [B, mh, mw, sw, C]
     dx = jnp.stack(rows, axis=2).reshape(b, mh * sh, mw * sw, c)
     return dx[:, top : top + h, left : left + w]
