@@ -20,20 +20,22 @@ MODELS = ("mlp", "lenet5", "vgg_small")
 
 
 class Conv(nn.Module):
-    """Stride-1 2-D convolution (``conv.conv2d``); parameters as ``nn.Conv``; ``padding`` is
-    ``SAME`` or ``VALID``.
+    """2-D convolution (``conv.conv2d``); parameters as ``nn.Conv``; ``padding`` is ``SAME``
+    or ``VALID`` and ``strides`` a pair, both with ``nn.Conv``'s meaning (a strided ``SAME``
+    convolution gives ``ceil(H / stride)`` rows).
 
-    With ``pool=True`` the output is 2x2 max-pooled (``conv.conv2d_pool``) *before* the bias
-    is added: ``pool(conv(x)) + b == pool(conv(x) + b)`` and, since ReLU is monotone,
-    ``relu(pool(z)) == pool(relu(z))``; so ``relu(Conv(pool=True)(x))`` is
-    exactly conv-ReLU-pool while the bias and ReLU (and their gradients) touch a quarter of
-    the elements. The activations of every chip are distinct, so this elementwise traffic
+    With ``pool=True`` (stride 1 only) the output is 2x2 max-pooled (``conv.conv2d_pool``)
+    *before* the bias is added: ``pool(conv(x)) + b == pool(conv(x) + b)`` and, since ReLU is
+    monotone, ``relu(pool(z)) == pool(relu(z))``; so ``relu(Conv(pool=True)(x))`` is exactly
+    conv-ReLU-pool while the bias and ReLU (and their gradients) touch a quarter of the
+    elements. The activations of every chip are distinct, so this elementwise traffic
     weighs on a population step on a CPU.
     """
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     padding: str = "SAME"
+    strides: tuple[int, int] = (1, 1)
     pool: bool = False
     kernel_init: Callable = nn.initializers.lecun_normal()
 
@@ -44,8 +46,10 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         if self.pool:
+            if tuple(self.strides) != (1, 1):
+                raise ValueError(f"Conv: pool=True needs strides (1, 1), got {self.strides}")
             return conv.conv2d_pool(x, kernel, self.padding) + bias
-        return conv.conv2d(x, kernel, self.padding) + bias
+        return conv.conv2d(x, kernel, self.padding, self.strides) + bias
 
 
 class MLP(nn.Module):

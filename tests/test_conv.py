@@ -17,9 +17,9 @@ from reduce_jax import conv
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def _ref_conv(x, kernel, padding):
+def _ref_conv(x, kernel, padding, strides=(1, 1)):
     return lax.conv_general_dilated(
-        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
@@ -60,6 +60,17 @@ def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (1, 2)])
+@pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3)])
+@pytest.mark.parametrize("height,width", [(8, 8), (7, 9)])  # even and odd input sizes
+def test_strided_conv2d_value_and_grads_equal_lax(padding, strides, kernel_size, height, width):
+    x, kernel = _normal(0, (2, height, width, 3)), _normal(1, (*kernel_size, 3, 4))
+    ours = functools.partial(conv.conv2d, padding=padding, strides=strides)
+    ref = functools.partial(_ref_conv, padding=padding, strides=strides)
+    _assert_value_and_grads_equal(ours, ref, x, kernel)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize("height,width", [(8, 6), (7, 9)])  # odd sizes drop a row / column
 def test_conv2d_pool_value_equals_lax_and_grads_without_ties(padding, height, width):
     x, kernel = _normal(0, (2, height, width, 3)), _normal(1, (3, 3, 3, 5))
@@ -90,40 +101,54 @@ def _chips_loss(fn, x, kernels, probe, x_batched, k_batched):
 
 
 CASES = [(False, True), (True, True), (True, False)]  # (input per chip, kernel per chip)
-# (padding, kernel size, H, W, C, O): square and odd sizes (pooling drops a row / column),
-# uneven SAME padding, and 5 input channels (padded to 8 on a CPU).
+# (padding, kernel size, H, W, C, O, strides): square and odd sizes (pooling drops a row /
+# column), uneven SAME padding, 5 input channels (padded to 8 on a CPU), and strided 3x3 and
+# 1x1 convolutions (ResNet's downsampling and projection shortcuts; not pooled).
 GEOMETRIES = [
-    ("SAME", (3, 3), 6, 6, 2, 4),
-    ("VALID", (4, 3), 8, 9, 5, 8),
-    ("SAME", (2, 2), 7, 9, 3, 8),
+    ("SAME", (3, 3), 6, 6, 2, 4, (1, 1)),
+    ("VALID", (4, 3), 8, 9, 5, 8, (1, 1)),
+    ("SAME", (2, 2), 7, 9, 3, 8, (1, 1)),
+]
+STRIDED_GEOMETRIES = [
+    ("SAME", (3, 3), 7, 8, 3, 4, (2, 2)),
+    ("VALID", (3, 3), 8, 7, 2, 4, (2, 2)),
+    ("SAME", (1, 1), 7, 8, 3, 4, (2, 2)),
+    ("VALID", (1, 1), 6, 5, 2, 4, (1, 1)),
 ]
 
 
-def _out_shape(padding, kernel_size, h, w, cout, pool):
+def _out_shape(geometry, pool):
+    padding, (kh, kw), h, w, _, cout, (sh, sw) = geometry
     if padding == "VALID":
-        h, w = h - kernel_size[0] + 1, w - kernel_size[1] + 1
+        h, w = h - kh + 1, w - kw + 1
+    h, w = -(-h // sh), -(-w // sw)
     return (2, h // 2, w // 2, cout) if pool else (2, h, w, cout)
 
 
-@pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("x_batched,k_batched", CASES)
 @pytest.mark.parametrize("per_chip_convolutions", [True, False])
-@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize(
+    "pool,geometry",
+    [(p, g) for p in (False, True) for g in GEOMETRIES] + [(False, g) for g in STRIDED_GEOMETRIES],
+)
 def test_vmap_over_chips_equals_a_loop_over_chips(
     monkeypatch, pool, x_batched, k_batched, per_chip_convolutions, geometry
 ):
     """Values and gradients of every chip equal the chip computed alone (both the CPU
     ``lax.map`` path and the GEMM path of other backends)."""
     monkeypatch.setattr(conv, "_on_cpu", lambda: per_chip_convolutions)
-    padding, kernel_size, h, w, cin, cout = geometry
+    padding, kernel_size, h, w, cin, cout, strides = geometry
     chips = 3
-    fn = functools.partial(conv.conv2d_pool if pool else conv.conv2d, padding=padding)
+    if pool:
+        fn = functools.partial(conv.conv2d_pool, padding=padding)
+    else:
+        fn = functools.partial(conv.conv2d, padding=padding, strides=strides)
     x = _normal(0, (chips, 2, h, w, cin) if x_batched else (2, h, w, cin))
     kernels = _normal(
         1, (chips, *kernel_size, cin, cout) if k_batched else (*kernel_size, cin, cout)
     )
     one = lambda v, batched, i: v[i] if batched else v
-    probe = _normal(2, (chips, *_out_shape(padding, kernel_size, h, w, cout, pool)))
+    probe = _normal(2, (chips, *_out_shape(geometry, pool)))
     axes = (0 if x_batched else None, 0 if k_batched else None)
     out = jax.jit(jax.vmap(fn, in_axes=axes))(x, kernels)
     loss = functools.partial(_chips_loss, fn, x_batched=x_batched, k_batched=k_batched)
@@ -166,28 +191,65 @@ def _hlo(f, *args):
     return jax.jit(f).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("pool", [False, True])
-def test_population_convolutions_avoid_grouped_convolutions(pool):
+# (ours, lax's) for one chip: a plain, a pooling and a strided 3x3 convolution.
+LAYERS = {
+    "plain": (conv.conv2d, lambda x, k: _ref_conv(x, k, "SAME")),
+    "pool": (conv.conv2d_pool, lambda x, k: _ref_pool(_ref_conv(x, k, "SAME"))),
+    "strided": (
+        functools.partial(conv.conv2d, strides=(2, 2)),
+        lambda x, k: _ref_conv(x, k, "SAME", (2, 2)),
+    ),
+}
+
+
+def _groups(text):
+    return set(re.findall(r"(?:feature|batch)_group_count = (\d+)", text))
+
+
+def _per_chip_grad(f):
+    return jax.vmap(jax.grad(lambda x, k, p: jnp.sum(f(x, k) * p), (0, 1)))
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_population_convolutions_avoid_grouped_convolutions(layer):
     """The point of the batching rules: a vmapped gradient has no grouped convolution (a
     plain vmap of lax's has), and a shared input's layer has no convolution at all (one
     GEMM for every chip)."""
-    fn = conv.conv2d_pool if pool else conv.conv2d
-    ref_fn = (lambda x, k: _ref_pool(_ref_conv(x, k, "SAME"))) if pool else _ref_conv_same
+    fn, ref_fn = LAYERS[layer]
     x, kernels = _normal(0, (4, 2, 8, 8, 3)), _normal(1, (4, 3, 3, 3, 5))
     probes = _normal(2, (4, *fn(x[0], kernels[0]).shape))  # per chip, so dy is per chip
-    groups = lambda text: set(re.findall(r"(?:feature|batch)_group_count = (\d+)", text))
-    per_chip = lambda f: jax.vmap(jax.grad(lambda x, k, p: jnp.sum(f(x, k) * p), (0, 1)))
-    assert groups(_hlo(per_chip(fn), x, kernels, probes)) <= {"1"}
-    assert "4" in groups(_hlo(per_chip(ref_fn), x, kernels, probes))
+    assert _groups(_hlo(_per_chip_grad(fn), x, kernels, probes)) <= {"1"}
+    assert "4" in _groups(_hlo(_per_chip_grad(ref_fn), x, kernels, probes))
     shared = jax.vmap(jax.grad(lambda k, p: jnp.sum(fn(x[0], k) * p)))
     compiled = jax.jit(shared).lower(kernels, probes).compile().as_text()
     assert "convolution(" not in compiled and "while(" not in compiled
 
 
-def _ref_conv_same(x, kernel):
-    return _ref_conv(x, kernel, "SAME")
+def test_population_1x1_convolutions_are_matrix_products():
+    """A vmapped strided 1x1 convolution and its gradients (per-chip inputs and kernels)
+    have no convolution at all."""
+    fn = functools.partial(conv.conv2d, strides=(2, 2))
+    x, kernels = _normal(0, (4, 2, 8, 7, 3)), _normal(1, (4, 1, 1, 3, 5))
+    probes = _normal(2, (4, *fn(x[0], kernels[0]).shape))
+    compiled = jax.jit(_per_chip_grad(fn)).lower(x, kernels, probes).compile().as_text()
+    assert "convolution(" not in compiled and " dot(" in compiled
 
 
 def test_pads_of_rejects_other_padding():
     with pytest.raises(ValueError, match="padding must be one of SAME, VALID"):
         conv.pads_of("CIRCULAR", 3, 3)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 9])
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (1, 2), (3, 1), (3, 2), (4, 2), (3, 3)])
+def test_pads_of_equals_lax_padding(size, kernel, stride):
+    want = lax.padtype_to_pads((size, size), (kernel, kernel), (stride, stride), "SAME")
+    got = conv.pads_of("SAME", kernel, kernel, (stride, stride), (size, size))
+    assert [tuple(p) for p in want] == list(got)
+
+
+def test_conv2d_rejects_bad_strides():
+    x, kernel = jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1))
+    for strides in [(0, 1), (2,), (1, -1)]:
+        with pytest.raises(ValueError, match="strides must be two integers >= 1"):
+            conv.conv2d(x, kernel, strides=strides)
