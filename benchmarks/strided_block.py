@@ -22,7 +22,6 @@ Each line holds ``ms_per_chip_step`` (the best of ``--trials`` calls / steps / N
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
