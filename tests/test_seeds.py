@@ -1,0 +1,54 @@
+"""A study repeated over seeds: every headline number with its mean and spread."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from reduce_jax import seeds
+
+
+def _summary(reduce_epochs, meets, ratio):
+    return {
+        "baseline_accuracy": 0.9,
+        "cost": {"reduce_epochs": reduce_epochs, "chips_meeting_target": meets},
+        "policies": {
+            "reduce": {"compute_epochs": reduce_epochs + 1, "chips_meeting_target": meets},
+            "adaptive": {"compute_epochs": 3.0, "chips_meeting_target": 8},
+            "analysis": {"compute_epochs": 10.0},
+            "break_even_vs_adaptive": None,
+        },
+        "predictor_study": None if ratio is None else {"reduce_over_oracle": ratio},
+    }
+
+
+def test_aggregate_gives_values_mean_and_sample_std_and_skips_missing_values():
+    out = seeds.aggregate([_summary(2.0, 7, 1.2), _summary(4.0, 8, None), _summary(3.0, 6, 1.4)])
+    m = out["cost.reduce_epochs"]
+    assert m["values"] == [2.0, 4.0, 3.0] and m["mean"] == 3.0
+    assert m["std"] == pytest.approx(np.std([2.0, 4.0, 3.0], ddof=1))
+    assert out["policies.reduce.compute_epochs"]["mean"] == 4.0
+    assert out["policies.adaptive.chips_meeting_target"]["std"] == 0.0
+    assert "policies.analysis.chips_meeting_target" not in out  # a cost, not a policy
+    assert out["policies.analysis.compute_epochs"]["mean"] == 10.0
+    ratio = out["predictor_study.reduce_over_oracle"]
+    assert ratio["values"] == [1.2, None, 1.4] and ratio["mean"] == pytest.approx(1.3)
+    assert out["policies.break_even_vs_adaptive"] == dict(values=[None] * 3, mean=None, std=None)
+    assert "cost.reduce_epochs" in seeds.table(out)
+
+
+@pytest.mark.slow
+def test_run_seeds_runs_each_seed_in_its_own_workdir(tmp_path, small_run_config):
+    cfg = small_run_config(str(tmp_path), compare_policies=False, baseline_epochs=2.0)
+    out = seeds.run_seeds(cfg, 2)
+    assert out["seeds"] == [0, 1]
+    for w in out["workdirs"]:
+        assert os.path.isfile(os.path.join(w, "summary.json"))
+    with open(tmp_path / "seeds.json") as f:
+        assert json.load(f) == out
+    runs = [json.load(open(os.path.join(w, "summary.json"))) for w in out["workdirs"]]
+    assert out["metrics"]["cost.reduce_epochs"]["values"] == [
+        r["cost"]["reduce_epochs"] for r in runs
+    ]
+    assert runs[0]["config"]["seed"] == 0 and runs[1]["config"]["seed"] == 1
