@@ -14,9 +14,13 @@ chips. Implementations:
 * ``conv``: ``reduce_jax.conv.conv2d`` with strides (its batching rule and gradient);
 * ``conv_subsampled``: the stride-1 ``conv.conv2d`` subsampled (what a strided convolution
   cost before it had its own path);
-* ``nn_conv``: ``flax.linen.Conv`` with strides, vmapped (a grouped convolution).
+* ``nn_conv``: ``flax.linen.Conv`` with strides, vmapped (a grouped convolution);
+* ``nn_conv_alone``: ``flax.linen.Conv`` for one chip (vmapped over a population of one),
+  what each chip of a Python loop over chips would cost.
 
-Each line holds ``ms_per_chip_step`` (the best of ``--trials`` calls / steps / N) and
+Each line holds ``ms_per_chip_step`` (the best of ``--trials`` calls / steps / N),
+``cpu_ms_per_chip_step`` (the same with the process's CPU time, the sum over its threads,
+which other processes on a shared machine disturb less than the wall-clock time) and
 ``compile_s``, with the backend and JAX version.
 """
 
@@ -34,7 +38,9 @@ from reduce_jax import conv
 
 CHIPS = flags.DEFINE_list("chips", ["8", "32"], "Population sizes N.")
 IMPLS = flags.DEFINE_list(
-    "impls", ["conv", "conv_subsampled", "nn_conv"], "Implementations to time."
+    "impls",
+    ["conv", "conv_subsampled", "nn_conv", "nn_conv_alone"],
+    "Implementations to time.",
 )
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per step.")
 SIZE = flags.DEFINE_integer("size", 32, "Input height and width.")
@@ -66,7 +72,12 @@ def _nn_conv_block(x, w3, w1):
     return c3.apply({"params": {"kernel": w3}}, x) + c1.apply({"params": {"kernel": w1}}, x)
 
 
-BLOCKS = {"conv": _conv_block, "conv_subsampled": _subsampled_block, "nn_conv": _nn_conv_block}
+BLOCKS = {
+    "conv": _conv_block,
+    "conv_subsampled": _subsampled_block,
+    "nn_conv": _nn_conv_block,
+    "nn_conv_alone": _nn_conv_block,
+}
 
 
 def _train_steps(block, steps: int):
@@ -91,6 +102,7 @@ def _train_steps(block, steps: int):
 
 
 def _measure(name: str, n: int) -> dict:
+    n = 1 if name == "nn_conv_alone" else n
     keys = jax.random.split(jax.random.key(0), 4)
     b, s, cin, cout = BATCH_SIZE.value, SIZE.value, CIN.value, COUT.value
     x = jax.random.normal(keys[0], (n, b, s, s, cin))
@@ -102,15 +114,18 @@ def _measure(name: str, n: int) -> dict:
     compiled = run.lower(w3, w1, x, probe).compile()
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(w3, w1, x, probe))
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(TRIALS.value):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(compiled(w3, w1, x, probe))
         best = min(best, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    per_chip_step = lambda t: round(t / STEPS.value / n * 1e3, 2)
     return {
         "impl": name,
         "chips": n,
-        "ms_per_chip_step": round(best / STEPS.value / n * 1e3, 2),
+        "ms_per_chip_step": per_chip_step(best),
+        "cpu_ms_per_chip_step": per_chip_step(best_cpu),
         "compile_s": round(compile_s, 2),
         "block": f"{b}x{s}x{s}x{cin} -> 3x3/2 + 1x1/2 -> {cout}",
         "backend": jax.default_backend(),

@@ -336,19 +336,24 @@ def input_grad(dy: jax.Array, kernel: jax.Array, window: Window, size) -> jax.Ar
     (h, w), (b, ho, wo) = size, dy.shape[:3]
     mh, mw = -(-(h + top + bottom) // sh), -(-(w + left + right) // sw)  # rows per phase
     cols = (dy @ kernel.reshape(kh * kw * c, o).T).reshape(b, ho, wo, kh, kw, c)
-    rows = []
-    for p in range(sh):
-        row = []
-        for q in range(sw):
-            phase = jnp.zeros((b, mh, mw, c), dy.dtype)
-            for t, i in enumerate(range(p, kh, sh)):
-                for u, j in enumerate(range(q, kw, sw)):
-                    shift = ((0, 0), (t, mh - ho - t), (u, mw - wo - u), (0, 0))
-                    phase = phase + jnp.pad(cols[:, :, :, i, j], shift)
-            row.append(phase)
-        rows.append(jnp.stack(row, axis=3))  # [B, mh, mw, sw, C]
+    phases = [[_phase(cols, window, p, q, (mh, mw)) for q in range(sw)] for p in range(sh)]
+    rows = [jnp.stack(row, axis=3) for row in phases]  # [B, mh, mw, sw, C] each
     dx = jnp.stack(rows, axis=2).reshape(b, mh * sh, mw * sw, c)
     return dx[:, top : top + h, left : left + w]
+
+
+def _phase(cols: jax.Array, window: Window, p: int, q: int, size) -> jax.Array:
+    """Rows ``sh * m + p``, columns ``sw * n + q`` of the padded input's gradient,
+    ``float[B, mh, mw, C]`` for ``size = (mh, mw)``, from the taps' columns
+    ``float[B, H', W', kh, kw, C]``: tap ``(p + sh * t, q + sw * u)`` shifted by ``(t, u)``."""
+    (sh, sw), (mh, mw) = window.strides, size
+    b, ho, wo, _, _, c = cols.shape
+    phase = jnp.zeros((b, mh, mw, c), cols.dtype)  # stays zero where no tap lands
+    for t, i in enumerate(range(p, window.kh, sh)):
+        for u, j in enumerate(range(q, window.kw, sw)):
+            shift = ((0, 0), (t, mh - ho - t), (u, mw - wo - u), (0, 0))
+            phase = phase + jnp.pad(cols[:, :, :, i, j], shift)
+    return phase
 
 
 def pointwise(x: jax.Array, kernel: jax.Array, window: Window) -> jax.Array:

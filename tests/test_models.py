@@ -144,16 +144,18 @@ def test_get_model_unknown():
         models.get_model("resnet", 10)
 
 
-def test_vmapped_conv_over_chips_equals_flax_conv_per_chip():
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_vmapped_conv_over_chips_equals_flax_conv_per_chip(strides):
     """Per-chip kernels under vmap (a shared input) give each chip's own convolution."""
-    x = jax.random.normal(jax.random.key(2), (4, 6, 6, 3))
+    x = jax.random.normal(jax.random.key(2), (4, 7, 6, 3))
     kernels = jax.random.normal(jax.random.key(3), (3, 3, 3, 3, 5))  # [chips, kh, kw, cin, cout]
     biases = jax.random.normal(jax.random.key(4), (3, 5))
-    layer, flax_conv = models.Conv(5, (3, 3)), nn.Conv(5, (3, 3))
+    layer = models.Conv(5, (3, 3), strides=strides)
+    flax_conv = nn.Conv(5, (3, 3), strides=strides)
     batched = jax.jit(jax.vmap(lambda k, b: layer.apply({"params": {"kernel": k, "bias": b}}, x)))(
         kernels, biases
     )
-    assert batched.shape == (3, 4, 6, 6, 5)
+    assert batched.shape == (3, 4, -(-7 // strides[0]), -(-6 // strides[1]), 5)
     conv_apply = jax.jit(flax_conv.apply)
     for i in range(3):
         ref = conv_apply({"params": {"kernel": kernels[i], "bias": biases[i]}}, x)
