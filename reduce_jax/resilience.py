@@ -96,7 +96,7 @@ def analyze(
         maps = chunk["maps"]
         real = np.arange(len(maps)) < len(ids)
         budgets = np.where(real, steps.max(), 0)
-        states, masks = population.init_chunk(ctx.trainer, ctx.params, maps, budgets)
+        states, masks = population.init_chunk(ctx.trainer, ctx.variables, maps, budgets)
         chunk_acc, prev = [], 0
         for s in steps:
             states = population.run_phase(

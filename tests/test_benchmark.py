@@ -84,13 +84,13 @@ def test_chunk_candidates_divide_n_in_multiples_of_the_devices():
 
 @pytest.mark.slow
 def test_bench_chunks_to_fit_the_memory_and_skips_what_cannot_fit(
-    digits, tiny_mlp, tiny_mlp_params
+    digits, tiny_mlp, tiny_mlp_variables
 ):
     from benchmarks import population as bench
 
     cache = {}
     kw = dict(batch_size=32, trials=1, memory_fraction=1.0, cache=cache)
-    args = (digits, tiny_mlp, tiny_mlp_params, 1.0, 1, 8)
+    args = (digits, tiny_mlp, tiny_mlp_variables, 1.0, 1, 8)
     whole = bench.bench(4, *args, **kw)
     assert whole["chips_per_batch"] == 4 and whole["planned_mb"] > 0
     for key in KEYS + ("peak_device_mb", "jax_version", "backend", "device_kind"):
