@@ -47,15 +47,33 @@ _CHANNEL_MULTIPLE = 8
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-def pads_of(padding: str, kh: int, kw: int) -> Pads:
-    """Explicit ``((top, bottom), (left, right))`` padding of a stride-1 ``SAME``/``VALID``
-    convolution with a ``kh x kw`` kernel (``SAME`` puts ``(k - 1) // 2`` on the low side, as
-    ``lax`` and Flax do)."""
-    if padding == "SAME":
-        return ((kh - 1) // 2, kh - 1 - (kh - 1) // 2), ((kw - 1) // 2, kw - 1 - (kw - 1) // 2)
+def pads_of(
+    padding: str,
+    kh: int,
+    kw: int,
+    strides: tuple[int, int] = (1, 1),
+    size: tuple[int, int] | None = None,
+) -> Pads:
+    """Explicit ``((top, bottom), (left, right))`` padding of a ``SAME``/``VALID`` convolution
+    with a ``kh x kw`` kernel, as ``lax`` and Flax compute it.
+
+    ``SAME`` gives ``ceil(H / stride)`` output rows: ``total = max((out - 1) * stride + kh - H,
+    0)`` rows of zeros, ``total // 2`` on the low side (``(kh - 1) // 2`` for stride 1, which
+    needs no ``size``). ``size`` is the input's ``(H, W)``, needed for ``SAME`` with a stride.
+    """
     if padding == "VALID":
         return (0, 0), (0, 0)
-    raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+    if padding != "SAME":
+        raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+    if size is None:
+        if tuple(strides) != (1, 1):
+            raise ValueError("pads_of: SAME padding with a stride needs the input size")
+        size = (0, 0)  # unused: with stride 1 the total is k - 1 whatever the size
+    pads = []
+    for n, k, s in zip(size, (kh, kw), strides, strict=True):
+        total = k - 1 if s == 1 else max((-(-n // s) - 1) * s + k - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
 
 
 def _transposed_pads(pads: Pads, kh: int, kw: int) -> Pads:
@@ -252,19 +270,34 @@ def _conv2d_bwd(pads, residuals, dy):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, padding: str = "SAME") -> jax.Array:
-    """Stride-1 convolution of one chip (vmap it over chips; see the module docstring).
+def conv2d(
+    x: jax.Array, kernel: jax.Array, padding: str = "SAME", strides: tuple[int, int] = (1, 1)
+) -> jax.Array:
+    """Convolution of one chip (vmap it over chips; see the module docstring).
 
     Args:
       x: ``float[B, H, W, C]``.
       kernel: ``float[kh, kw, C, O]`` (HWIO, as ``nn.Conv``).
-      padding: ``SAME`` or ``VALID``.
+      padding: ``SAME`` or ``VALID`` (as ``lax``/``nn.Conv``: ``SAME`` gives ``ceil(H / s)``
+        rows, see ``pads_of``).
+      strides: ``(sh, sw)``, each >= 1.
 
     Returns:
       ``float[B, H', W', O]``, equal (up to float rounding) to
-      ``lax.conv_general_dilated(x, kernel, (1, 1), padding, ("NHWC", "HWIO", "NHWC"))``.
+      ``lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))``.
     """
-    return _conv2d(x, kernel, pads_of(padding, *kernel.shape[:2]))
+    strides = _check_strides(strides)
+    pads = pads_of(padding, *kernel.shape[:2], strides, x.shape[1:3])
+    y = _conv2d(x, kernel, pads)
+    return y[:, :: strides[0], :: strides[1]]
+
+
+def _check_strides(strides) -> tuple[int, int]:
+    """``strides`` as a pair of ints >= 1, or a ``ValueError`` naming the allowed range."""
+    strides = tuple(int(s) for s in strides)
+    if len(strides) != 2 or min(strides) < 1:
+        raise ValueError(f"strides must be two integers >= 1, got {strides!r}")
+    return strides
 
 
 # ---------------------------------------------------------------- convolution + max pool

@@ -31,13 +31,14 @@ BN_EPSILON = 1e-5
 
 class Conv(nn.Module):
     """2-D convolution (``conv.conv2d``); parameters as ``nn.Conv``; ``padding`` is ``SAME``
-    or ``VALID`` and ``strides`` a pair, both with ``nn.Conv``'s meaning.
+    or ``VALID`` and ``strides`` a pair, both with ``nn.Conv``'s meaning (a strided ``SAME``
+    convolution gives ``ceil(H / stride)`` rows).
 
     With ``pool=True`` (stride 1 only) the output is 2x2 max-pooled (``conv.conv2d_pool``)
     *before* the bias is added: ``pool(conv(x)) + b == pool(conv(x) + b)`` and, since ReLU is
-    monotone, ``relu(pool(z)) == pool(relu(z))``; so ``relu(Conv(pool=True)(x))`` is
-    exactly conv-ReLU-pool while the bias and ReLU (and their gradients) touch a quarter of
-    the elements. The activations of every chip are distinct, so this elementwise traffic
+    monotone, ``relu(pool(z)) == pool(relu(z))``; so ``relu(Conv(pool=True)(x))`` is exactly
+    conv-ReLU-pool while the bias and ReLU (and their gradients) touch a quarter of the
+    elements. The activations of every chip are distinct, so this elementwise traffic
     weighs on a population step on a CPU. ``use_bias=False`` before a BatchNorm (whose
     offset is the bias).
     """

@@ -17,9 +17,9 @@ from reduce_jax import conv
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def _ref_conv(x, kernel, padding):
+def _ref_conv(x, kernel, padding, strides=(1, 1)):
     return lax.conv_general_dilated(
-        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
@@ -57,6 +57,17 @@ def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
     x, kernel = _normal(0, (3, 7, 6, cin)), _normal(1, (*kernel_size, cin, cout))
     ours = functools.partial(conv.conv2d, padding=padding)
     _assert_value_and_grads_equal(ours, functools.partial(_ref_conv, padding=padding), x, kernel)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (1, 2)])
+@pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3)])
+@pytest.mark.parametrize("height,width", [(8, 8), (7, 9)])  # even and odd input sizes
+def test_strided_conv2d_value_and_grads_equal_lax(padding, strides, kernel_size, height, width):
+    x, kernel = _normal(0, (2, height, width, 3)), _normal(1, (*kernel_size, 3, 4))
+    ours = functools.partial(conv.conv2d, padding=padding, strides=strides)
+    ref = functools.partial(_ref_conv, padding=padding, strides=strides)
+    _assert_value_and_grads_equal(ours, ref, x, kernel)
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -191,3 +202,18 @@ def _ref_conv_same(x, kernel):
 def test_pads_of_rejects_other_padding():
     with pytest.raises(ValueError, match="padding must be one of SAME, VALID"):
         conv.pads_of("CIRCULAR", 3, 3)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 9])
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (1, 2), (3, 1), (3, 2), (4, 2), (3, 3)])
+def test_pads_of_equals_lax_padding(size, kernel, stride):
+    want = lax.padtype_to_pads((size, size), (kernel, kernel), (stride, stride), "SAME")
+    got = conv.pads_of("SAME", kernel, kernel, (stride, stride), (size, size))
+    assert [tuple(p) for p in want] == list(got)
+
+
+def test_conv2d_rejects_bad_strides():
+    x, kernel = jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1))
+    for strides in [(0, 1), (2,), (1, -1)]:
+        with pytest.raises(ValueError, match="strides must be two integers >= 1"):
+            conv.conv2d(x, kernel, strides=strides)

@@ -13,11 +13,14 @@ from reduce_jax import conv, models, systolic
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
-@pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2), (4, 3)])
-def test_conv_equals_flax_conv(padding, kernel_size):
+@pytest.mark.parametrize(
+    "kernel_size,strides",
+    [((3, 3), (1, 1)), ((2, 2), (1, 1)), ((4, 3), (1, 1)), ((3, 3), (2, 2)), ((1, 1), (2, 2))],
+)
+def test_conv_equals_flax_conv(padding, kernel_size, strides):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
-    layer = models.Conv(4, kernel_size, padding=padding)
-    flax_conv = nn.Conv(4, kernel_size, padding=padding)
+    layer = models.Conv(4, kernel_size, padding=padding, strides=strides)
+    flax_conv = nn.Conv(4, kernel_size, padding=padding, strides=strides)
     # Same parameter names, shapes (HWIO kernel) and dtypes as nn.Conv.
     shapes = jax.eval_shape(layer.init, jax.random.key(1), x)["params"]
     ref_shapes = jax.eval_shape(flax_conv.init, jax.random.key(1), x)["params"]
@@ -31,10 +34,11 @@ def test_conv_equals_flax_conv(padding, kernel_size):
     out = jax.jit(layer.apply)({"params": params}, x)
     ref = jax.jit(flax_conv.apply)({"params": params}, x)
     assert out.shape == ref.shape
+    (sh, sw), (kh, kw) = strides, kernel_size
     if padding == "SAME":
-        assert out.shape == (2, 7, 6, 4)
+        assert out.shape == (2, -(-7 // sh), -(-6 // sw), 4)
     else:
-        assert out.shape == (2, 7 - kernel_size[0] + 1, 6 - kernel_size[1] + 1, 4)
+        assert out.shape == (2, (7 - kh) // sh + 1, (6 - kw) // sw + 1, 4)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -80,6 +84,12 @@ def test_pooling_conv_is_conv_relu_pool(height, width):
     ref = nn.max_pool(nn.relu(flax_conv.apply({"params": params}, x)), (2, 2), strides=(2, 2))
     assert out.shape == ref.shape == (2, height // 2, width // 2, 4)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_conv_rejects_strides():
+    with pytest.raises(ValueError, match="pool=True needs strides"):
+        layer = models.Conv(2, pool=True, strides=(2, 2))
+        layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
 
 
 def test_conv_rejects_other_padding():
