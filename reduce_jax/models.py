@@ -287,11 +287,12 @@ def fold_batchnorm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
       epsilon: BatchNorm's epsilon.
 
     Returns:
-      A ``params`` pytree for the model with ``batch_norm=False``.
+      A ``params`` pytree for the model with ``batch_norm=False`` (``variables["params"]``
+      as they are for a model without ``ConvBN`` layers).
     """
 
     def fold(params, stats):
-        if "bn" in params:
+        if "bn" in params and "conv" in params:
             bn, st = params["bn"], stats["bn"]
             s = bn["scale"] * jax.lax.rsqrt(st["var"] + epsilon)
             kernel = params["conv"]["kernel"] * s

@@ -181,7 +181,10 @@ def _baseline(cfg: ReduceConfig, ds: data_lib.Dataset, key: jax.Array, amaps: np
         seed=int(cfg.seed),
     )
     variables, info = baseline_lib.get_baseline(cfg.workdir, spec, ds, key)
-    weights = systolic.measure_weights(variables["params"], cfg.array_rows, cfg.array_cols)
+    # What sits on the array is the kernel with BatchNorm folded in: ``importance`` reads
+    # its magnitudes (the other measures read shapes only, which folding keeps).
+    folded = models.fold_batchnorm(variables)
+    weights = systolic.measure_weights(folded, cfg.array_rows, cfg.array_cols)
     check_grid(systolic.grid_rates(weights, amaps)[cfg.rate_measure], cfg, cfg.rate_measure)
     return sharding.replicate(jax.tree.map(jnp.asarray, variables)), weights, info
 

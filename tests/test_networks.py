@@ -129,6 +129,9 @@ def test_folded_masked_model_equals_unfolded_masked_model_in_evaluation(digits):
         if systolic.is_kernel_path(path):
             assert np.array_equal(np.asarray(a) == 0, np.asarray(m) == 0)
     assert float(jnp.abs(out - TINY_RESNET.apply(var, x)).max()) > 1e-3  # the faults matter
+    # A model without BatchNorm is its own folded form.
+    mlp = {"params": {"fc1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}}
+    chex.assert_trees_all_equal(models.fold_batchnorm(mlp), mlp["params"])
 
 
 @pytest.fixture(scope="module")
