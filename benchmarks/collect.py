@@ -174,7 +174,8 @@ def markdown(result: dict) -> str:
     for name, rows in result["benchmarks"].items():
         part = result["parts"].get(f"bench-{name}", {})
         for r in rows:
-            head = [str(r.get("model")), str(r.get("dataset")), str(r.get("chips"))]
+            model = r.get("model_name") or r.get("model")  # resnet20/18 share a class
+            head = [str(model), str(r.get("dataset")), str(r.get("chips"))]
             if "skipped" in r or "error" in r:
                 what = f"skipped: {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
                 lines.append(row(head + [what.replace("|", "/")]))

@@ -5,24 +5,28 @@
 #   benchmarks/gpu.sh [OUTDIR]          # OUTDIR: the argument, else the OUT variable
 #   benchmarks/gpu.sh --fetch-wheels    # on a machine with pip access: wheels into .whl/
 #
-# Parts, each with its own time limit (about 7.5 minutes in all, by default):
+# Parts, each with its own time limit (about 16 minutes in all, by default):
 #   bench-lenet5     python -m benchmarks.population, LeNet-5 on mnist5k, N in $REDUCE_GPU_CHIPS
 #   study            python -m experiments.resilience --flagfile=experiments/configs/default.flags
 #   bench-vgg_small  python -m benchmarks.population, VGG-small on synthetic_cifar (32x32x3)
+#   bench-resnet20   python -m benchmarks.population, ResNet-20 (BatchNorm) on synthetic_cifar
+#   bench-resnet18   python -m benchmarks.population, ResNet-18 (CIFAR variant) on synthetic_cifar
 # then `python -m benchmarks.collect` writes OUTDIR/<device>-<date>.json and prints a table.
 #
-# OUTDIR receives 6 plain files, no subfolders: gpu.log (this script's output), env.json, bench-lenet5.log, study.log,
-# bench-vgg_small.log, <device>-<date>.json. The study's workdir is a temporary folder (its
+# OUTDIR receives 8 plain files, no subfolders: gpu.log (this script's output), env.json,
+# bench-lenet5.log, study.log, bench-vgg_small.log, bench-resnet20.log, bench-resnet18.log,
+# <device>-<date>.json. The study's workdir is a temporary folder (its
 # checkpoint alone is many files); its summary.json is summarised in the result file.
 #
 # Environment:
 #   PYTHON                    interpreter (default python3: on the GPU machine, the one with jax)
 #   REDUCE_GPU_SH_CPU_TEST=1  CPU test mode: JAX on the CPU, tiny sizes, the smoke study
-#   REDUCE_GPU_PARTS          parts to run (default "bench-lenet5 study bench-vgg_small"); the
-#                             result file then holds those parts only
+#   REDUCE_GPU_PARTS          parts to run (default "bench-lenet5 study bench-vgg_small
+#                             bench-resnet20 bench-resnet18"; CPU test mode: all but
+#                             bench-resnet18); the result file then holds those parts only
 #   REDUCE_GPU_CHIPS          population sizes (default 32,256,1024)
-#   REDUCE_GPU_T_LENET5, REDUCE_GPU_T_STUDY, REDUCE_GPU_T_VGG_SMALL
-#                             seconds allowed per part (default 80, 170, 200)
+#   REDUCE_GPU_T_LENET5, REDUCE_GPU_T_STUDY, REDUCE_GPU_T_VGG_SMALL, REDUCE_GPU_T_RESNET20,
+#   REDUCE_GPU_T_RESNET18     seconds allowed per part (default 80, 170, 200, 220, 300)
 #
 # Packages. The GPU machine this is made for (an NVIDIA H200 node) has no network;
 # its python3 holds jax with the CUDA 13 plugin (jax-cuda13-plugin, jax-cuda13-pjrt), flax,
@@ -78,7 +82,11 @@ trap 'exec 1>&- 2>&-; wait "$TEE_PID" 2>/dev/null' EXIT
 PY=${PYTHON:-python3}
 CPU_TEST=${REDUCE_GPU_SH_CPU_TEST:-0}
 [ "$CPU_TEST" = 0 ] && CPU_TEST=
-PARTS_TO_RUN=${REDUCE_GPU_PARTS:-bench-lenet5 study bench-vgg_small}
+ALL_PARTS="bench-lenet5 study bench-vgg_small bench-resnet20 bench-resnet18"
+# The CPU test checks the wiring: ResNet-18 is ResNet-20's code with other widths and depths,
+# and compiling both on 2 cores would double the test's time.
+[ -n "$CPU_TEST" ] && ALL_PARTS="bench-lenet5 study bench-vgg_small bench-resnet20"
+PARTS_TO_RUN=${REDUCE_GPU_PARTS:-$ALL_PARTS}
 CHIPS=${REDUCE_GPU_CHIPS:-32,256,1024}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -131,12 +139,21 @@ if [ -n "$CPU_TEST" ]; then
         --matmul_n=256)
     VGG=(--dataset=synthetic_cifar --model=vgg_small --chips=2 --batch_size=4 --steps=1 --trials=1
         --matmul_n=256 --synthetic_sizes=64,16)
+    # Narrow ResNets: the CPU test checks the wiring.
+    RESNET20=(--dataset=synthetic_cifar --model=resnet20 --model_width=0.125 --chips=2
+        --batch_size=4 --steps=1 --trials=1 --matmul_n=256 --synthetic_sizes=16,8)
+    RESNET18=(--dataset=synthetic_cifar --model=resnet18 --model_width=0.0625 --chips=2
+        --batch_size=4 --steps=1 --trials=1 --matmul_n=256 --synthetic_sizes=16,8)
 else
     FLAGFILE=experiments/configs/default.flags
     LENET=(--dataset=mnist5k --model=lenet5 --chips="$CHIPS" --batch_size=128 --steps=5
         --loop_chips=128)
     VGG=(--dataset=synthetic_cifar --model=vgg_small --chips="$CHIPS" --batch_size=128 --steps=3
         --loop_chips=64)
+    RESNET20=(--dataset=synthetic_cifar --model=resnet20 --chips="$CHIPS" --batch_size=128
+        --steps=3 --loop_chips=64)
+    RESNET18=(--dataset=synthetic_cifar --model=resnet18 --chips="$CHIPS" --batch_size=128
+        --steps=2 --loop_chips=16)
 fi
 
 PART_ARGS=()
@@ -164,6 +181,10 @@ run_part bench-lenet5 "${REDUCE_GPU_T_LENET5:-80}" "$PY" -m benchmarks.populatio
 run_part study "${REDUCE_GPU_T_STUDY:-170}" "$PY" -m experiments.resilience \
     --flagfile="$FLAGFILE" --workdir="$STUDY_DIR/run"
 run_part bench-vgg_small "${REDUCE_GPU_T_VGG_SMALL:-200}" "$PY" -m benchmarks.population "${VGG[@]}"
+run_part bench-resnet20 "${REDUCE_GPU_T_RESNET20:-220}" "$PY" -m benchmarks.population \
+    "${RESNET20[@]}"
+run_part bench-resnet18 "${REDUCE_GPU_T_RESNET18:-300}" "$PY" -m benchmarks.population \
+    "${RESNET18[@]}"
 
 # 4. One JSON file and a table.
 "$PY" -m benchmarks.collect collect --outdir "$OUTDIR" --study_summary "$STUDY_DIR/run/summary.json" \

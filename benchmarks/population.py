@@ -58,7 +58,14 @@ QUICK = flags.DEFINE_boolean("quick", False, "Smoke mode: digits, mlp, N=4, few 
 DATASET = flags.DEFINE_string(
     "dataset", "mnist5k", "Dataset: one of the library's, or synthetic_cifar (random images)."
 )
-MODEL = flags.DEFINE_string("model", "lenet5", "Model.")
+MODEL = flags.DEFINE_string("model", "lenet5", f"Model: {', '.join(models.MODELS)}.")
+MODEL_WIDTH = flags.DEFINE_float("model_width", 1.0, "Channel multiplier of the model (> 0).")
+NO_BN = flags.DEFINE_boolean(
+    "no_bn",
+    False,
+    "The model without BatchNorm (vgg11_bn, resnet*: convolutions with biases, the folded "
+    "form), to measure what BatchNorm costs.",
+)
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
 ARRAY = flags.DEFINE_integer("array", 16, "Systolic array size (square).")
@@ -190,7 +197,7 @@ class Programs(NamedTuple):
 
 class Setup(NamedTuple):
     trainer: train.Trainer
-    params: Any
+    variables: Any
     data: population.DeviceData
     x: jax.Array
     y: jax.Array
@@ -202,8 +209,8 @@ def _abstract_chunk(setup: Setup, c: int):
     """Shapes (and shardings) of the states and masks of a chunk of ``c`` chips."""
 
     def make(maps, budgets):
-        masks = population.population_masks(setup.params, maps)
-        return setup.trainer.init_population(setup.params, masks, budgets), masks
+        masks = population.population_masks(setup.variables["params"], maps)
+        return setup.trainer.init_population(setup.variables, masks, budgets), masks
 
     shapes = jax.eval_shape(
         make,
@@ -235,7 +242,7 @@ def _compile_rest(setup: Setup, c: int, run, compile_s: float, chip_flops: float
         .compile()
     )
     evaluate = setup.trainer.evaluate.lower(
-        states.params, masks, d.test_images, d.test_labels
+        states.variables, masks, d.test_images, d.test_labels
     ).compile()
     sizes = [compiled_bytes(p) for p in (run, step, evaluate)]
     need = None if any(s is None for s in sizes) else max(sizes)
@@ -315,7 +322,7 @@ def bench(
     n: int,
     ds,
     model,
-    params,
+    variables,
     peak: float,
     steps: int,
     array: int,
@@ -349,7 +356,7 @@ def bench(
     trainer, data = cache["trainer"], cache["data"]
     idx = train.batch_indices(jax.random.key(2), 0, data.num_train, batch_size)
     x, y = data.train_images[idx], data.train_labels[idx]
-    setup = Setup(trainer, params, data, x, y, steps, array)
+    setup = Setup(trainer, variables, data, x, y, steps, array)
     loop_n = n if loop_chips <= 0 else min(n, loop_chips)
     limit = device.memory_limit() if memory_limit is None else memory_limit
     budget = None if limit is None else memory_fraction * limit
@@ -375,7 +382,7 @@ def bench(
 
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(1), n, array, array, 0.1))
     chunks = [
-        population.init_chunk(trainer, params, maps[lo : lo + c], np.full(c, 1 << 30))
+        population.init_chunk(trainer, variables, maps[lo : lo + c], np.full(c, 1 << 30))
         for lo in range(0, n, c)
     ]
     states = [s for s, _ in chunks]
@@ -413,7 +420,7 @@ def bench(
 
     def evaluate():
         accs = [
-            prog.evaluate(s.params, m, data.test_images, data.test_labels)
+            prog.evaluate(s.variables, m, data.test_images, data.test_labels)
             for s, m in zip(states, masks, strict=True)
         ]
         jax.block_until_ready(accs)
@@ -450,9 +457,10 @@ def main(argv):
         ds = load_dataset(DATASET.value, SYNTHETIC_SIZES.value, SEED.value)
         name, steps, array = MODEL.value, STEPS.value, ARRAY.value
         sizes = [int(c) for c in CHIPS.value]
-    model = models.get_model(name, ds.num_classes)
+    model = models.get_model(name, ds.num_classes, MODEL_WIDTH.value, not NO_BN.value)
     # One compiled program, not one per operation.
-    params = jax.jit(lambda k: models.init_params(model, k, ds.image_shape))(jax.random.key(0))
+    init = jax.jit(lambda k: models.init_variables(model, k, ds.image_shape))
+    variables = init(jax.random.key(0))
     on_cpu = jax.default_backend() == "cpu"
     n_mm = MATMUL_N.value or (512 if QUICK.value else 2048 if on_cpu else 8192)
     peak = matmul_gflops(n_mm, 3 if on_cpu else 10, trials)
@@ -461,6 +469,9 @@ def main(argv):
     highest = None if on_cpu else round(matmul_gflops(n_mm, 10, trials, "highest"), 2)
     precision = getattr(jax.config, "jax_default_matmul_precision", None)
     extra = dict(
+        model_name=name,
+        model_width=MODEL_WIDTH.value,
+        batch_norm=bool(jax.tree.leaves(variables["batch_stats"])),
         steps=steps,
         array=array,
         matmul_n=n_mm,
@@ -482,7 +493,7 @@ def main(argv):
     failed = False
     for n in sizes:
         try:
-            row = run(n, ds, model, params, peak, steps, array)
+            row = run(n, ds, model, variables, peak, steps, array)
         except Exception as e:  # e.g. out of device memory: report it, go on with the next N
             failed = True
             msg = (str(e).strip().splitlines() or [""])[0][:500]

@@ -1,4 +1,8 @@
-"""The fault-free baseline: trained from scratch once, checkpointed (orbax), reused."""
+"""The fault-free baseline: trained from scratch once, checkpointed (orbax), reused.
+
+The checkpoint holds the model's Flax variables, ``{"params", "batch_stats"}``
+(``batch_stats`` is empty for models without BatchNorm).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,40 +38,54 @@ def _quiet_orbax():
         logging.set_verbosity(level)
 
 
-def baseline_config(
-    dataset: str, model: str, epochs: float, batch_size: int, optimizer: str, lr: float, seed: int
-) -> dict:
-    """What determines the baseline; a checkpoint is reused only if this matches."""
-    return dict(
-        dataset=dataset,
-        model=model,
-        epochs=float(epochs),
-        batch_size=int(batch_size),
-        optimizer=optimizer,
-        learning_rate=float(lr),
-        seed=int(seed),
-    )
+class BaselineSpec(NamedTuple):
+    """What determines the baseline; a checkpoint is reused only if this matches.
+
+    Attributes:
+      dataset: the dataset's name; model: the model's name; width: its width multiplier.
+      epochs: training epochs; batch_size: training batch size.
+      optimizer, learning_rate, weight_decay, schedule: as ``train.make_optimizer``.
+      augment: random crop and flip of every batch (``augment.crop_flip``).
+      seed: the run's seed.
+    """
+
+    dataset: str
+    model: str
+    width: float
+    epochs: float
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    schedule: str
+    augment: bool
+    seed: int
+
+    def as_dict(self) -> dict:
+        """``baseline.json``'s ``config`` (plain JSON values: build the spec from them)."""
+        return self._asdict()
 
 
-def train_baseline(
-    model, data: Dataset, key: jax.Array, epochs: float, batch_size: int, optimizer: str, lr: float
-) -> tuple[PyTree, dict]:
+def train_baseline(model, data: Dataset, key: jax.Array, spec: BaselineSpec) -> tuple[PyTree, dict]:
     """Trains ``model`` from scratch on ``data`` (no faults).
 
     Uses the population machinery with one chip whose mask is all ones, so the baseline goes
     through exactly the code path that retraining uses.
 
     Returns:
-      ``(params, info)`` with ``info = {train_s, steps, accuracy}`` (validation accuracy).
+      ``(variables, info)``: ``{"params", "batch_stats"}`` and
+      ``info = {train_s, steps, accuracy}`` (validation accuracy).
     """
     init_key, data_key = jax.random.split(key)
-    params = models.init_params(model, init_key, data.image_shape)
-    tx = train.make_optimizer(optimizer, lr)
-    trainer = train.make_trainer(model, tx, batch_size)
-    spe = train.steps_per_epoch(len(data.train_labels), batch_size)
-    total = int(train.epochs_to_steps(epochs, spe))
-    ones = train.unit_masks(params)
-    state = trainer.init_population(params, ones, jnp.array([total], jnp.int32))
+    variables = models.init_variables(model, init_key, data.image_shape)
+    spe = train.steps_per_epoch(len(data.train_labels), spec.batch_size)
+    total = int(train.epochs_to_steps(spec.epochs, spe))
+    tx = train.make_optimizer(
+        spec.optimizer, spec.learning_rate, spec.weight_decay, spec.schedule, total
+    )
+    trainer = train.make_trainer(model, tx, spec.batch_size, augment=spec.augment)
+    ones = train.unit_masks(variables["params"])
+    state = trainer.init_population(variables, ones, jnp.array([total], jnp.int32))
     images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
     # Progress and the recorded accuracy are on the validation split (the test set reports
     # only); a dataset without one is evaluated on its test set.
@@ -80,21 +98,22 @@ def train_baseline(
         state = trainer.run(state, ones, images, labels, data_key, done, n)
         done += n
         if done % (5 * spe) == 0 or done == total:
-            acc = float(trainer.evaluate(state.params, ones, val_x, val_y)[0])
+            acc = float(trainer.evaluate(state.variables, ones, val_x, val_y)[0])
             logging.info(
-                "baseline: epoch %.1f/%g validation accuracy %.4f", done / spe, epochs, acc
+                "baseline: epoch %.1f/%g validation accuracy %.4f", done / spe, spec.epochs, acc
             )
     if bool(state.diverged[0]):
         raise FloatingPointError(
             "baseline training diverged (non-finite loss); lower --baseline_learning_rate"
         )
-    accuracy = float(trainer.evaluate(state.params, ones, val_x, val_y)[0])
+    accuracy = float(trainer.evaluate(state.variables, ones, val_x, val_y)[0])
     info = dict(train_s=time.perf_counter() - start, steps=total, accuracy=accuracy)
-    return train.slice_chips(state.params, 0), info
+    return train.slice_chips(state.variables, 0), info
 
 
-def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> None:
-    """Writes the checkpoint and its metadata; the metadata file is written last, atomically."""
+def save_baseline(workdir: str, variables: PyTree, config: dict, info: dict) -> None:
+    """Writes the checkpoint of ``{"params", "batch_stats"}`` and its metadata; the metadata
+    file is written last, atomically."""
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     meta = os.path.join(workdir, "baseline.json")
     if os.path.exists(meta):  # first, so a kill below never pairs old metadata with new params
@@ -103,7 +122,7 @@ def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> Non
         shutil.rmtree(path)
     with _quiet_orbax():
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(path, params)
+        ckpt.save(path, variables)
         ckpt.wait_until_finished()
     with open(meta + ".tmp", "w") as f:
         json.dump(dict(config=config, info=info), f, indent=1)
@@ -111,9 +130,9 @@ def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> Non
 
 
 def load_baseline(
-    workdir: str, abstract_params: PyTree, config: dict
+    workdir: str, abstract_variables: PyTree, config: dict
 ) -> tuple[PyTree, dict] | None:
-    """The saved baseline if it exists and was trained with ``config``; else None."""
+    """The saved variables if they exist and were trained with ``config``; else None."""
     meta = os.path.join(workdir, "baseline.json")
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not (os.path.isfile(meta) and os.path.isdir(path)):
@@ -124,44 +143,37 @@ def load_baseline(
         logging.warning("baseline in %s was trained with other settings; retraining", workdir)
         return None
     with _quiet_orbax():
-        params = ocp.StandardCheckpointer().restore(path, abstract_params)
-    return params, saved["info"]
+        variables = ocp.StandardCheckpointer().restore(path, abstract_variables)
+    return variables, saved["info"]
 
 
 def get_baseline(
-    workdir: str | None,
-    model_name: str,
-    data: Dataset,
-    key: jax.Array,
-    epochs: float,
-    batch_size: int,
-    optimizer: str,
-    lr: float,
-    seed: int,
+    workdir: str | None, spec: BaselineSpec, data: Dataset, key: jax.Array
 ) -> tuple[PyTree, dict]:
     """Loads the baseline from ``workdir`` or trains (and saves) it.
 
     Returns:
-      ``(params, info)``; ``info`` has ``accuracy`` (validation), ``train_s``, ``steps`` and
-      ``reused`` (True when loaded from the checkpoint).
+      ``(variables, info)``: ``{"params", "batch_stats"}``; ``info`` has ``accuracy``
+      (validation), ``train_s``, ``steps`` and ``reused`` (True when loaded from the
+      checkpoint).
     """
-    model = models.get_model(model_name, data.num_classes)
+    model = models.get_model(spec.model, data.num_classes, spec.width)
     if jax.process_count() > 1:
         # Orbax saves collectively across processes; the baseline is cheap next to the
         # study, so multi-host runs train it on every process (same seed, same params).
         workdir = None
-    config = baseline_config(data.name, model_name, epochs, batch_size, optimizer, lr, seed)
-    config["train_examples"] = len(data.train_labels)  # the validation split is held out
+    # The training set without its validation split: the split is part of what trained it.
+    config = dict(spec.as_dict(), train_examples=len(data.train_labels))
     if workdir is not None:
         abstract = jax.eval_shape(
-            lambda: models.init_params(model, jax.random.key(0), data.image_shape)
+            lambda: models.init_variables(model, jax.random.key(0), data.image_shape)
         )
         loaded = load_baseline(workdir, abstract, config)
         if loaded is not None:
-            params, info = loaded
+            variables, info = loaded
             logging.info("baseline: reused checkpoint in %s", workdir)
-            return jax.tree.map(np.asarray, params), dict(info, reused=True)
-    params, info = train_baseline(model, data, key, epochs, batch_size, optimizer, lr)
+            return jax.tree.map(np.asarray, variables), dict(info, reused=True)
+    variables, info = train_baseline(model, data, key, spec)
     if workdir is not None:
-        save_baseline(workdir, params, config, info)
-    return params, dict(info, reused=False)
+        save_baseline(workdir, variables, config, info)
+    return variables, dict(info, reused=False)

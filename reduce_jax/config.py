@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
+from reduce_jax import augment as augment_lib
 from reduce_jax import data as data_lib
 from reduce_jax import faults, grouping, models, resilience, systolic, train
 from reduce_jax.errors import ConfigError
@@ -52,6 +53,11 @@ class ReduceConfig:
         "set only reports results.",
     )
     model: str = _setting("lenet5", f"Network: {_choices(models.MODELS)}.")
+    model_width: float = _setting(
+        1.0,
+        "Channel (and hidden unit) multiplier of the network, in (0, 16]; 1 = the published "
+        "architecture, e.g. 0.5 for a half-width ResNet on a CPU.",
+    )
     array_rows: int = _setting(16, "Rows R of the systolic array (PEs).")
     array_cols: int = _setting(16, "Columns C of the systolic array (PEs).")
     fault_model: str = _setting(
@@ -147,11 +153,30 @@ class ReduceConfig:
     )
     max_topup_epochs: float = _setting(1.0, "Most top-up epochs per chip (>= 0; 0 = no top-up).")
     batch_size: int = _setting(128, "Training batch size (baseline and retraining).")
+    augment: str = _setting(
+        "auto",
+        f"Random crop (pad {augment_lib.PAD}) and horizontal flip of training batches, the "
+        f"same for every chip of a step: {_choices(augment_lib.AUGMENT_MODES)} (auto: on for "
+        f"{', '.join(augment_lib.AUGMENTED_DATASETS)}).",
+    )
     optimizer: str = _setting("adam", f"Retraining optimizer: {_choices(train.OPTIMIZERS)}.")
     learning_rate: float = _setting(1e-3, "Retraining learning rate, in (0, 10].")
+    weight_decay: float = _setting(
+        0.0,
+        "Retraining weight decay, in [0, 1] (adam: decoupled, AdamW; sgd/momentum: added to "
+        "the gradient).",
+    )
     baseline_epochs: float = _setting(15.0, "Epochs of the fault-free baseline training (> 0).")
     baseline_optimizer: str = _setting("adam", f"Baseline optimizer: {_choices(train.OPTIMIZERS)}.")
-    baseline_learning_rate: float = _setting(1e-3, "Baseline learning rate, in (0, 10].")
+    baseline_learning_rate: float = _setting(1e-3, "Baseline (peak) learning rate, in (0, 10].")
+    baseline_weight_decay: float = _setting(
+        0.0, "Baseline weight decay, in [0, 1] (as --weight_decay)."
+    )
+    baseline_schedule: str = _setting(
+        "constant",
+        f"Baseline learning-rate schedule: {_choices(train.SCHEDULES)} (cosine: from "
+        "--baseline_learning_rate to 0 over the baseline's steps).",
+    )
     chips_per_batch: int = _setting(
         64, "Chips trained together in one chunk (bounds memory; results do not depend on it)."
     )
@@ -281,6 +306,7 @@ def validate(cfg: ReduceConfig) -> None:
         f"--validation_fraction={cfg.validation_fraction} is outside (0, 0.5]",
     )
     _one_of(cfg, "model", models.MODELS)
+    _require(0 < cfg.model_width <= 16, f"--model_width={cfg.model_width} is outside (0, 16]")
     for name in ("array_rows", "array_cols"):
         _in_range(cfg, name, 1, 4096)
     for name in ("fault_model", "analysis_fault_model"):
@@ -340,6 +366,10 @@ def validate(cfg: ReduceConfig) -> None:
     for name in ("learning_rate", "baseline_learning_rate"):
         v = getattr(cfg, name)
         _require(0 < v <= 10, f"--{name}={v} is outside (0, 10]")
+    for name in ("weight_decay", "baseline_weight_decay"):
+        _in_range(cfg, name, 0, 1)
+    _one_of(cfg, "baseline_schedule", train.SCHEDULES)
+    _one_of(cfg, "augment", augment_lib.AUGMENT_MODES)
     _require(cfg.baseline_epochs > 0, f"--baseline_epochs={cfg.baseline_epochs} must be > 0")
     _require(cfg.seed >= 0, f"--seed={cfg.seed} must be >= 0")
     try:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from reduce_jax import augment as augment_lib
 from reduce_jax import baseline as baseline_lib
 from reduce_jax import (
     calibration,
@@ -70,15 +71,15 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         ds = data_lib.split_validation(ds, cfg.validation_fraction)
         store = _progress_store(cfg, overwrite)
         data = population.DeviceData.from_dataset(ds)
-    model = models.get_model(cfg.model, ds.num_classes)
+    model = models.get_model(cfg.model, ds.num_classes, cfg.model_width)
     amaps = _analysis_fault_maps(cfg, keys.analysis_maps)
     _check_shape_grid(cfg, model, ds.image_shape, amaps)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
     with timer.phase("baseline"):
-        params, weights, base_info = _baseline(cfg, ds, keys.baseline, amaps)
+        variables, weights, base_info = _baseline(cfg, ds, keys.baseline, amaps)
     timer.times["baseline_reused"] = base_info["reused"]
-    ctx, base = _context(cfg, model, params, data, base_info)
+    ctx, base = _context(cfg, model, variables, data, base_info)
 
     # 1-2. Resilience analysis and map.
     amounts, _ = resilience.amount_axis(cfg.retrain_epochs, cfg.eval_every, ctx.steps_per_epoch)
@@ -118,7 +119,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         steps_per_epoch=ctx.steps_per_epoch, analysis=analysis, rmap=rmap,
         assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
         policies=comparison, calibration=choice,
-        mapping=systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols),
+        mapping=systolic.describe_mapping(variables["params"], cfg.array_rows, cfg.array_cols),
         timing=timer.times,
     )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
@@ -185,7 +186,9 @@ def _check_shape_grid(cfg: ReduceConfig, model, image_shape, amaps: np.ndarray) 
     """The grid must be resolvable on the array (``pe``) and in the rate measure that reads
     the map. Measures of shapes only are checked before any training; ``importance`` needs
     the trained weights and is checked once the baseline exists."""
-    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
+    abstract = jax.eval_shape(
+        lambda: models.init_variables(model, jax.random.key(0), image_shape)["params"]
+    )
     measures = ("pe",) if cfg.rate_measure in ("pe", "importance") else ("pe", "effective")
     grid = systolic.grid_rates(
         systolic.measure_weights(abstract, cfg.array_rows, cfg.array_cols, measures), amaps
@@ -195,37 +198,45 @@ def _check_shape_grid(cfg: ReduceConfig, model, image_shape, amaps: np.ndarray) 
 
 
 def _baseline(cfg: ReduceConfig, ds: data_lib.Dataset, key: jax.Array, amaps: np.ndarray):
-    """The baseline (trained, or reused from the workdir), replicated over the devices, and
-    the per-PE weights of every rate measure; checks the grid in the map's measure."""
-    params, info = baseline_lib.get_baseline(
-        cfg.workdir,
-        cfg.model,
-        ds,
-        key,
-        cfg.baseline_epochs,
-        cfg.batch_size,
-        cfg.baseline_optimizer,
-        cfg.baseline_learning_rate,
-        cfg.seed,
+    """The baseline's variables (trained, or reused from the workdir), replicated over the
+    devices, and the per-PE weights of every rate measure; checks the grid in the map's
+    measure."""
+    spec = baseline_lib.BaselineSpec(
+        dataset=ds.name,
+        model=cfg.model,
+        width=float(cfg.model_width),
+        epochs=float(cfg.baseline_epochs),
+        batch_size=int(cfg.batch_size),
+        optimizer=cfg.baseline_optimizer,
+        learning_rate=float(cfg.baseline_learning_rate),
+        weight_decay=float(cfg.baseline_weight_decay),
+        schedule=cfg.baseline_schedule,
+        augment=augment_lib.enabled(cfg.augment, cfg.dataset),
+        seed=int(cfg.seed),
     )
-    weights = systolic.measure_weights(params, cfg.array_rows, cfg.array_cols)
+    variables, info = baseline_lib.get_baseline(cfg.workdir, spec, ds, key)
+    # What sits on the array is the kernel with BatchNorm folded in: ``importance`` reads
+    # its magnitudes (the other measures read shapes only, which folding keeps).
+    folded = models.fold_batchnorm(variables)
+    weights = systolic.measure_weights(folded, cfg.array_rows, cfg.array_cols)
     check_grid(systolic.grid_rates(weights, amaps)[cfg.rate_measure], cfg, cfg.rate_measure)
-    return sharding.replicate(jax.tree.map(jnp.asarray, params)), weights, info
+    return sharding.replicate(jax.tree.map(jnp.asarray, variables)), weights, info
 
 
-def _context(cfg: ReduceConfig, model, params, data, base_info: dict):
+def _context(cfg: ReduceConfig, model, variables, data, base_info: dict):
     """The run's ``population.Context`` and its ``Baseline`` (accuracy measured here)."""
     trainer = train.make_trainer(
         model,
-        train.make_optimizer(cfg.optimizer, cfg.learning_rate),
+        train.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
         cfg.batch_size,
         cfg.eval_batch_size,
+        augment=augment_lib.enabled(cfg.augment, cfg.dataset),
     )
     spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
-    one_chip = jax.tree.map(lambda x: x[None], params)
+    one_chip = jax.tree.map(lambda x: x[None], variables)
+    ones = train.unit_masks(variables["params"])
     accuracy, test_accuracy = (
-        float(trainer.evaluate(one_chip, train.unit_masks(params), *data.split(s))[0])
-        for s in ("val", "test")
+        float(trainer.evaluate(one_chip, ones, *data.split(s))[0]) for s in ("val", "test")
     )
     target = (
         cfg.target_accuracy if cfg.target_accuracy is not None else accuracy - cfg.max_accuracy_drop
@@ -239,7 +250,7 @@ def _context(cfg: ReduceConfig, model, params, data, base_info: dict):
     )
     ctx = population.Context(
         trainer=trainer,
-        params=params,
+        variables=variables,
         data=data,
         target=target,
         steps_per_epoch=spe,

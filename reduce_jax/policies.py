@@ -73,7 +73,7 @@ def measure_compute(ctx: population.Context, batch_size: int, eval_batch_size: i
     the validation split (XLA counts the body of ``Trainer.evaluate``'s scan once, not once
     per batch; the last batch is padded, and computed, in full).
     """
-    trainer, params = ctx.trainer, ctx.params
+    trainer, variables = ctx.trainer, ctx.variables
     images, labels = ctx.data.val_images, ctx.data.val_labels
     shape = lambda x, lead=(): jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype)  # noqa: E731
     batch = (
@@ -82,12 +82,13 @@ def measure_compute(ctx: population.Context, batch_size: int, eval_batch_size: i
             jax.ShapeDtypeStruct((b,), labels.dtype),
         )
     )
-    mask = jax.tree.map(shape, params)
-    state = jax.eval_shape(lambda m: train.init_chip(params, m, trainer.tx, 1), mask)
+    mask = jax.tree.map(shape, variables["params"])
+    state = jax.eval_shape(lambda m: train.init_chip(variables, m, trainer.tx, 1), mask)
     step = xla_flops(trainer.step.lower(state, mask, *batch(batch_size)).compile())
-    one = jax.tree.map(lambda p: shape(p, (1,)), params)
+    one_chip = lambda tree: jax.tree.map(lambda x: shape(x, (1,)), tree)  # noqa: E731
     b = min(eval_batch_size, len(labels))
-    per_batch = xla_flops(trainer.evaluate.lower(one, one, *batch(b)).compile())
+    evaluate = trainer.evaluate.lower(one_chip(variables), one_chip(mask), *batch(b))
+    per_batch = xla_flops(evaluate.compile())
     return Compute(step, per_batch * math.ceil(len(labels) / b), ctx.steps_per_epoch)
 
 

@@ -173,27 +173,28 @@ def evaluate(
     split: str = "val",
 ):
     """Accuracy ``float64[chips]`` (numpy) of every chip on the ``val`` or ``test`` split."""
-    acc = trainer.evaluate(states.params, masks, *data.split(split))
+    acc = trainer.evaluate(states.variables, masks, *data.split(split))
     return sharding.to_host(acc).astype(np.float64)
 
 
 def init_chunk(
-    trainer: train.Trainer, params: PyTree, fault_maps: np.ndarray, budgets: np.ndarray
+    trainer: train.Trainer, variables: PyTree, fault_maps: np.ndarray, budgets: np.ndarray
 ) -> tuple[train.ChipState, PyTree]:
     """States and masks of a chunk of chips (pad it first with ``pad_chunk``).
 
     Args:
+      variables: the baseline's ``{"params", "batch_stats"}``; every chip starts from them.
       fault_maps: ``bool[n, R, C]`` with ``n <= size``; budgets ``int[n]``.
 
     Returns:
       ``(states[n], masks[n])``.
     """
     maps, budgets = sharding.shard_chips((jnp.asarray(fault_maps), jnp.asarray(budgets, jnp.int32)))
-    masks = population_masks(params, maps)
+    masks = population_masks(variables["params"], maps)
     # XLA may replicate leaves that do not depend on the maps (step counts, optimizer
     # counters); every leaf is laid out over the chips so each compiled program sees one
     # sharding.
-    states = sharding.shard_chips(trainer.init_population(params, masks, budgets))
+    states = sharding.shard_chips(trainer.init_population(variables, masks, budgets))
     return states, sharding.shard_chips(masks)
 
 
@@ -202,7 +203,8 @@ class Context(NamedTuple):
 
     Attributes:
       trainer: the jitted functions of the model and the retraining optimizer.
-      params: the fault-free baseline parameters (replicated over the devices).
+      variables: the fault-free baseline, ``{"params", "batch_stats"}`` (replicated over the
+        devices; ``batch_stats`` is ``{}`` for models without BatchNorm).
       data: the train and test sets on the device.
       target: the accuracy constraint (absolute).
       steps_per_epoch: training steps in one epoch (amounts in epochs -> steps).
@@ -212,7 +214,7 @@ class Context(NamedTuple):
     """
 
     trainer: train.Trainer
-    params: PyTree
+    variables: PyTree
     data: DeviceData
     target: float
     steps_per_epoch: int

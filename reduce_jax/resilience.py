@@ -132,7 +132,7 @@ def analyze(
         maps = chunk["maps"]
         real = np.arange(len(maps)) < len(ids)
         budgets = np.where(real, steps.max(), 0)
-        states, masks = population.init_chunk(ctx.trainer, ctx.params, maps, budgets)
+        states, masks = population.init_chunk(ctx.trainer, ctx.variables, maps, budgets)
         splits = ("val", "test") if with_test else ("val",)
         chunk_acc, prev = {split: [] for split in splits}, 0
         for s in steps:

@@ -133,7 +133,7 @@ def retrain(
         out = _retrain_chunk(ctx, chunk, keys, meter)
         members = chunk["members"][: len(ids)]
         out["member_accuracy"] = _verify_members(
-            ctx, out.pop("params"), members, chip_maps, out["after"]
+            ctx, out.pop("variables"), members, chip_maps, out["after"]
         )
         for unit in ids[out["diverged"][: len(ids)]]:
             logging.warning(
@@ -166,7 +166,7 @@ def _retrain_chunk(
     ctx: population.Context, chunk: dict[str, np.ndarray], keys: jax.Array, meter: Meter
 ) -> dict:
     """One padded chunk of units: retrain for the budgets, evaluate, top up."""
-    states, masks = population.init_chunk(ctx.trainer, ctx.params, chunk["maps"], chunk["steps"])
+    states, masks = population.init_chunk(ctx.trainer, ctx.variables, chunk["maps"], chunk["steps"])
     before = population.evaluate(ctx.trainer, states, masks, ctx.data)
     states = population.run_phase(
         ctx.trainer, states, masks, ctx.data, keys[0], chunk["steps"], on_progress=meter
@@ -179,7 +179,7 @@ def _retrain_chunk(
         test_after=population.evaluate(ctx.trainer, states, masks, ctx.data, "test"),
         topup=topup,
         diverged=sharding.to_host(states.diverged),
-        params=states.params,
+        variables=states.variables,
     )
 
 
@@ -231,7 +231,7 @@ def top_up(
 
 def _verify_members(
     ctx: population.Context,
-    params,
+    variables,
     members: np.ndarray,
     chip_maps: np.ndarray,
     after: np.ndarray,
@@ -242,18 +242,21 @@ def _verify_members(
     groups are evaluated in batches of the chunk size, so no new shapes are compiled.
 
     Args:
-      params: ``[size, ...]`` the chunk's trained parameters.
+      variables: ``[size, ...]`` the chunk's trained ``{"params", "batch_stats"}`` (a member
+        chip runs the unit's weights, its own mask on top, and the unit's BatchNorm
+        statistics).
       members: ``int64[m, W]`` the chunk's real units' members (``-1``: none).
       chip_maps: ``bool[chips, R, C]``; after: ``float64[>= m]`` accuracy on the unit's map.
     """
-    size = len(jax.tree.leaves(params)[0])
+    size = len(jax.tree.leaves(variables["params"])[0])
     member_acc = np.full(members.shape, np.nan)
     member_acc[:, 0] = after[: len(members)]
     unit, slot = np.nonzero(((members >= 0).sum(1) > 1)[:, None] & (members >= 0))
     for lo in range(0, len(unit), size):
         u, j = unit[lo : lo + size], slot[lo : lo + size]
         maps, idx = population.pad_chunk(chip_maps[members[u, j]], u, size)
-        masks = population.population_masks(ctx.params, sharding.shard_chips(jnp.asarray(maps)))
-        acc = ctx.trainer.evaluate(population.take(params, idx), masks, *ctx.data.split("val"))
+        maps = sharding.shard_chips(jnp.asarray(maps))
+        masks = population.population_masks(ctx.variables["params"], maps)
+        acc = ctx.trainer.evaluate(population.take(variables, idx), masks, *ctx.data.split("val"))
         member_acc[u, j] = sharding.to_host(acc).astype(np.float64)[: len(u)]
     return member_acc

@@ -1,11 +1,14 @@
 """Mask-aware retraining (FAP+T) of one chip and of a population of chips.
 
 The forward pass uses ``param * mask``, so gradients of bypassed weights are zero; updates
-are masked too, so bypassed weights stay exactly zero. A population is a ``ChipState`` with
-a leading ``chips`` axis; one jitted step updates every chip on the same data batch. Each
-chip has a step budget: once ``step == budget`` (or once it has diverged) its state no
-longer changes, so a chip's trajectory does not depend on which chips it is trained with
-(up to the last bits: XLA may pick other GEMM kernels for other numbers of chips).
+are masked too, so bypassed weights stay exactly zero (weight decay included: it is part of
+the masked update). Only ``params`` are masked; a chip's BatchNorm statistics
+(``batch_stats``) are its own, updated in every training step and used in evaluation. A
+population is a ``ChipState`` with a leading ``chips`` axis; one jitted step updates every
+chip on the same data batch. Each chip has a step budget: once ``step == budget`` (or once it
+has diverged) its state no longer changes, so a chip's trajectory does not depend on which
+chips it is trained with (up to the last bits: XLA may pick other GEMM kernels for other
+numbers of chips).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import numpy as np
 import optax
 from flax import struct
 
+from reduce_jax import augment as augment_lib
+
 PyTree = Any
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
+SCHEDULES = ("constant", "cosine")
 
 
 @struct.dataclass
@@ -33,6 +39,7 @@ class ChipState:
 
     Attributes:
       params: the chip's parameters; bypassed weights are exactly zero.
+      batch_stats: the chip's BatchNorm running statistics (``{}`` without BatchNorm).
       opt_state: optimizer state (``inject_hyperparams``: the learning rate is per chip).
       step: ``int32[]`` steps taken so far.
       budget: ``int32[]`` steps the chip may take; at ``step == budget`` it stops changing.
@@ -40,14 +47,35 @@ class ChipState:
     """
 
     params: PyTree
+    batch_stats: PyTree
     opt_state: PyTree
     step: jax.Array
     budget: jax.Array
     diverged: jax.Array
 
+    @property
+    def variables(self) -> dict:
+        """The Flax variables ``{"params", "batch_stats"}`` (unmasked)."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """Optimizer by name (``adam``, ``sgd``, ``momentum``) with an injectable learning rate."""
+
+def make_optimizer(
+    name: str,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    total_steps: int = 1,
+) -> optax.GradientTransformation:
+    """Optimizer by name (``adam``, ``sgd``, ``momentum``) with an injectable learning rate.
+
+    Args:
+      name: ``adam``, ``sgd`` or ``momentum`` (SGD with momentum 0.9).
+      learning_rate: the (peak) learning rate.
+      weight_decay: 0 for none; else decoupled for ``adam`` (``optax.adamw``) and added to
+        the gradient for ``sgd``/``momentum`` (``add_decayed_weights``, as PyTorch's SGD).
+      schedule: ``constant``, or ``cosine`` (decay to 0 over ``total_steps`` steps).
+      total_steps: length of the cosine schedule.
+    """
     factories = {
         "adam": optax.adam,
         "sgd": optax.sgd,
@@ -55,7 +83,20 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
     }
     if name not in factories:
         raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
-    return optax.inject_hyperparams(factories[name])(learning_rate=learning_rate)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    factory = factories[name]
+    if weight_decay and name == "adam":
+        factory = functools.partial(optax.adamw, weight_decay=weight_decay)
+    elif weight_decay:
+        base = factory
+
+        def factory(learning_rate):
+            return optax.chain(optax.add_decayed_weights(weight_decay), base(learning_rate))
+
+    if schedule == "cosine":
+        learning_rate = optax.cosine_decay_schedule(learning_rate, max(int(total_steps), 1))
+    return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -85,11 +126,19 @@ def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
     return jax.tree.map(jnp.multiply, params, mask)
 
 
-def init_chip(params: PyTree, mask: PyTree, tx: optax.GradientTransformation, budget) -> ChipState:
-    """A chip's state at the start of FAP+T: the baseline with bypassed weights zeroed."""
-    params = apply_mask(params, mask)
+def init_chip(
+    variables: PyTree, mask: PyTree, tx: optax.GradientTransformation, budget
+) -> ChipState:
+    """A chip's state at the start of FAP+T: the baseline with bypassed weights zeroed.
+
+    Args:
+      variables: the baseline's ``{"params", "batch_stats"}`` (``batch_stats`` optional).
+      mask: 0/1 masks like ``variables["params"]``.
+    """
+    params = apply_mask(variables["params"], mask)
     return ChipState(
         params=params,
+        batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         step=jnp.zeros((), jnp.int32),
         budget=jnp.asarray(budget, jnp.int32),
@@ -126,22 +175,27 @@ def chip_step(
 
     Returns:
       ``(new_state, loss)``; the state is unchanged when the budget is spent, the chip has
-      diverged, or this step would make it non-finite (then ``diverged`` is set).
+      diverged, or this step would make it non-finite (then ``diverged`` is set). The model
+      runs in train mode: BatchNorm uses the batch's statistics and updates the chip's
+      running averages.
     """
 
     def loss_fn(params):
-        logits = model.apply({"params": apply_mask(params, mask)}, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        variables = {"params": apply_mask(params, mask), "batch_stats": state.batch_stats}
+        logits, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updated.get("batch_stats", {})
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(apply_mask(grads, mask), state.opt_state, state.params)
     params = optax.apply_updates(state.params, apply_mask(updates, mask))
     active = (state.step < state.budget) & ~state.diverged
-    finite = jnp.isfinite(loss) & _all_finite(params)
+    finite = jnp.isfinite(loss) & _all_finite((params, batch_stats))
     take = active & finite
     keep = lambda new, old: jnp.where(take, new, old)
     new_state = ChipState(
         params=jax.tree.map(keep, params, state.params),
+        batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
         opt_state=jax.tree.map(keep, opt_state, state.opt_state),
         step=state.step + take.astype(jnp.int32),
         budget=state.budget,
@@ -150,11 +204,22 @@ def chip_step(
     return new_state, loss
 
 
+def masked_variables(variables: PyTree, mask: PyTree) -> dict:
+    """``{"params": params * mask, "batch_stats": ...}``: what a chip computes with."""
+    params = apply_mask(variables["params"], mask)
+    return {"params": params, "batch_stats": variables.get("batch_stats", {})}
+
+
 def chip_correct(
-    model: nn.Module, params: PyTree, mask: PyTree, images: jax.Array, labels: jax.Array
+    model: nn.Module, variables: PyTree, mask: PyTree, images: jax.Array, labels: jax.Array
 ) -> jax.Array:
-    """Number of correct predictions ``int32[]`` of one chip on a batch."""
-    logits = model.apply({"params": apply_mask(params, mask)}, images)
+    """Number of correct predictions ``int32[]`` of one chip on a batch (evaluation mode:
+    BatchNorm uses the chip's running averages).
+
+    Args:
+      variables: the chip's ``{"params", "batch_stats"}``; mask: like its ``params``.
+    """
+    logits = model.apply(masked_variables(variables, mask), images, train=False)
     return jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
 
 
@@ -175,37 +240,46 @@ def make_trainer(
     batch_size: int,
     eval_batch_size: int = 100,
     max_traces: int | None = None,
+    augment: bool = False,
 ) -> Trainer:
     """Builds the jitted single-chip and population functions.
 
     Returns a ``Trainer`` with:
-      ``init_population(params, masks[chips], budgets int32[chips]) -> ChipState[chips]``
+      ``init_population(variables, masks[chips], budgets int32[chips]) -> ChipState[chips]``
+        (``variables``: the baseline's ``{"params", "batch_stats"}``).
       ``step(state, mask, images, labels) -> (state, loss)``: one chip, one step.
       ``population_step(states[chips], masks[chips], images, labels) -> (states, loss[chips])``
       ``run(states, masks, train_images, train_labels, phase_key, start, num_steps)``: runs
         phase steps ``start .. start + num_steps - 1`` (each on the batch
-        ``batch_indices(phase_key, t)``) in one call; donates ``states``; ``start`` and
-        ``num_steps`` are traced, so a new budget never recompiles.
-      ``evaluate(params[chips], masks[chips], images, labels) -> float32[chips]`` accuracy.
+        ``batch_indices(phase_key, t)``, with ``augment`` cropped and flipped with
+        ``augment.step_key(phase_key, t)``: the same batch for every chip) in one call;
+        donates ``states``; ``start`` and ``num_steps`` are traced, so a new budget never
+        recompiles.
+      ``evaluate(variables[chips], masks[chips], images, labels) -> float32[chips]``
+        accuracy (``variables``: ``{"params", "batch_stats"}``, e.g. ``states.variables``).
 
     Args:
       max_traces: if set, ``run`` and ``evaluate`` fail when traced more often (tests).
+      augment: random crop (pad 4) and flip of every training batch (``augment.crop_flip``).
     """
     step = functools.partial(chip_step, model, tx)
     population_step = jax.vmap(step, in_axes=(0, 0, None, None))
 
-    def init_population(params, masks, budgets):
-        return jax.vmap(lambda m, b: init_chip(params, m, tx, b))(masks, budgets)
+    def init_population(variables, masks, budgets):
+        return jax.vmap(lambda m, b: init_chip(variables, m, tx, b))(masks, budgets)
 
     def run(states, masks, images, labels, phase_key, start, num_steps):
         def body(t, states):
             idx = batch_indices(phase_key, t, images.shape[0], batch_size)
-            states, _ = population_step(states, masks, images[idx], labels[idx])
+            batch = images[idx]
+            if augment:
+                batch = augment_lib.crop_flip(augment_lib.step_key(phase_key, t), batch)
+            states, _ = population_step(states, masks, batch, labels[idx])
             return states
 
         return jax.lax.fori_loop(start, start + num_steps, body, states)
 
-    def evaluate(params, masks, images, labels):
+    def evaluate(variables, masks, images, labels):
         n = images.shape[0]
         bs = min(eval_batch_size, n)
         num_batches = -(-n // bs)
@@ -217,9 +291,9 @@ def make_trainer(
         correct_fn = jax.vmap(functools.partial(chip_correct, model), in_axes=(0, 0, None, None))
 
         def body(total, batch):
-            return total + correct_fn(params, masks, *batch), None
+            return total + correct_fn(variables, masks, *batch), None
 
-        chips = jax.tree.leaves(params)[0].shape[0]
+        chips = jax.tree.leaves(variables["params"])[0].shape[0]
         total, _ = jax.lax.scan(body, jnp.zeros((chips,), jnp.int32), (images, labels))
         return total.astype(jnp.float32) / n
 

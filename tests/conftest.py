@@ -41,9 +41,15 @@ def tiny_mlp():
 
 @pytest.fixture(scope="session")
 def tiny_mlp_params(tiny_mlp, digits):
-    params = models.init_params(tiny_mlp, jax.random.key(0), digits.image_shape)
+    params = models.init_variables(tiny_mlp, jax.random.key(0), digits.image_shape)["params"]
     # Return numpy leaves: jitted functions that donate their inputs cannot invalidate them.
     return jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp_variables(tiny_mlp_params):
+    """The tiny MLP's Flax variables: ``{"params", "batch_stats": {}}`` (no BatchNorm)."""
+    return {"params": tiny_mlp_params, "batch_stats": {}}
 
 
 @pytest.fixture(scope="session")

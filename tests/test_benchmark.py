@@ -84,13 +84,13 @@ def test_chunk_candidates_divide_n_in_multiples_of_the_devices():
 
 @pytest.mark.slow
 def test_bench_chunks_to_fit_the_memory_and_skips_what_cannot_fit(
-    digits, tiny_mlp, tiny_mlp_params
+    digits, tiny_mlp, tiny_mlp_variables
 ):
     from benchmarks import population as bench
 
     cache = {}
     kw = dict(batch_size=32, trials=1, memory_fraction=1.0, cache=cache)
-    args = (digits, tiny_mlp, tiny_mlp_params, 1.0, 1, 8)
+    args = (digits, tiny_mlp, tiny_mlp_variables, 1.0, 1, 8)
     whole = bench.bench(4, *args, **kw)
     assert whole["chips_per_batch"] == 4 and whole["planned_mb"] > 0
     for key in KEYS + ("peak_device_mb", "jax_version", "backend", "device_kind"):
@@ -170,17 +170,20 @@ def test_gpu_script_in_cpu_test_mode_collects_every_part(tmp_path):
     (path,) = out.glob("cpu-*.json")
     result = json.loads(path.read_text())
     assert result["cpu_test"] and result["backend"] == "cpu" and result["jax_version"]
-    assert set(result["parts"]) == {"bench-lenet5", "study", "bench-vgg_small"}
+    names = ("lenet5", "vgg_small", "resnet20")  # CPU test mode: not resnet18
+    assert set(result["parts"]) == {"study", *(f"bench-{n}" for n in names)}
     assert all(p["rc"] == 0 and p["wall_s"] > 0 for p in result["parts"].values())
-    for name, dataset in (("lenet5", "mnist5k"), ("vgg_small", "synthetic_cifar")):
+    for name in names:
         (row,) = result["benchmarks"][name]
-        assert row["dataset"] == dataset
+        assert row["model_name"] == name
+        assert row["dataset"] == ("mnist5k" if name == "lenet5" else "synthetic_cifar")
         for key in KEYS + ("peak_device_mb", "jax_version", "backend", "device_kind"):
             assert key in row
     study = result["study"]
     assert study["flagfile"].endswith("smoke.flags") and study["wall_s"] > 0
     assert study["summary"]["timing"]["wall_s"] > 0 and study["summary"]["chips"] == 8
-    assert "| LeNet5 | mnist5k |" in result["table_md"] and "smoke.flags" in proc.stdout
+    assert "| lenet5 | mnist5k |" in result["table_md"]
+    assert "| resnet20 | synthetic_cifar |" in result["table_md"] and "smoke.flags" in proc.stdout
     # The result folder stays small and flat: at most 8 plain files, plainly named.
     names = sorted(p.name for p in out.iterdir())
     assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)

@@ -151,11 +151,11 @@ def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(
     maps = rng.random((3, 8, 8)) < 0.15
     fused = np.asarray(grouping.fuse(maps))
     model = models.MLP(num_classes=10, hidden=(16,))  # kernels [64, 16] and [16, 10]
-    params = jax.tree.map(
-        np.asarray, models.init_params(model, jax.random.key(0), digits.image_shape)
+    variables = jax.tree.map(
+        np.asarray, models.init_variables(model, jax.random.key(0), digits.image_shape)
     )
     trainer = train.make_trainer(model, train.make_optimizer("adam", 3e-3), 32)
-    states, masks = population.init_chunk(trainer, params, fused[None], np.array([20]))
+    states, masks = population.init_chunk(trainer, variables, fused[None], np.array([20]))
     data = digits_device
     states = trainer.run(
         states, masks, data.train_images, data.train_labels, jax.random.key(2), 0, 20
@@ -171,7 +171,7 @@ def test_model_retrained_on_fused_map_gives_identical_outputs_on_every_member(
     fused_mask = systolic.weight_masks(trained, jnp.asarray(fused))
     for w, w0, m in zip(
         jax.tree.leaves(trained),
-        jax.tree.leaves(params),
+        jax.tree.leaves(variables["params"]),
         jax.tree.leaves(fused_mask),
         strict=True,
     ):
@@ -279,8 +279,8 @@ def test_groups_that_miss_the_target_are_split_end_to_end(tmp_path, monkeypatch,
     )
     original_retrain, original_init = retraining.retrain, population.init_chunk
 
-    def diverging_init(trainer, params, maps, budgets):
-        states, masks = original_init(trainer, params, maps, budgets)
+    def diverging_init(trainer, variables, maps, budgets):
+        states, masks = original_init(trainer, variables, maps, budgets)
         lr = states.opt_state.hyperparams["learning_rate"]
         states.opt_state.hyperparams["learning_rate"] = lr * 0 + 1e30
         return states, masks

@@ -124,7 +124,9 @@ def test_conv_rejects_other_padding():
 )
 def test_model_shapes_and_kernels(name, image_shape, kernels):
     model = models.get_model(name, 10)
-    params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
+    params = jax.eval_shape(
+        lambda: models.init_variables(model, jax.random.key(0), image_shape)["params"]
+    )
     shapes = {k: v["kernel"].shape for k, v in params.items()}
     for layer, shape in kernels.items():
         assert shapes[layer] == shape

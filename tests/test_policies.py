@@ -86,10 +86,10 @@ def test_break_even_against_adaptive_is_the_least_population_that_pays(
     assert worse.break_even_vs_adaptive is None
 
 
-def test_measured_compute_matches_the_model_arithmetic(tiny_mlp, tiny_mlp_params, digits_device):
+def test_measured_compute_matches_the_model_arithmetic(tiny_mlp, tiny_mlp_variables, digits_device):
     """MLP 64-16-10: a forward pass is about 2 * (64*16 + 16*10) flops per image."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 1e-3), 32)
-    ctx = population.Context(trainer, tiny_mlp_params, digits_device, 0.9, 41, 8, 1, 4)
+    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 0.9, 41, 8, 1, 4)
     c = policies.measure_compute(ctx, 32, 100)
     forward = 2 * (64 * 16 + 16 * 10)
     n_val = 200  # 144 images, in two batches of 100
@@ -99,16 +99,16 @@ def test_measured_compute_matches_the_model_arithmetic(tiny_mlp, tiny_mlp_params
 
 
 def test_a_chip_stopped_where_adaptive_stops_equals_its_trajectory(
-    tiny_mlp, tiny_mlp_params, digits_device
+    tiny_mlp, tiny_mlp_variables, digits_device
 ):
     """The trajectory stands in for every policy because a chip's trajectory does not depend
     on when it is stopped: retraining it alone to a point gives the trajectory's accuracy."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
-    ctx = population.Context(trainer, tiny_mlp_params, digits_device, 0.9, 41, 4, 3, 12)
+    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 0.9, 41, 4, 3, 12)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(5), 3, 8, 8, 0.3))
     key = jax.random.key(9)
     traj = policies.run_trajectory(ctx, maps, np.array([0, 3, 6, 9]) / 41, key)
-    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps[1:2], np.array([6]))
+    states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps[1:2], np.array([6]))
     states = population.run_phase(trainer, states, masks, digits_device, key, np.array([6]))
     for split, acc in (("val", traj.accuracy), ("test", traj.test_accuracy)):
         alone = population.evaluate(trainer, states, masks, digits_device, split)

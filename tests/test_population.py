@@ -21,19 +21,19 @@ def test_pad_chunk():
     assert pm.shape == (5, 2, 2) and not pm[3:].any() and pb.tolist() == [5, 6, 7, 0, 0]
 
 
-def test_compacted_phase_equals_gated_phase(digits_device, tiny_mlp, tiny_mlp_params):
+def test_compacted_phase_equals_gated_phase(digits_device, tiny_mlp, tiny_mlp_variables):
     """Dropping finished chips equals running every chip to the longest budget, gated."""
     data = digits_device
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(3), 6, 8, 8, 0.2))
     steps = np.array([0, 9, 2, 5, 1, 9])
     key = jax.random.key(7)
-    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, steps)
+    states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, steps)
     done = []
     compacted = population.run_phase(
         trainer, states, masks, data, key, steps, on_progress=done.append
     )
-    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, steps)
+    states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, steps)
     gated = trainer.run(
         states, masks, data.train_images, data.train_labels, key, 0, int(steps.max())
     )
@@ -46,7 +46,7 @@ def test_compacted_phase_equals_gated_phase(digits_device, tiny_mlp, tiny_mlp_pa
 
 
 def test_phase_from_nonzero_start_continues_the_batch_order(
-    digits_device, tiny_mlp, tiny_mlp_params
+    digits_device, tiny_mlp, tiny_mlp_variables
 ):
     """Two phases 0..3 and 3..7 equal one phase 0..7 (same batches, same states)."""
     data = digits_device
@@ -54,10 +54,10 @@ def test_phase_from_nonzero_start_continues_the_batch_order(
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(4), 2, 8, 8, 0.1))
     key = jax.random.key(1)
     budgets = np.array([7, 7])
-    s1, masks = population.init_chunk(trainer, tiny_mlp_params, maps, budgets)
+    s1, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, budgets)
     s1 = population.run_phase(trainer, s1, masks, data, key, np.array([3, 3]))
     s1 = population.run_phase(trainer, s1, masks, data, key, np.array([4, 4]), start=3)
-    s2, _ = population.init_chunk(trainer, tiny_mlp_params, maps, budgets)
+    s2, _ = population.init_chunk(trainer, tiny_mlp_variables, maps, budgets)
     s2 = population.run_phase(trainer, s2, masks, data, key, budgets)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s1, s2)
 

@@ -138,8 +138,8 @@ def test_diverging_chip_is_reported_and_run_goes_on(tmp_path, monkeypatch, small
     original = population.init_chunk
     sabotaged = []
 
-    def init_chunk(trainer, params, maps, budgets):
-        states, masks = original(trainer, params, maps, budgets)
+    def init_chunk(trainer, variables, maps, budgets):
+        states, masks = original(trainer, variables, maps, budgets)
         victim = int(np.argmax(budgets))  # the chip that trains longest
         lr = states.opt_state.hyperparams["learning_rate"]
         states.opt_state.hyperparams["learning_rate"] = lr.at[victim].set(1e30)

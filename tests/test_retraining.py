@@ -29,6 +29,7 @@ def test_top_ups_stop_at_the_first_increment_that_meets_the_target(monkeypatch):
     n = len(need)
     states = train.ChipState(
         params={},
+        batch_stats={},
         opt_state={},
         step=jnp.zeros(n, jnp.int32),
         budget=jnp.zeros(n, jnp.int32),

@@ -67,11 +67,11 @@ CONV_SCRIPT = textwrap.dedent(
     from reduce_jax import data, faults, models, population, sharding, train
     ds = data.load_dataset("digits")
     model = models.get_model("lenet5", ds.num_classes)
-    params = models.init_params(model, jax.random.key(0), ds.train_images.shape[1:])
+    variables = models.init_variables(model, jax.random.key(0), ds.train_images.shape[1:])
     trainer = train.make_trainer(model, train.make_optimizer("adam", 1e-3), 32)
     d = population.DeviceData.from_dataset(data.split_validation(ds, 0.1))
     maps = faults.sample_fault_maps(jax.random.key(1), 8, 4, 4, 0.2)
-    states, masks = population.init_chunk(trainer, params, maps, jnp.full(8, 100))
+    states, masks = population.init_chunk(trainer, variables, maps, jnp.full(8, 100))
     args = (d.train_images, d.train_labels, jax.random.key(2), 0, 3)
     hlo = trainer.run.lower(states, masks, *args).compile().as_text()
     states = trainer.run(states, masks, *args)

@@ -111,9 +111,9 @@ def test_slice_chips(tiny_mlp_params):
     chex.assert_trees_all_equal(_chip(train.slice_chips(stacked, slice(1, 3)), 1), trees[2])
 
 
-def test_init_population(adam_trainer, tiny_mlp_params, masks):
+def test_init_population(adam_trainer, tiny_mlp_params, masks, tiny_mlp_variables):
     budgets = jnp.array([0, 3, 7, 10], jnp.int32)
-    states = adam_trainer.init_population(tiny_mlp_params, masks, budgets)
+    states = adam_trainer.init_population(tiny_mlp_variables, masks, budgets)
     chex.assert_tree_shape_prefix(states, (CHIPS,))
     np.testing.assert_array_equal(states.step, 0)
     np.testing.assert_array_equal(states.budget, budgets)
@@ -132,7 +132,7 @@ def test_init_population(adam_trainer, tiny_mlp_params, masks):
 
 @pytest.mark.parametrize("optimizer", ["adam", "momentum"])
 def test_fault_free_chip_trains_like_unmasked_training(
-    optimizer, tiny_mlp, tiny_mlp_params, digits_jnp
+    optimizer, tiny_mlp, tiny_mlp_params, digits_jnp, tiny_mlp_variables
 ):
     lr = 1e-2
     tx = train.make_optimizer(optimizer, lr)
@@ -150,7 +150,7 @@ def test_fault_free_chip_trains_like_unmasked_training(
 
     step = jax.jit(train.chip_step, static_argnums=(0, 1))
     ones = jax.tree.map(jnp.ones_like, tiny_mlp_params)
-    state = train.init_chip(tiny_mlp_params, ones, tx, budget=100)
+    state = train.init_chip(tiny_mlp_variables, ones, tx, budget=100)
     params, opt_state = tiny_mlp_params, plain.init(tiny_mlp_params)
     for t in range(5):
         images, labels = _batch(digits_jnp, t)
@@ -164,8 +164,10 @@ def test_fault_free_chip_trains_like_unmasked_training(
     assert not np.allclose(state.params["fc1"]["kernel"], tiny_mlp_params["fc1"]["kernel"])
 
 
-def test_chip_step_stops_at_budget(adam_trainer, tiny_mlp_params, masks, digits_jnp):
-    state = train.init_chip(tiny_mlp_params, _chip(masks, 1), adam_trainer.tx, budget=2)
+def test_chip_step_stops_at_budget(
+    adam_trainer, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
+):
+    state = train.init_chip(tiny_mlp_variables, _chip(masks, 1), adam_trainer.tx, budget=2)
     for t in range(4):
         previous = state
         state, loss = adam_trainer.step(state, _chip(masks, 1), *_batch(digits_jnp, t))
@@ -177,7 +179,7 @@ def test_chip_step_stops_at_budget(adam_trainer, tiny_mlp_params, masks, digits_
 
 @pytest.mark.parametrize("optimizer", ["adam", "momentum"])
 def test_masked_weights_stay_exactly_zero(
-    optimizer, request, tiny_mlp, tiny_mlp_params, masks, digits_jnp
+    optimizer, request, tiny_mlp, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
 ):
     if optimizer == "adam":
         trainer = request.getfixturevalue("adam_trainer")  # lr 1e-2, already compiled
@@ -186,9 +188,9 @@ def test_masked_weights_stay_exactly_zero(
     x, y, test_x, test_y = digits_jnp
     budgets = jnp.full((CHIPS,), 50, jnp.int32)
     before = trainer.evaluate(
-        trainer.init_population(tiny_mlp_params, masks, budgets).params, masks, test_x, test_y
+        trainer.init_population(tiny_mlp_variables, masks, budgets).variables, masks, test_x, test_y
     )
-    states = trainer.init_population(tiny_mlp_params, masks, budgets)
+    states = trainer.init_population(tiny_mlp_variables, masks, budgets)
     states = trainer.run(states, masks, x, y, PHASE_KEY, 0, 50)
     np.testing.assert_array_equal(states.step, 50)
     assert not states.diverged.any()
@@ -202,7 +204,7 @@ def test_masked_weights_stay_exactly_zero(
         assert changed.mean() > 0.5, changed.mean()
         assert np.all(np.isfinite(kernel))
     assert not np.allclose(states.params["out"]["bias"], 0.0)  # biases are trained too
-    after = trainer.evaluate(states.params, masks, test_x, test_y)
+    after = trainer.evaluate(states.variables, masks, test_x, test_y)
     assert np.all(after > before + 0.3), (before, after)
 
 
@@ -235,7 +237,7 @@ def _assert_bypassed_zero_and_trained(states, params, masks):
     ids=["adamw", "add_decayed_weights+sgd"],
 )
 def test_weight_decay_keeps_bypassed_weights_exactly_zero(
-    factory, learning_rate, tiny_mlp, tiny_mlp_params, masks, digits_jnp
+    factory, learning_rate, tiny_mlp, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
 ):
     # Weight decay adds ``wd * param`` to every update, gradient or not. The weights on faulty
     # PEs start at zero, so their decay is zero too and they stay zero (this would hold even
@@ -245,20 +247,22 @@ def test_weight_decay_keeps_bypassed_weights_exactly_zero(
     trainer = train.make_trainer(tiny_mlp, tx, BATCH, 100)
     x, y, _, _ = digits_jnp
     budgets = jnp.full((CHIPS,), 30, jnp.int32)
-    states = trainer.init_population(tiny_mlp_params, masks, budgets)
+    states = trainer.init_population(tiny_mlp_variables, masks, budgets)
     states = trainer.run(states, masks, x, y, PHASE_KEY, 0, 30)
     np.testing.assert_array_equal(states.step, 30)
     assert not states.diverged.any()
     _assert_bypassed_zero_and_trained(states, tiny_mlp_params, masks)
 
 
-def test_updates_are_masked_not_only_gradients(tiny_mlp, tiny_mlp_params, masks, digits_jnp):
+def test_updates_are_masked_not_only_gradients(
+    tiny_mlp, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
+):
     # Gradient noise moves every weight whatever its gradient: only masking the updates keeps
     # the bypassed weights at zero (with a masked gradient alone they would drift).
     tx = optax.inject_hyperparams(_noisy_sgd)(learning_rate=5e-2)
     trainer = train.make_trainer(tiny_mlp, tx, BATCH, 100)
     x, y, _, _ = digits_jnp
-    states = trainer.init_population(tiny_mlp_params, masks, jnp.full((CHIPS,), 10, jnp.int32))
+    states = trainer.init_population(tiny_mlp_variables, masks, jnp.full((CHIPS,), 10, jnp.int32))
     states = trainer.run(states, masks, x, y, PHASE_KEY, 0, 10)
     np.testing.assert_array_equal(states.step, 10)
     _assert_bypassed_zero_and_trained(states, tiny_mlp_params, masks)
@@ -267,11 +271,13 @@ def test_updates_are_masked_not_only_gradients(tiny_mlp, tiny_mlp_params, masks,
 # ------------------------------------------------------------------------------ population
 
 
-def test_population_step_equals_loop_over_chips(adam_trainer, tiny_mlp_params, masks, digits_jnp):
+def test_population_step_equals_loop_over_chips(
+    adam_trainer, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
+):
     budgets = jnp.array([4, 4, 2, 0], jnp.int32)
-    pop = adam_trainer.init_population(tiny_mlp_params, masks, budgets)
+    pop = adam_trainer.init_population(tiny_mlp_variables, masks, budgets)
     singles = [
-        train.init_chip(tiny_mlp_params, _chip(masks, i), adam_trainer.tx, budgets[i])
+        train.init_chip(tiny_mlp_variables, _chip(masks, i), adam_trainer.tx, budgets[i])
         for i in range(CHIPS)
     ]
     for t in range(4):
@@ -290,15 +296,15 @@ def test_population_step_equals_loop_over_chips(adam_trainer, tiny_mlp_params, m
 
 
 def test_budget_b_equals_training_alone_for_b_steps(
-    adam_trainer, tiny_mlp_params, masks, digits_jnp
+    adam_trainer, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
 ):
     x, y, _, _ = digits_jnp
     budgets = [0, 3, 7, 10]
-    states = adam_trainer.init_population(tiny_mlp_params, masks, jnp.array(budgets, jnp.int32))
+    states = adam_trainer.init_population(tiny_mlp_variables, masks, jnp.array(budgets, jnp.int32))
     states = adam_trainer.run(states, masks, x, y, PHASE_KEY, 0, 10)
     np.testing.assert_array_equal(states.step, budgets)
     for i, b in enumerate(budgets):
-        alone = train.init_chip(tiny_mlp_params, _chip(masks, i), adam_trainer.tx, budget=100)
+        alone = train.init_chip(tiny_mlp_variables, _chip(masks, i), adam_trainer.tx, budget=100)
         initial = alone
         for t in range(b):
             alone, _ = adam_trainer.step(alone, _chip(masks, i), *_batch(digits_jnp, t))
@@ -311,7 +317,7 @@ def test_budget_b_equals_training_alone_for_b_steps(
 
 
 def test_run_in_pieces_equals_one_call_without_retracing(
-    tiny_mlp, tiny_mlp_params, masks, digits_jnp
+    tiny_mlp, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
 ):
     chex.clear_trace_counter()
     trainer = train.make_trainer(
@@ -319,23 +325,23 @@ def test_run_in_pieces_equals_one_call_without_retracing(
     )
     x, y, test_x, test_y = digits_jnp
     budgets = jnp.array([2, 5, 8, 10], jnp.int32)
-    pieces = trainer.init_population(tiny_mlp_params, masks, budgets)
+    pieces = trainer.init_population(tiny_mlp_variables, masks, budgets)
     pieces = trainer.run(pieces, masks, x, y, PHASE_KEY, 0, 4)
     np.testing.assert_array_equal(pieces.step, [2, 4, 4, 4])
     pieces = trainer.run(pieces, masks, x, y, PHASE_KEY, 4, 6)  # other start and num_steps
-    whole = trainer.init_population(tiny_mlp_params, masks, budgets)
+    whole = trainer.init_population(tiny_mlp_variables, masks, budgets)
     whole = trainer.run(whole, masks, x, y, PHASE_KEY, 0, 10)
     _assert_states_close(pieces, whole)
     np.testing.assert_array_equal(whole.step, budgets)
-    other = trainer.init_population(tiny_mlp_params, masks, jnp.array([1, 1, 0, 3], jnp.int32))
+    other = trainer.init_population(tiny_mlp_variables, masks, jnp.array([1, 1, 0, 3], jnp.int32))
     other = trainer.run(other, masks, x, y, jax.random.key(99), 7, 3)  # other budgets and key
     np.testing.assert_array_equal(other.step, [1, 1, 0, 3])
-    acc = trainer.evaluate(whole.params, masks, test_x, test_y)
-    acc2 = trainer.evaluate(other.params, masks, test_x, test_y)
+    acc = trainer.evaluate(whole.variables, masks, test_x, test_y)
+    acc2 = trainer.evaluate(other.variables, masks, test_x, test_y)
     assert acc.shape == acc2.shape == (CHIPS,)
     # The guard is live: another number of chips is a new shape, i.e. a second trace.
     few = trainer.init_population(
-        tiny_mlp_params, _chip(masks, slice(0, 2)), jnp.array([1, 1], jnp.int32)
+        tiny_mlp_variables, _chip(masks, slice(0, 2)), jnp.array([1, 1], jnp.int32)
     )
     with pytest.raises(AssertionError, match="traced"):
         trainer.run(few, _chip(masks, slice(0, 2)), x, y, PHASE_KEY, 0, 1)
@@ -343,13 +349,13 @@ def test_run_in_pieces_equals_one_call_without_retracing(
 
 
 def test_diverged_chip_is_flagged_frozen_and_isolated(
-    adam_trainer, tiny_mlp_params, masks, digits_jnp
+    adam_trainer, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
 ):
     x, y, _, _ = digits_jnp
 
     def population(lr1, budget1):
         budgets = jnp.array([10, budget1, 10, 10], jnp.int32)
-        states = adam_trainer.init_population(tiny_mlp_params, masks, budgets)
+        states = adam_trainer.init_population(tiny_mlp_variables, masks, budgets)
         hyper = dict(states.opt_state.hyperparams)
         assert hyper["learning_rate"].shape == (CHIPS,)  # one learning rate per chip
         hyper["learning_rate"] = hyper["learning_rate"].at[1].set(lr1)
@@ -378,14 +384,16 @@ def test_diverged_chip_is_flagged_frozen_and_isolated(
     _assert_states_close(_chip(states, others), _chip(without, others), atol=0, rtol=0)
 
 
-def test_evaluate_equals_per_chip_numpy(adam_trainer, tiny_mlp, tiny_mlp_params, digits_jnp):
+def test_evaluate_equals_per_chip_numpy(
+    adam_trainer, tiny_mlp, tiny_mlp_params, digits_jnp, tiny_mlp_variables
+):
     x, y, test_x, test_y = digits_jnp
     maps = _fault_maps()
     maps[3] = True  # every PE faulty: the output is the bias alone
     masks = _masks(tiny_mlp_params, maps)
-    states = adam_trainer.init_population(tiny_mlp_params, masks, jnp.full((CHIPS,), 20))
+    states = adam_trainer.init_population(tiny_mlp_variables, masks, jnp.full((CHIPS,), 20))
     states = adam_trainer.run(states, masks, x, y, PHASE_KEY, 0, 20)
-    acc = np.asarray(adam_trainer.evaluate(states.params, masks, test_x, test_y))
+    acc = np.asarray(adam_trainer.evaluate(states.variables, masks, test_x, test_y))
     assert acc.shape == (CHIPS,) and acc.dtype == np.float32
     labels = np.asarray(test_y)
     forward = jax.jit(lambda p: tiny_mlp.apply({"params": p}, test_x))
