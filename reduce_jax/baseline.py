@@ -88,6 +88,14 @@ def train_baseline(
     return train.slice_chips(state.params, 0), info
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: in a multi-process run only process 0 saves the
+    baseline, and every process reads it on its own (no collective save or restore)."""
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
 def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> None:
     """Writes the checkpoint and its metadata; the metadata file is written last, atomically."""
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
@@ -97,8 +105,9 @@ def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> Non
     if os.path.exists(path):
         shutil.rmtree(path)
     with _quiet_orbax():
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save(path, params)
+        ckpt = _checkpointer()
+        # As numpy: orbax refuses to save a process's own jax.Arrays in a multi-process run.
+        ckpt.save(path, jax.tree.map(np.asarray, params))
         ckpt.wait_until_finished()
     with open(meta + ".tmp", "w") as f:
         json.dump(dict(config=config, info=info), f, indent=1)
@@ -106,9 +115,10 @@ def save_baseline(workdir: str, params: PyTree, config: dict, info: dict) -> Non
 
 
 def load_baseline(
-    workdir: str, abstract_params: PyTree, config: dict
+    workdir: str, abstract_params: PyTree, config: dict, quiet: bool = False
 ) -> tuple[PyTree, dict] | None:
-    """The saved baseline if it exists and was trained with ``config``; else None."""
+    """The saved baseline if it exists and was trained with ``config``; else None (with a
+    warning when it was trained with other settings, unless ``quiet``)."""
     meta = os.path.join(workdir, "baseline.json")
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not (os.path.isfile(meta) and os.path.isdir(path)):
@@ -116,11 +126,30 @@ def load_baseline(
     with open(meta) as f:
         saved = json.load(f)
     if saved.get("config") != config:
-        logging.warning("baseline in %s was trained with other settings; retraining", workdir)
+        if not quiet:
+            logging.warning("baseline in %s was trained with other settings; retraining", workdir)
         return None
     with _quiet_orbax():
-        params = ocp.StandardCheckpointer().restore(path, abstract_params)
+        target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params)
+        params = _checkpointer().restore(path, target)
     return params, saved["info"]
+
+
+def wait_for_baseline(
+    workdir: str, abstract_params: PyTree, config: dict, poll_s: float = 0.5
+) -> tuple[PyTree, dict]:
+    """The baseline that process 0 trains with ``config`` and saves in ``workdir``, once it
+    is there (``save_baseline`` writes the metadata last, so a found one is complete).
+
+    No timeout of its own: if process 0 fails, ``jax.distributed`` ends the others.
+    """
+    logging.info("baseline: waiting for process 0's checkpoint in %s", workdir)
+    while True:
+        loaded = load_baseline(workdir, abstract_params, config, quiet=True)
+        if loaded is not None:
+            logging.info("baseline: read process 0's checkpoint in %s", workdir)
+            return loaded
+        time.sleep(poll_s)
 
 
 def get_baseline(
@@ -136,20 +165,24 @@ def get_baseline(
 ) -> tuple[PyTree, dict]:
     """Loads the baseline from ``workdir`` or trains (and saves) it.
 
+    In a multi-process run (``jax.distributed``) process 0 does this and every other process
+    waits for its checkpoint in ``workdir`` (shared by all processes) and reads it; without a
+    ``workdir`` every process trains the same baseline (same key, same parameters).
+
     Returns:
       ``(params, info)``; ``info`` has ``test_accuracy``, ``train_s``, ``steps`` and
       ``reused`` (True when loaded from the checkpoint).
     """
     model = models.get_model(model_name, data.num_classes)
-    if jax.process_count() > 1:
-        # Orbax saves collectively across processes; the baseline is cheap next to the
-        # study, so multi-host runs train it on every process (same seed, same params).
-        workdir = None
     config = baseline_config(data.name, model_name, epochs, batch_size, optimizer, lr, seed)
     if workdir is not None:
         abstract = jax.eval_shape(
             lambda: models.init_params(model, jax.random.key(0), data.image_shape)
         )
+        if jax.process_index() > 0:
+            # Multi-process runs: process 0 trains and saves the baseline; the others read it.
+            params, info = wait_for_baseline(workdir, abstract, config)
+            return jax.tree.map(np.asarray, params), dict(info, reused=True)
         loaded = load_baseline(workdir, abstract, config)
         if loaded is not None:
             params, info = loaded
