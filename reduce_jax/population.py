@@ -234,12 +234,15 @@ def drive(
     results = []
     for ci, lo in enumerate(range(0, n, size)):
         ids = order[lo : lo + size]
-        if ci not in done:
-            chunk = {k: _pad(np.asarray(v)[ids], size) for k, v in inputs.items()}
-            out = compute(ids, chunk)
-            done[ci] = {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
-            if store is not None:
-                store.put(stage, ci, done[ci])
+        if ci in done:
+            meter.resumed(len(ids))
+            results.append(done[ci])
+            continue
+        chunk = {k: _pad(np.asarray(v)[ids], size) for k, v in inputs.items()}
+        out = compute(ids, chunk)
+        done[ci] = {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
+        if store is not None:
+            store.put(stage, ci, done[ci])
         meter(len(ids))
         results.append(done[ci])
     out = {}

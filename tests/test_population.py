@@ -118,3 +118,14 @@ def test_progress_store_refuses_other_settings(tmp_path):
         progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=False)
     fresh = progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=True)
     assert fresh.done("s") == {}
+
+
+def test_meter_counts_resumed_work_as_done_but_not_in_the_rate(monkeypatch, caplog):
+    """8 of 10 chips found saved, 1 computed in 2 s: 9/10 done at 0.5 chips/s, ETA 2 s."""
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    meter = progress.Meter("retrain", 10, unit="chips", every_s=0.0)
+    meter.resumed(8)
+    with caplog.at_level("INFO"):
+        meter(1)
+    assert "retrain: 9/10 chips (90%), 0.5/s, ETA 2 s" in caplog.text
