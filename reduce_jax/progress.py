@@ -16,7 +16,7 @@ from reduce_jax.errors import ConfigError
 
 PROGRESS_FILE = "progress.json"
 # Settings that do not change results: a resumed run may differ in these.
-_NOT_RESULT_KEYS = ("workdir",)
+_NOT_RESULT_KEYS = ("workdir", "summary_chips")
 
 
 class ProgressStore:

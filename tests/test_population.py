@@ -129,3 +129,10 @@ def test_meter_counts_resumed_work_as_done_but_not_in_the_rate(monkeypatch, capl
     with caplog.at_level("INFO"):
         meter(1)
     assert "retrain: 9/10 chips (90%), 0.5/s, ETA 2 s" in caplog.text
+
+
+def test_progress_store_resumes_across_settings_that_do_not_change_results(tmp_path):
+    saved = dict(a=1, workdir="x", summary_chips=True)
+    progress.ProgressStore(str(tmp_path), saved, overwrite=False).put("s", 0, dict(x=np.ones(2)))
+    other = dict(a=1, workdir="y", summary_chips=False)
+    assert sorted(progress.ProgressStore(str(tmp_path), other, overwrite=False).done("s")) == [0]
