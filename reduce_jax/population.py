@@ -143,10 +143,24 @@ def run_phase(
     return states
 
 
-def evaluate(trainer: train.Trainer, states: train.ChipState, masks: PyTree, data: DeviceData):
-    """Test accuracy ``float64[chips]`` (numpy) of every chip."""
-    acc = trainer.evaluate(states.params, masks, data.test_images, data.test_labels)
-    return sharding.to_host(acc).astype(np.float64)
+def evaluate(
+    trainer: train.Trainer,
+    states: train.ChipState,
+    masks: PyTree,
+    data: DeviceData,
+    ids: np.ndarray | None = None,
+):
+    """Test accuracy ``float64[chips]`` (numpy) of every chip, or ``float64[len(ids)]`` of
+    chips ``ids`` only (computed on a power-of-4 bucket of them, as ``run_phase`` does, so a
+    few chips cost a few chips' evaluations, not the chunk's)."""
+    params, n = states.params, len(states.step)
+    if ids is not None and len(ids) < n:
+        ids = np.asarray(ids)
+        size = bucket_size(len(ids), n)
+        idx = np.concatenate([ids, np.full(size - len(ids), ids[-1] if len(ids) else 0)])
+        params, masks = take(params, idx), take(masks, idx)
+    acc = sharding.to_host(trainer.evaluate(params, masks, data.test_images, data.test_labels))
+    return acc.astype(np.float64)[: n if ids is None else len(ids)]
 
 
 def init_chunk(

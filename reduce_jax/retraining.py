@@ -218,7 +218,9 @@ def top_up(
             extra,
         )
         topup += extra
-        after = np.where(missing, population.evaluate(ctx.trainer, states, masks, ctx.data), after)
+        ids = np.flatnonzero(missing)  # only the chips just topped up are evaluated again
+        after = after.copy()
+        after[ids] = population.evaluate(ctx.trainer, states, masks, ctx.data, ids)
         missing &= after < ctx.target
         rnd += 1
     return states, after, topup

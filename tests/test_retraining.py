@@ -21,8 +21,9 @@ def test_top_ups_stop_at_the_first_increment_that_meets_the_target(monkeypatch):
             step=states.step + jnp.asarray(phase_steps, jnp.int32), diverged=diverged
         )
 
-    def evaluate(trainer, states, masks, data):
-        return np.where(np.asarray(states.step) >= need, 0.95, 0.5)
+    def evaluate(trainer, states, masks, data, ids=None):
+        acc = np.where(np.asarray(states.step) >= need, 0.95, 0.5)
+        return acc if ids is None else acc[ids]
 
     monkeypatch.setattr(population, "run_phase", run_phase)
     monkeypatch.setattr(population, "evaluate", evaluate)
