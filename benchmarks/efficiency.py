@@ -5,12 +5,13 @@
 
 The retraining phase (per-chip Reduce: retraining, verification, top-ups; ``timing.retrain_s``
 of ``summary.json``) does two kinds of useful work: chip-steps (every chip's selected amount
-and top-ups, ``chips.csv``) and chip-evaluations of the test set (before and after retraining,
-and after each top-up increment, for every chip). The *ideal* time is that work at the
-benchmark's rates (``population_chip_steps_per_s`` and ``eval_chip_evals_per_s`` of its row
-for the run's ``--chips_per_batch``, else the nearest size); the *efficiency* is ideal time /
-measured time. What is missing to 1 is the bookkeeping around the step: padding and
-compaction, host transfers, per-chunk evaluations of chips that need none, compiles.
+and top-ups, ``chips.csv``) and chip-evaluations of the test set (every chip before
+retraining, after its selected steps if it has any, and after each top-up increment). The
+*ideal* time is that work at the benchmark's rates (``population_chip_steps_per_s`` and
+``eval_chip_evals_per_s`` of its row for the run's ``--chips_per_batch``, else the nearest
+size); the *efficiency* is ideal time / measured time. What is missing to 1 is the
+bookkeeping around the step: padding and compaction, host transfers, evaluations of chips
+that need none, compiles.
 Benchmark and run must come from the same machine, with nothing else running.
 """
 
@@ -42,16 +43,16 @@ def benchmark_row(rows: list[dict], chips: int) -> dict:
 
 def retrain_work(chips: list[dict], topup_steps: int, test_images: int) -> tuple[int, int]:
     """``(chip_steps, chip_evals)`` the retraining phase needs for ``chips`` (``chips.csv``
-    rows): the steps of every retrained chip, and test-set evaluations before, after and
-    after each top-up increment (``topup_steps`` steps, the last one possibly cut)."""
-    steps = rounds = 0
+    rows): the steps of every retrained chip, and test-set evaluations of every chip before,
+    after its selected steps (if any) and after each top-up increment (``topup_steps``
+    steps, the last one possibly cut)."""
+    steps = evals = 0
     for c in chips:
-        if c["selected_steps"] not in ("", None):
-            steps += int(c["selected_steps"])
+        selected = int(c["selected_steps"]) if c["selected_steps"] not in ("", None) else 0
         extra = int(c["topup_steps"] or 0)
-        steps += extra
-        rounds += -(-extra // topup_steps) if topup_steps > 0 else 0
-    return steps, (2 * len(chips) + rounds) * test_images
+        steps += selected + extra
+        evals += 1 + (selected > 0) + (-(-extra // topup_steps) if topup_steps > 0 else 0)
+    return steps, evals * test_images
 
 
 def efficiency(summary: dict, chips: list[dict], bench: dict, test_images: int) -> dict:

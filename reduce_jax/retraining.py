@@ -167,7 +167,10 @@ def _retrain_chunk(
     states = population.run_phase(
         ctx.trainer, states, masks, ctx.data, keys[0], chunk["steps"], on_progress=meter
     )
-    after = population.evaluate(ctx.trainer, states, masks, ctx.data)
+    # A chip without steps is unchanged: its accuracy after is the one before.
+    trained = np.flatnonzero(chunk["steps"] > 0)
+    after = before.copy()
+    after[trained] = population.evaluate(ctx.trainer, states, masks, ctx.data, trained)
     states, after, topup = top_up(ctx, states, masks, after, chunk["retrain"], keys[1])
     return dict(
         before=before,

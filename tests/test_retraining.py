@@ -78,3 +78,24 @@ def test_top_ups_of_a_trained_chip_stop_once_it_meets_the_target(digits, tiny_ml
         assert topup.tolist() == [rounds * inc], (target, acc)
         np.testing.assert_allclose(after, acc[rounds], atol=1e-9)
         np.testing.assert_array_equal(states.step, rounds * inc)
+
+
+def test_retrain_evaluates_chips_without_steps_once(digits, tiny_mlp, tiny_mlp_params):
+    """Chips selected for 0 steps, or not retrained, keep their accuracy before; the others'
+    accuracy after is their trained model's (evaluated on the chunk's trained chips only)."""
+    data = population.DeviceData.from_dataset(digits)
+    trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
+    maps = np.asarray(faults.sample_fault_maps(jax.random.key(8), 5, 8, 8, 0.3))
+    ctx = population.Context(trainer, tiny_mlp_params, data, 0.0, 45, 5, 4, 0)
+    steps = np.array([0, 6, 0, 3, 6])
+    retrain = np.array([True, True, False, True, True])
+    units = retraining.Units.of_groups(maps, [[i] for i in range(5)], steps, retrain)
+    out = retraining.retrain(ctx, units, maps, KEY)
+    idle = units.steps == 0
+    np.testing.assert_array_equal(out.accuracy_after[idle], out.accuracy_before[idle])
+    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, units.steps)
+    keys = jax.random.split(KEY)
+    states = population.run_phase(trainer, states, masks, data, keys[0], units.steps)
+    every = population.evaluate(trainer, states, masks, data)
+    np.testing.assert_allclose(out.accuracy_after[~idle], every[~idle], atol=1e-6)
+    assert (out.accuracy_after[~idle] != out.accuracy_before[~idle]).any()
