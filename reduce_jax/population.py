@@ -9,6 +9,7 @@ shapes are ever compiled (``Trainer.run`` never recompiles for new step counts).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -65,19 +66,23 @@ def bucket_size(n: int, cap: int) -> int:
     return min(cap, sharding.round_up(size))
 
 
-def _gather(tree: PyTree, idx: np.ndarray) -> PyTree:
-    idx = jnp.asarray(idx)
+# Gathers and scatters of chips are one compiled program per tree and number of chips (a
+# bucket size), not one small program per leaf and per count of active chips: those were
+# compiled anew for every count met, at a cost in time and in memory that grew with the run.
+@jax.jit
+def _gather(tree: PyTree, idx: jax.Array) -> PyTree:
     return jax.tree.map(lambda x: x[idx], tree)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(tree: PyTree, idx: jax.Array, values: PyTree) -> PyTree:
+    """``tree`` with chips ``idx`` set to ``values``; an index past the end is dropped."""
+    return jax.tree.map(lambda x, v: x.at[idx].set(v, mode="drop"), tree, values)
 
 
 def take(tree: PyTree, idx: np.ndarray) -> PyTree:
     """Chips ``idx`` (a multiple of the device count), sharded over the devices."""
-    return sharding.shard_chips(_gather(tree, idx))
-
-
-def _put(tree: PyTree, idx: np.ndarray, values: PyTree) -> PyTree:
-    idx = jnp.asarray(idx)
-    return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
+    return sharding.shard_chips(_gather(tree, jnp.asarray(idx)))
 
 
 def run_phase(
@@ -118,8 +123,8 @@ def run_phase(
     while active.size:
         t_next = int(ends[active].min())
         if active.size < chips:
-            size = bucket_size(active.size, chips)
-            idx = np.concatenate([active, np.full(size - active.size, active[-1])])
+            pad = bucket_size(active.size, chips) - active.size
+            idx = np.concatenate([active, np.full(pad, active[-1])])
             sub = trainer.run(
                 take(states, idx),
                 take(masks, idx),
@@ -129,7 +134,9 @@ def run_phase(
                 t,
                 t_next - t,
             )
-            states = _put(states, idx[: active.size], _gather(sub, np.arange(active.size)))
+            # The padding rows go to index ``chips``, past the end: dropped.
+            back = np.concatenate([active, np.full(pad, chips)])
+            states = _put(states, jnp.asarray(back), sub)
         else:
             states = trainer.run(
                 states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
