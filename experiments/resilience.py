@@ -13,6 +13,7 @@ import logging as py_logging
 import os
 import signal
 import sys
+import traceback
 
 from absl import app, flags, logging
 
@@ -35,6 +36,12 @@ SEEDS = flags.DEFINE_integer(
     "Repeat the study for this many seeds from --seed, each into --workdir/seed_<s>, and "
     "write --workdir/seeds.json with every headline number's mean and spread (>= 1; 1 = "
     "one run in --workdir).",
+)
+DISTRIBUTED_AUTO = flags.DEFINE_boolean(
+    "distributed_auto",
+    False,
+    "Multi-host runs started by a cluster launcher (SLURM srun, Open MPI mpirun): "
+    "jax.distributed reads the coordinator, process count and id from its environment.",
 )
 OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False, "Discard progress in --workdir saved with other settings."
@@ -72,6 +79,13 @@ def _stop(signum: int, frame) -> None:
 
 
 def _check_processes() -> None:
+    if DISTRIBUTED_AUTO.value and (
+        COORDINATOR_ADDRESS.value or NUM_PROCESSES.value != 1 or PROCESS_ID.value != 0
+    ):
+        raise config_lib.ConfigError(
+            "--distributed_auto reads the coordinator, process count and id from the "
+            "launcher; do not also pass --coordinator_address, --num_processes or --process_id"
+        )
     if NUM_PROCESSES.value < 1 or not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
         raise config_lib.ConfigError(
             f"--process_id={PROCESS_ID.value} must be in [0, --num_processes={NUM_PROCESSES.value})"
@@ -101,13 +115,23 @@ def main(argv: list[str]) -> int:
             raise config_lib.ConfigError(f"--seeds={SEEDS.value} must be >= 1")
         from reduce_jax import pipeline, seeds, sharding  # heavy imports after validation
 
-        sharding.initialize(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
-        if SEEDS.value > 1:
-            out = seeds.run_seeds(cfg, SEEDS.value, overwrite=OVERWRITE.value)
-            print(seeds.table(out["metrics"]))
-            print(f"{SEEDS.value} seeds; outputs in {cfg.workdir}/seeds.json")
-            return 0
-        summary = pipeline.run(cfg, overwrite=OVERWRITE.value)
+        sharding.initialize(
+            COORDINATOR_ADDRESS.value,
+            NUM_PROCESSES.value,
+            PROCESS_ID.value,
+            auto=DISTRIBUTED_AUTO.value,
+        )
+        try:
+            if SEEDS.value > 1:
+                out = seeds.run_seeds(cfg, SEEDS.value, overwrite=OVERWRITE.value)
+                print(seeds.table(out["metrics"]))
+                print(f"{SEEDS.value} seeds; outputs in {cfg.workdir}/seeds.json")
+                return 0
+            summary = pipeline.run(cfg, overwrite=OVERWRITE.value)
+        except Exception as e:
+            if sharding.process_count() > 1:
+                _end_process(e)
+            raise
     except (config_lib.ConfigError, DatasetError, FaultMapError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -116,6 +140,25 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"{summary.headline()}; outputs in {cfg.workdir}")
     return 0
+
+
+def _end_process(e: Exception) -> None:
+    """A multi-process run's error: reported as in one process, then the process ends at once.
+
+    A normal exit waits at ``jax.distributed``'s shutdown barrier for the other processes,
+    which may be waiting for this one (for its baseline, or inside a collective): they would
+    all hang. Ending at once drops this process's connection, and ``jax.distributed`` then
+    ends the others with an error.
+    """
+    if isinstance(e, (config_lib.ConfigError, DatasetError, FaultMapError, FloatingPointError)):
+        print(f"error: {e}", file=sys.stderr)
+        code = 1 if isinstance(e, FloatingPointError) else 2
+    else:
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -111,6 +111,14 @@ def train_baseline(model, data: Dataset, key: jax.Array, spec: BaselineSpec) -> 
     return train.slice_chips(state.variables, 0), info
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: in a multi-process run only process 0 saves the
+    baseline, and every process reads it on its own (no collective save or restore)."""
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
 def save_baseline(workdir: str, variables: PyTree, config: dict, info: dict) -> None:
     """Writes the checkpoint of ``{"params", "batch_stats"}`` and its metadata; the metadata
     file is written last, atomically."""
@@ -121,8 +129,9 @@ def save_baseline(workdir: str, variables: PyTree, config: dict, info: dict) -> 
     if os.path.exists(path):
         shutil.rmtree(path)
     with _quiet_orbax():
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save(path, variables)
+        ckpt = _checkpointer()
+        # As numpy: orbax refuses to save a process's own jax.Arrays in a multi-process run.
+        ckpt.save(path, jax.tree.map(np.asarray, variables))
         ckpt.wait_until_finished()
     with open(meta + ".tmp", "w") as f:
         json.dump(dict(config=config, info=info), f, indent=1)
@@ -130,9 +139,10 @@ def save_baseline(workdir: str, variables: PyTree, config: dict, info: dict) -> 
 
 
 def load_baseline(
-    workdir: str, abstract_variables: PyTree, config: dict
+    workdir: str, abstract_variables: PyTree, config: dict, quiet: bool = False
 ) -> tuple[PyTree, dict] | None:
-    """The saved variables if they exist and were trained with ``config``; else None."""
+    """The saved variables if they exist and were trained with ``config``; else None (with a
+    warning when they were trained with other settings, unless ``quiet``)."""
     meta = os.path.join(workdir, "baseline.json")
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not (os.path.isfile(meta) and os.path.isdir(path)):
@@ -140,11 +150,30 @@ def load_baseline(
     with open(meta) as f:
         saved = json.load(f)
     if saved.get("config") != config:
-        logging.warning("baseline in %s was trained with other settings; retraining", workdir)
+        if not quiet:
+            logging.warning("baseline in %s was trained with other settings; retraining", workdir)
         return None
     with _quiet_orbax():
-        variables = ocp.StandardCheckpointer().restore(path, abstract_variables)
+        target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_variables)
+        variables = _checkpointer().restore(path, target)
     return variables, saved["info"]
+
+
+def wait_for_baseline(
+    workdir: str, abstract_variables: PyTree, config: dict, poll_s: float = 0.5
+) -> tuple[PyTree, dict]:
+    """The baseline that process 0 trains with ``config`` and saves in ``workdir``, once it
+    is there (``save_baseline`` writes the metadata last, so a found one is complete).
+
+    No timeout of its own: if process 0 fails, ``jax.distributed`` ends the others.
+    """
+    logging.info("baseline: waiting for process 0's checkpoint in %s", workdir)
+    while True:
+        loaded = load_baseline(workdir, abstract_variables, config, quiet=True)
+        if loaded is not None:
+            logging.info("baseline: read process 0's checkpoint in %s", workdir)
+            return loaded
+        time.sleep(poll_s)
 
 
 def get_baseline(
@@ -152,22 +181,26 @@ def get_baseline(
 ) -> tuple[PyTree, dict]:
     """Loads the baseline from ``workdir`` or trains (and saves) it.
 
+    In a multi-process run (``jax.distributed``) process 0 does this and every other process
+    waits for its checkpoint in ``workdir`` (shared by all processes) and reads it; without a
+    ``workdir`` every process trains the same baseline (same key, same parameters).
+
     Returns:
       ``(variables, info)``: ``{"params", "batch_stats"}``; ``info`` has ``accuracy``
       (validation), ``train_s``, ``steps`` and ``reused`` (True when loaded from the
       checkpoint).
     """
     model = models.get_model(spec.model, data.num_classes, spec.width)
-    if jax.process_count() > 1:
-        # Orbax saves collectively across processes; the baseline is cheap next to the
-        # study, so multi-host runs train it on every process (same seed, same params).
-        workdir = None
     # The training set without its validation split: the split is part of what trained it.
     config = dict(spec.as_dict(), train_examples=len(data.train_labels))
     if workdir is not None:
         abstract = jax.eval_shape(
             lambda: models.init_variables(model, jax.random.key(0), data.image_shape)
         )
+        if jax.process_index() > 0:
+            # Multi-process runs: process 0 trains and saves the baseline; the others read it.
+            variables, info = wait_for_baseline(workdir, abstract, config)
+            return jax.tree.map(np.asarray, variables), dict(info, reused=True)
         loaded = load_baseline(workdir, abstract, config)
         if loaded is not None:
             variables, info = loaded

@@ -181,6 +181,11 @@ class ReduceConfig:
         64, "Chips trained together in one chunk (bounds memory; results do not depend on it)."
     )
     eval_batch_size: int = _setting(100, "Test images per evaluation batch.")
+    summary_chips: bool = _setting(
+        True,
+        "Per-chip entries in summary.json (false: null there, for large populations; "
+        "chips.csv holds them either way).",
+    )
     seed: int = _setting(0, "Seed of every random stream (>= 0).")
 
     def as_dict(self) -> dict:

@@ -123,7 +123,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         timing=timer.times,
     )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
-        report.write_outputs(summary.to_json(), cfg.workdir)
+        report.write_outputs(summary.to_json(), cfg.workdir, chips_in_json=cfg.summary_chips)
     return summary
 
 

@@ -9,6 +9,7 @@ shapes are ever compiled (``Trainer.run`` never recompiles for new step counts).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -87,19 +88,23 @@ def bucket_size(n: int, cap: int) -> int:
     return min(cap, sharding.round_up(size))
 
 
-def _gather(tree: PyTree, idx: np.ndarray) -> PyTree:
-    idx = jnp.asarray(idx)
+# Gathers and scatters of chips are one compiled program per tree and number of chips (a
+# bucket size), not one small program per leaf and per count of active chips: those were
+# compiled anew for every count met, at a cost in time and in memory that grew with the run.
+@jax.jit
+def _gather(tree: PyTree, idx: jax.Array) -> PyTree:
     return jax.tree.map(lambda x: x[idx], tree)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(tree: PyTree, idx: jax.Array, values: PyTree) -> PyTree:
+    """``tree`` with chips ``idx`` set to ``values``; an index past the end is dropped."""
+    return jax.tree.map(lambda x, v: x.at[idx].set(v, mode="drop"), tree, values)
 
 
 def take(tree: PyTree, idx: np.ndarray) -> PyTree:
     """Chips ``idx`` (a multiple of the device count), sharded over the devices."""
-    return sharding.shard_chips(_gather(tree, idx))
-
-
-def _put(tree: PyTree, idx: np.ndarray, values: PyTree) -> PyTree:
-    idx = jnp.asarray(idx)
-    return jax.tree.map(lambda x, v: x.at[idx].set(v), tree, values)
+    return sharding.shard_chips(_gather(tree, jnp.asarray(idx)))
 
 
 def run_phase(
@@ -140,8 +145,8 @@ def run_phase(
     while active.size:
         t_next = int(ends[active].min())
         if active.size < chips:
-            size = bucket_size(active.size, chips)
-            idx = np.concatenate([active, np.full(size - active.size, active[-1])])
+            pad = bucket_size(active.size, chips) - active.size
+            idx = np.concatenate([active, np.full(pad, active[-1])])
             sub = trainer.run(
                 take(states, idx),
                 take(masks, idx),
@@ -151,7 +156,9 @@ def run_phase(
                 t,
                 t_next - t,
             )
-            states = _put(states, idx[: active.size], _gather(sub, np.arange(active.size)))
+            # The padding rows go to index ``chips``, past the end: dropped.
+            back = np.concatenate([active, np.full(pad, chips)])
+            states = _put(states, jnp.asarray(back), sub)
         else:
             states = trainer.run(
                 states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
@@ -171,10 +178,19 @@ def evaluate(
     masks: PyTree,
     data: DeviceData,
     split: str = "val",
+    ids: np.ndarray | None = None,
 ):
-    """Accuracy ``float64[chips]`` (numpy) of every chip on the ``val`` or ``test`` split."""
-    acc = trainer.evaluate(states.variables, masks, *data.split(split))
-    return sharding.to_host(acc).astype(np.float64)
+    """Accuracy ``float64[chips]`` (numpy) of every chip on the ``val`` or ``test`` split, or
+    ``float64[len(ids)]`` of chips ``ids`` only (computed on a power-of-4 bucket of them, as
+    ``run_phase`` does, so a few chips cost a few chips' evaluations, not the chunk's)."""
+    variables, n = states.variables, len(states.step)
+    if ids is not None and len(ids) < n:
+        ids = np.asarray(ids)
+        size = bucket_size(len(ids), n)
+        idx = np.concatenate([ids, np.full(size - len(ids), ids[-1] if len(ids) else 0)])
+        variables, masks = take(variables, idx), take(masks, idx)
+    acc = sharding.to_host(trainer.evaluate(variables, masks, *data.split(split)))
+    return acc.astype(np.float64)[: n if ids is None else len(ids)]
 
 
 def init_chunk(
@@ -264,12 +280,15 @@ def drive(
     results = []
     for ci, lo in enumerate(range(0, n, size)):
         ids = order[lo : lo + size]
-        if ci not in done:
-            chunk = {k: _pad(np.asarray(v)[ids], size) for k, v in inputs.items()}
-            out = compute(ids, chunk)
-            done[ci] = {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
-            if store is not None:
-                store.put(stage, ci, done[ci])
+        if ci in done:
+            meter.resumed(len(ids))
+            results.append(done[ci])
+            continue
+        chunk = {k: _pad(np.asarray(v)[ids], size) for k, v in inputs.items()}
+        out = compute(ids, chunk)
+        done[ci] = {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
+        if store is not None:
+            store.put(stage, ci, done[ci])
         meter(len(ids))
         results.append(done[ci])
     out = {}

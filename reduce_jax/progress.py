@@ -16,7 +16,7 @@ from reduce_jax.errors import ConfigError
 
 PROGRESS_FILE = "progress.json"
 # Settings that do not change results: a resumed run may differ in these.
-_NOT_RESULT_KEYS = ("workdir",)
+_NOT_RESULT_KEYS = ("workdir", "summary_chips")
 
 
 class ProgressStore:
@@ -80,13 +80,19 @@ class Meter:
     def __init__(self, label: str, total: int, unit: str = "chip-steps", every_s: float = 5.0):
         self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
         self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+        self.reused = 0  # work found done (resumed): counted as done, not in the rate
+
+    def resumed(self, n: int) -> None:
+        """Counts ``n`` units of work that an earlier run finished (not logged on its own)."""
+        self.done += n
+        self.reused += n
 
     def __call__(self, n: int) -> None:
         self.done += n
         now = time.perf_counter() - self.start
         if now - self.last >= self.every_s or self.done >= self.total:
             self.last = now
-            rate = self.done / max(now, 1e-9)
+            rate = (self.done - self.reused) / max(now, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
             logging.info(
                 "%s: %d/%d %s (%.0f%%), %.1f/s, ETA %.0f s",

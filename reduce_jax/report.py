@@ -151,18 +151,19 @@ def _save_png(fig, path: str) -> None:
         plt.close(fig)
 
 
-def write_outputs(summary: dict, workdir: str) -> list[str]:
+def write_outputs(summary: dict, workdir: str, chips_in_json: bool = True) -> list[str]:
     """Writes ``summary.json``, ``resilience.csv``, ``chips.csv`` and the plots to ``workdir``.
 
     The JSON is written (and validated) first, so a summary with NaN/inf fails before any
-    other output is replaced.
+    other output is replaced. Without ``chips_in_json`` its ``chips`` is ``null`` (the
+    entries grow with the population; ``chips.csv`` holds them).
 
     Returns:
       The written paths, in that order.
     """
     os.makedirs(workdir, exist_ok=True)
     paths = [os.path.join(workdir, n) for n in ("summary.json", "resilience.csv", "chips.csv")]
-    write_json_atomic(paths[0], summary)
+    write_json_atomic(paths[0], summary if chips_in_json else dict(summary, chips=None))
     write_csv_atomic(paths[1], resilience_rows(summary))
     write_csv_atomic(paths[2], chip_rows(summary))
     if summary.get("groups") is not None:

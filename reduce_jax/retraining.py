@@ -171,7 +171,10 @@ def _retrain_chunk(
     states = population.run_phase(
         ctx.trainer, states, masks, ctx.data, keys[0], chunk["steps"], on_progress=meter
     )
-    after = population.evaluate(ctx.trainer, states, masks, ctx.data)
+    # A chip without steps is unchanged: its accuracy after is the one before.
+    trained = np.flatnonzero(chunk["steps"] > 0)
+    after = before.copy()
+    after[trained] = population.evaluate(ctx.trainer, states, masks, ctx.data, ids=trained)
     states, after, topup = top_up(ctx, states, masks, after, chunk["retrain"], keys[1])
     return dict(
         before=before,
@@ -223,7 +226,9 @@ def top_up(
             extra,
         )
         topup += extra
-        after = np.where(missing, population.evaluate(ctx.trainer, states, masks, ctx.data), after)
+        ids = np.flatnonzero(missing)  # only the chips just topped up are evaluated again
+        after = after.copy()
+        after[ids] = population.evaluate(ctx.trainer, states, masks, ctx.data, ids=ids)
         missing &= after < ctx.target
         rnd += 1
     return states, after, topup

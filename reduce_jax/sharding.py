@@ -21,14 +21,28 @@ PyTree = Any
 AXIS = "chips"
 
 
-def initialize(coordinator_address: str | None, num_processes: int, process_id: int) -> None:
-    """Joins a multi-host run (``jax.distributed.initialize``); a no-op for one process."""
-    if num_processes > 1:
+def initialize(
+    coordinator_address: str | None, num_processes: int, process_id: int, auto: bool = False
+) -> None:
+    """Joins a multi-process run (``jax.distributed.initialize``); a no-op for one process.
+
+    With ``auto``, ``jax.distributed`` reads the coordinator, the process count and this
+    process's id from a cluster launcher's environment (SLURM ``srun``: ``SLURM_JOB_ID``,
+    ``SLURM_STEP_NODELIST``, ``SLURM_NTASKS``, ``SLURM_PROCID``; Open MPI ``mpirun``).
+    """
+    if auto:
+        jax.distributed.initialize()
+    elif num_processes > 1:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
         )
+
+
+def process_count() -> int:
+    """Processes of the run (1 unless ``initialize`` joined a multi-process run)."""
+    return jax.process_count()
 
 
 @functools.cache

@@ -204,3 +204,39 @@ def test_gpu_script_fails_fast_without_a_gpu(tmp_path):
     assert proc.returncode == 3, proc.stdout[-2000:]
     assert "not a GPU" in proc.stdout and "REDUCE_GPU_SH_CPU_TEST=1" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["env.json", "gpu.log"]
+
+
+# --- benchmarks/efficiency.py -------------------------------------------------------------------
+
+
+def test_retraining_efficiency_counts_steps_and_evaluations():
+    from benchmarks import efficiency
+
+    # As in chips.csv: a chip with 2 top-up increments of 5 steps, one with a last increment
+    # cut to 3 steps, one not topped up, one not retrained and one selected for 0 steps but
+    # topped up once (evaluated before, and after its increment).
+    chips = [
+        dict(selected_steps="20", topup_steps="10"),
+        dict(selected_steps="10", topup_steps="8"),
+        dict(selected_steps="15", topup_steps="0"),
+        dict(selected_steps="", topup_steps="0"),
+        dict(selected_steps="0", topup_steps="5"),
+    ]
+    steps, evals = efficiency.retrain_work(chips, topup_steps=5, test_images=100)
+    assert steps == 20 + 10 + 10 + 8 + 15 + 5
+    assert evals == (4 + 4 + 2 + 1 + 2) * 100
+    rows = [dict(chips=8, error="x"), *(dict(chips=n, population_chip_steps_per_s=10.0 * n,
+            eval_chip_evals_per_s=1000.0) for n in (8, 32, 128))]  # fmt: skip
+    assert efficiency.benchmark_row(rows, 32)["chips"] == 32
+    assert efficiency.benchmark_row(rows, 64)["chips"] == 32  # the nearest
+    assert efficiency.benchmark_row(rows, 80)["chips"] == 128  # the larger on a tie
+    bench = efficiency.benchmark_row(rows, 30)
+    summary = dict(
+        config=dict(topup_epochs=0.5, chips_per_batch=30),
+        baseline=dict(steps_per_epoch=10),
+        timing=dict(retrain_s=10.0),
+    )
+    out = efficiency.efficiency(summary, chips, bench, 100)
+    # 68 steps at 320/s and 1,300 evaluations at 1,000/s, against 10 s measured.
+    assert out["chip_steps"] == 68 and out["chip_evals"] == 1300
+    assert out["efficiency"] == round((68 / 320 + 1.3) / 10, 3)

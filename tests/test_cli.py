@@ -234,6 +234,8 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--dataset=mnist", "--data_dir={tmp}/idx"], "train-images-idx3-ubyte"),
         (["--chip_fault_maps={tmp}/float_maps.npz"], "float_maps.npz"),
         (["--chip_fault_maps={tmp}/maps.csv"], "maps.csv"),
+        (["--distributed_auto", "--num_processes=2"], "--distributed_auto"),
+        (["--num_processes=2"], "--coordinator_address"),
     ],
 )
 def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):

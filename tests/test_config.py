@@ -50,6 +50,7 @@ DEFAULT_DICT = {
     "baseline_learning_rate": 0.001,
     "chips_per_batch": 64,
     "eval_batch_size": 100,
+    "summary_chips": True,
     "seed": 0,
 }
 

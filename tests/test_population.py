@@ -120,3 +120,33 @@ def test_progress_store_refuses_other_settings(tmp_path):
         progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=False)
     fresh = progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=True)
     assert fresh.done("s") == {}
+
+
+def test_meter_counts_resumed_work_as_done_but_not_in_the_rate(monkeypatch, caplog):
+    """8 of 10 chips found saved, 1 computed in 2 s: 9/10 done at 0.5 chips/s, ETA 2 s."""
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    meter = progress.Meter("retrain", 10, unit="chips", every_s=0.0)
+    meter.resumed(8)
+    with caplog.at_level("INFO"):
+        meter(1)
+    assert "retrain: 9/10 chips (90%), 0.5/s, ETA 2 s" in caplog.text
+
+
+def test_progress_store_resumes_across_settings_that_do_not_change_results(tmp_path):
+    saved = dict(a=1, workdir="x", summary_chips=True)
+    progress.ProgressStore(str(tmp_path), saved, overwrite=False).put("s", 0, dict(x=np.ones(2)))
+    other = dict(a=1, workdir="y", summary_chips=False)
+    assert sorted(progress.ProgressStore(str(tmp_path), other, overwrite=False).done("s")) == [0]
+
+
+def test_evaluating_some_chips_equals_evaluating_all(digits, tiny_mlp, tiny_mlp_params):
+    data = population.DeviceData.from_dataset(digits)
+    trainer = train.make_trainer(tiny_mlp, train.make_optimizer("sgd", 0.1), 32)
+    maps = np.asarray(faults.sample_fault_maps(jax.random.key(6), 6, 8, 8, 0.3))
+    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, np.zeros(6))
+    every = population.evaluate(trainer, states, masks, data)
+    assert len(set(every.tolist())) > 1  # the chips differ, so a mix-up would show
+    for ids in ([4], [1, 4], [0, 2, 3, 5, 1], [0, 1, 2, 3, 4, 5]):
+        some = population.evaluate(trainer, states, masks, data, ids=np.array(ids))
+        np.testing.assert_allclose(some, every[ids], atol=1e-6)

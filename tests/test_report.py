@@ -103,6 +103,15 @@ def _read_csv(path):
         return list(csv.reader(f))
 
 
+def test_summary_without_chips_keeps_them_in_chips_csv(tmp_path):
+    summary = _summary()
+    report.write_outputs(summary, str(tmp_path), chips_in_json=False)
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f) == dict(summary, chips=None)
+    chips = _read_csv(tmp_path / "chips.csv")
+    assert len(chips) == 1 + len(summary["chips"]) and chips[0] == list(summary["chips"][0])
+
+
 def test_write_outputs(tmp_path):
     summary = _summary()
     paths = report.write_outputs(summary, str(tmp_path))

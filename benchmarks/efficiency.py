@@ -1,0 +1,97 @@
+"""How close a run's retraining phase comes to the population benchmark's rates: one JSON line.
+
+  python -m benchmarks.population --chips=32 > bench.jsonl
+  python -m benchmarks.efficiency --workdir=runs/default --benchmark=bench.jsonl
+
+The retraining phase (per-chip Reduce: retraining, verification, top-ups; ``timing.retrain_s``
+of ``summary.json``) does two kinds of useful work: chip-steps (every chip's selected amount
+and top-ups, ``chips.csv``) and chip-evaluations of the test set (every chip before
+retraining, after its selected steps if it has any, and after each top-up increment). The
+*ideal* time is that work at the benchmark's rates (``population_chip_steps_per_s`` and
+``eval_chip_evals_per_s`` of its row for the run's ``--chips_per_batch``, else the nearest
+size); the *efficiency* is ideal time / measured time. What is missing to 1 is the
+bookkeeping around the step: padding and compaction, host transfers, evaluations of chips
+that need none, compiles.
+Benchmark and run must come from the same machine, with nothing else running.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from absl import app, flags
+
+from reduce_jax import data as data_lib
+from reduce_jax import train
+
+WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.", required=True)
+BENCHMARK = flags.DEFINE_string(
+    "benchmark", None, "File of benchmarks.population's JSON lines.", required=True
+)
+
+
+def benchmark_row(rows: list[dict], chips: int) -> dict:
+    """The row measured at ``chips`` chips, else at the nearest size (the larger on a tie;
+    rows with rates only)."""
+    rated = [r for r in rows if "population_chip_steps_per_s" in r]
+    if not rated:
+        raise ValueError("no benchmark row with rates")
+    return min(rated, key=lambda r: (abs(r["chips"] - chips), -r["chips"]))
+
+
+def retrain_work(chips: list[dict], topup_steps: int, test_images: int) -> tuple[int, int]:
+    """``(chip_steps, chip_evals)`` the retraining phase needs for ``chips`` (``chips.csv``
+    rows): the steps of every retrained chip, and test-set evaluations of every chip before,
+    after its selected steps (if any) and after each top-up increment (``topup_steps``
+    steps, the last one possibly cut)."""
+    steps = evals = 0
+    for c in chips:
+        selected = int(c["selected_steps"]) if c["selected_steps"] not in ("", None) else 0
+        extra = int(c["topup_steps"] or 0)
+        steps += selected + extra
+        evals += 1 + (selected > 0) + (-(-extra // topup_steps) if topup_steps > 0 else 0)
+    return steps, evals * test_images
+
+
+def efficiency(summary: dict, chips: list[dict], bench: dict, test_images: int) -> dict:
+    """The figure (see the module docstring) as a JSON-able dict."""
+    cfg, spe = summary["config"], summary["baseline"]["steps_per_epoch"]
+    topup = int(train.epochs_to_steps(cfg["topup_epochs"], spe))
+    steps, evals = retrain_work(chips, topup, test_images)
+    step_rate, eval_rate = bench["population_chip_steps_per_s"], bench["eval_chip_evals_per_s"]
+    measured = summary["timing"]["retrain_s"]
+    ideal = steps / step_rate + evals / eval_rate
+    return dict(
+        chips=len(chips),
+        chips_per_batch=cfg["chips_per_batch"],
+        retrain_s=round(measured, 2),
+        chip_steps=steps,
+        chip_evals=evals,
+        phase_chip_steps_per_s=round(steps / measured, 2),
+        benchmark_chips=bench["chips"],
+        benchmark_chip_steps_per_s=step_rate,
+        benchmark_chip_evals_per_s=eval_rate,
+        ideal_train_s=round(steps / step_rate, 2),
+        ideal_eval_s=round(evals / eval_rate, 2),
+        efficiency=round(ideal / measured, 3),
+    )
+
+
+def main(argv):
+    del argv
+    with open(os.path.join(WORKDIR.value, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(WORKDIR.value, "chips.csv"), newline="") as f:
+        chips = list(csv.DictReader(f))
+    with open(BENCHMARK.value) as f:
+        rows = [json.loads(line) for line in f if line.strip().startswith("{")]
+    cfg = summary["config"]
+    ds = data_lib.load_dataset(cfg["dataset"], cfg["data_dir"])
+    bench = benchmark_row(rows, cfg["chips_per_batch"])
+    print(json.dumps(efficiency(summary, chips, bench, len(ds.test_labels))))
+
+
+if __name__ == "__main__":
+    app.run(main)
