@@ -47,10 +47,11 @@ def main(argv):
     jax.config.update("jax_log_compiles", True)
     ds = data.load_dataset("digits")
     model = models.MLP(num_classes=10, hidden=(32,))
-    params = jax.tree.map(np.asarray, models.init_params(model, jax.random.key(0), (8, 8, 1)))
+    variables = jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(0), (8, 8, 1)))
     trainer = train.make_trainer(model, train.make_optimizer("adam", 3e-3), 64)
     ctx = population.Context(
-        trainer, params, population.DeviceData.from_dataset(ds), 0.5, 23,
+        trainer, variables, population.DeviceData.from_dataset(data.split_validation(ds, 0.1)),
+        0.5, 23,
         CHIPS_PER_BATCH.value, 4, 8,
     )  # fmt: skip
     n = CHIPS.value

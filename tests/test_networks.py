@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from reduce_jax import augment, faults, models, population, systolic, train
+from reduce_jax import data as data_lib
 
 # A two-stage ResNet (stem, an identity block, a strided block with a 1x1 projection): every
 # kind of layer of resnet20/18 at a fraction of their compile time.
@@ -138,7 +139,7 @@ def test_folded_masked_model_equals_unfolded_masked_model_in_evaluation(digits):
 def bn_setup(digits):
     var = jax.tree.map(np.asarray, models.init_variables(TINY_RESNET, jax.random.key(0), (8, 8, 1)))
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(5), 3, 4, 4, 0.25))
-    data = population.DeviceData.from_dataset(digits)
+    data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     return var, maps, data
 
 
@@ -167,7 +168,7 @@ def test_population_with_batchnorm_equals_loop_over_chips(bn_setup):
     mean = np.asarray(states.batch_stats["stem"]["bn"]["mean"])
     assert not np.allclose(mean[0], 0) and not np.allclose(mean[0], mean[2])
     # Evaluation uses the running averages: the same as applying each chip's variables.
-    acc = population.evaluate(trainer, states, masks, data)
+    acc = population.evaluate(trainer, states, masks, data, "test")
     for i in (0, 2):
         v = train.masked_variables(
             train.slice_chips(states.variables, i), train.slice_chips(masks, i)

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from reduce_jax import data as data_lib
 from reduce_jax import faults, population, progress, train
 from reduce_jax.config import ConfigError
 
@@ -140,11 +141,11 @@ def test_progress_store_resumes_across_settings_that_do_not_change_results(tmp_p
     assert sorted(progress.ProgressStore(str(tmp_path), other, overwrite=False).done("s")) == [0]
 
 
-def test_evaluating_some_chips_equals_evaluating_all(digits, tiny_mlp, tiny_mlp_params):
-    data = population.DeviceData.from_dataset(digits)
+def test_evaluating_some_chips_equals_evaluating_all(digits, tiny_mlp, tiny_mlp_variables):
+    data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("sgd", 0.1), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(6), 6, 8, 8, 0.3))
-    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, np.zeros(6))
+    states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, np.zeros(6))
     every = population.evaluate(trainer, states, masks, data)
     assert len(set(every.tolist())) > 1  # the chips differ, so a mix-up would show
     for ids in ([4], [1, 4], [0, 2, 3, 5, 1], [0, 1, 2, 3, 4, 5]):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reduce_jax import data as data_lib
 from reduce_jax import faults, population, retraining, train
 
 
@@ -63,38 +64,40 @@ def _topup_setup(trainer, params, data, increments, inc):
     return maps, np.array(acc)
 
 
-def test_top_ups_of_a_trained_chip_stop_once_it_meets_the_target(digits, tiny_mlp, tiny_mlp_params):
+def test_top_ups_of_a_trained_chip_stop_once_it_meets_the_target(
+    digits, tiny_mlp, tiny_mlp_variables
+):
     """A real chip (tiny MLP on digits, from an untrained start): with the target between
     its accuracy after 1 and after 2 increments, it gets exactly 2; with a target it never
     reaches, it stops at the cap."""
-    data = population.DeviceData.from_dataset(digits)
+    data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
     inc = 4
-    maps, acc = _topup_setup(trainer, tiny_mlp_params, data, 3, inc)
+    maps, acc = _topup_setup(trainer, tiny_mlp_variables, data, 3, inc)
     assert acc[2] > acc[1] > acc[0], acc  # training helps, so a target fits in between
     for target, rounds in [((acc[1] + acc[2]) / 2, 2), ((acc[0] + acc[1]) / 2, 1), (1.01, 3)]:
-        ctx = population.Context(trainer, tiny_mlp_params, data, target, 45, 1, inc, 3 * inc)
-        states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, np.zeros(1))
+        ctx = population.Context(trainer, tiny_mlp_variables, data, target, 45, 1, inc, 3 * inc)
+        states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, np.zeros(1))
         states, after, topup = retraining.top_up(ctx, states, masks, acc[:1], np.array([True]), KEY)
         assert topup.tolist() == [rounds * inc], (target, acc)
         np.testing.assert_allclose(after, acc[rounds], atol=1e-9)
         np.testing.assert_array_equal(states.step, rounds * inc)
 
 
-def test_retrain_evaluates_chips_without_steps_once(digits, tiny_mlp, tiny_mlp_params):
+def test_retrain_evaluates_chips_without_steps_once(digits, tiny_mlp, tiny_mlp_variables):
     """Chips selected for 0 steps, or not retrained, keep their accuracy before; the others'
     accuracy after is their trained model's (evaluated on the chunk's trained chips only)."""
-    data = population.DeviceData.from_dataset(digits)
+    data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(8), 5, 8, 8, 0.3))
-    ctx = population.Context(trainer, tiny_mlp_params, data, 0.0, 45, 5, 4, 0)
+    ctx = population.Context(trainer, tiny_mlp_variables, data, 0.0, 45, 5, 4, 0)
     steps = np.array([0, 6, 0, 3, 6])
     retrain = np.array([True, True, False, True, True])
     units = retraining.Units.of_groups(maps, [[i] for i in range(5)], steps, retrain)
     out = retraining.retrain(ctx, units, maps, KEY)
     idle = units.steps == 0
     np.testing.assert_array_equal(out.accuracy_after[idle], out.accuracy_before[idle])
-    states, masks = population.init_chunk(trainer, tiny_mlp_params, maps, units.steps)
+    states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, units.steps)
     keys = jax.random.split(KEY)
     states = population.run_phase(trainer, states, masks, data, keys[0], units.steps)
     every = population.evaluate(trainer, states, masks, data)
