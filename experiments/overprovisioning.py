@@ -42,7 +42,7 @@ def rows(summary: dict) -> list[dict]:
     chip_rates = np.asarray(study["measures"][measure]["rates"], np.float64)
     ctx = population.Context(
         trainer=None,
-        params=None,
+        variables=None,
         data=None,
         target=summary["target_accuracy"],
         steps_per_epoch=spe,
