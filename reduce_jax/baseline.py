@@ -17,6 +17,7 @@ from absl import logging
 
 from reduce_jax import models, train
 from reduce_jax.data import Dataset
+from reduce_jax.errors import ConfigError
 
 PyTree = Any
 
@@ -124,28 +125,26 @@ def load_baseline(
 
 
 def get_baseline(
-    workdir: str | None,
-    model_name: str,
-    data: Dataset,
-    key: jax.Array,
-    epochs: float,
-    batch_size: int,
-    optimizer: str,
-    lr: float,
-    seed: int,
+    workdir: str | None, model, data: Dataset, key: jax.Array, config: dict
 ) -> tuple[PyTree, dict]:
     """Loads the baseline from ``workdir`` or trains (and saves) it.
+
+    Args:
+      workdir: where the checkpoint is kept (None: train, keep nothing).
+      model: the Flax module.
+      data: the dataset.
+      key: the baseline's random stream (initialisation and batch order).
+      config: ``baseline_config(...)``: the training settings; the checkpoint is reused
+        only if it was trained with the same.
 
     Returns:
       ``(params, info)``; ``info`` has ``test_accuracy``, ``train_s``, ``steps`` and
       ``reused`` (True when loaded from the checkpoint).
     """
-    model = models.get_model(model_name, data.num_classes)
     if jax.process_count() > 1:
         # Orbax saves collectively across processes; the baseline is cheap next to the
         # study, so multi-host runs train it on every process (same seed, same params).
         workdir = None
-    config = baseline_config(data.name, model_name, epochs, batch_size, optimizer, lr, seed)
     if workdir is not None:
         abstract = jax.eval_shape(
             lambda: models.init_params(model, jax.random.key(0), data.image_shape)
@@ -155,7 +154,60 @@ def get_baseline(
             params, info = loaded
             logging.info("baseline: reused checkpoint in %s", workdir)
             return jax.tree.map(np.asarray, params), dict(info, reused=True)
-    params, info = train_baseline(model, data, key, epochs, batch_size, optimizer, lr)
+    settings = (
+        config["epochs"],
+        config["batch_size"],
+        config["optimizer"],
+        config["learning_rate"],
+    )
+    params, info = train_baseline(model, data, key, *settings)
     if workdir is not None:
         save_baseline(workdir, params, config, info)
     return params, dict(info, reused=False)
+
+
+def checkpoint_tree(path: str) -> PyTree:
+    """The tree of an orbax checkpoint, ``ShapeDtypeStruct`` leaves, read from its metadata
+    (no array is read).
+
+    Raises:
+      ConfigError: naming ``--init_checkpoint`` and ``path`` when it is no checkpoint.
+    """
+    if not os.path.isdir(path):
+        raise ConfigError(f"--init_checkpoint={path} is not a directory")
+    with _quiet_orbax():
+        try:
+            meta = ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata
+        except Exception as e:  # any failure to read a foreign directory is a bad input
+            raise ConfigError(f"--init_checkpoint={path}: unreadable ({type(e).__name__})") from e
+    tree = getattr(meta, "tree", None)
+    if not tree:
+        raise ConfigError(
+            f"--init_checkpoint={path} is not an orbax checkpoint (no tree metadata); give a "
+            "directory written like a run's baseline/"
+        )
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def as_variables(tree: PyTree) -> dict:
+    """A checkpoint's tree as Flax variables: a tree with a top-level ``params`` is taken as
+    variables (``{'params': ..., ...}``), any other (a run's ``baseline/``) as ``params``."""
+    if isinstance(tree, dict) and "params" in tree:
+        return dict(tree)
+    return {"params": tree}
+
+
+def restore_variables(path: str, abstract_variables: dict) -> dict:
+    """The checkpoint's arrays as variables of the given (checked) structure; numpy leaves.
+
+    Args:
+      path: the checkpoint directory (``checkpoint_tree`` read it already).
+      abstract_variables: ``{'params': ..., ...}`` of ``ShapeDtypeStruct`` that the
+        checkpoint's tree matches (in ``as_variables``' sense).
+    """
+    target = abstract_variables
+    if "params" not in checkpoint_tree(path):
+        target = abstract_variables["params"]
+    with _quiet_orbax():
+        tree = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    return as_variables(jax.tree.map(np.asarray, tree))

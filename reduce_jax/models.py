@@ -104,6 +104,63 @@ def get_model(name: str, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
 
 
+BUILTIN_MODELS = (MLP, LeNet5, VGGSmall)
+
+
+def apply(model: nn.Module, variables, x: jax.Array, train: bool, **kwargs):
+    """How every model is called: the one place that knows the calling convention.
+
+    Your own modules are called as ``model.apply(variables, x, train=train)``; the built-in
+    ones (``BUILTIN_MODELS``) take only ``x`` and are called as ``model.apply(variables, x)``.
+
+    Args:
+      model: a Flax linen module.
+      variables: ``{'params': ...}`` (and any other collection of the model).
+      x: ``float32[B, H, W, C]`` images.
+      train: training (True) or evaluation (False) mode.
+      **kwargs: passed on to ``model.apply`` (``mutable=...``, ...).
+
+    Returns:
+      What ``model.apply`` returns: ``float32[B, classes]`` logits (with ``mutable``, the
+      pair ``(logits, updated collections)``).
+    """
+    if isinstance(model, BUILTIN_MODELS):
+        return model.apply(variables, x, **kwargs)
+    return model.apply(variables, x, train=train, **kwargs)
+
+
+def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]) -> dict:
+    """Every variable collection of ``model`` (``params``, ...) for images
+    ``float[*, H, W, C]``; ``apply``'s calling convention, in evaluation mode."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return apply(model, {}, x, train=False, rngs={"params": key}, mutable=True)[1]
+
+
 def init_params(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]):
     """Parameters of ``model`` for images ``float[*, H, W, C]`` (the ``params`` collection)."""
-    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+    return init_variables(model, key, image_shape)["params"]
+
+
+def kernel_inputs(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[tuple, int]:
+    """The size of the last input dimension of every module that owns a ``kernel``.
+
+    Found by tracing ``model.init`` (shapes only, no compute); a convolution whose kernel
+    ``[kh, kw, cin, cout]`` has ``cin`` less than its input's channels is grouped or
+    depthwise (``systolic.check_mappable``).
+
+    Returns:
+      ``{('params', *module path, 'kernel'): input channels}`` for every module called with
+      an array as its first argument (a module called several times: its last call).
+    """
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if args and hasattr(args[0], "shape") and mod.has_variable("params", "kernel"):
+            found[("params", *mod.path, "kernel")] = int(args[0].shape[-1])
+        return out
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+    return found

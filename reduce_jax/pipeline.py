@@ -2,6 +2,8 @@
 verification with top-ups, grouping, and cost accounting.
 
 ``run(config)`` is what the CLI calls; it reads as Reduce's steps, one call per stage.
+``run(config, model=..., variables=..., dataset=...)`` runs it on your own model, trained
+weights and data (``reduce_jax.inputs``).
 Progress is saved per chunk of chips in ``<workdir>/progress.json``
 (``progress.ProgressStore``), so an interrupted run continues where it stopped and ends
 with the same ``summary.json``.
@@ -13,6 +15,7 @@ import hashlib
 import os
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +27,6 @@ from reduce_jax import data as data_lib
 from reduce_jax import (
     faults,
     grouping,
-    models,
     population,
     predictor,
     report,
@@ -34,6 +36,7 @@ from reduce_jax import (
     systolic,
     train,
 )
+from reduce_jax import inputs as inputs_lib
 from reduce_jax.config import ReduceConfig, check_grid, validate
 from reduce_jax.progress import ProgressStore, Timer
 from reduce_jax.summary import Baseline, Summary
@@ -57,24 +60,46 @@ class Keys(NamedTuple):
         return cls(*(jax.random.fold_in(key, i) for i in range(len(cls._fields))))
 
 
-def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
-    """Runs Reduce; writes the outputs into ``cfg.workdir`` (if set) and returns the result."""
-    validate(cfg)
+def run(
+    cfg: ReduceConfig,
+    overwrite: bool = False,
+    *,
+    model: nn.Module | None = None,
+    variables: dict | None = None,
+    dataset: data_lib.Dataset | None = None,
+) -> Summary:
+    """Runs Reduce; writes the outputs into ``cfg.workdir`` (if set) and returns the result.
+
+    Args:
+      cfg: the settings.
+      overwrite: discard progress in the workdir saved with other settings.
+      model: your own Flax linen module instead of ``cfg.model``, called as
+        ``model.apply(variables, x, train=...)`` and returning ``float[B, classes]``
+        logits; every ``kernel`` parameter (Dense ``[in, out]``, Conv HWIO) is placed on the
+        array.
+      variables: its trained ``{'params': ...}``: the baseline is measured, not trained
+        (``cfg.init_checkpoint`` does the same from an orbax checkpoint).
+      dataset: your own ``Dataset`` instead of ``cfg.dataset``.
+
+    Raises:
+      ConfigError: a bad setting or input (before any compute and before the workdir is
+        touched).
+    """
+    validate(cfg, dataset_files=dataset is None)
     timer, keys = Timer(), Keys.from_seed(cfg.seed)
     with timer.phase("load_data"):
         # Everything that can be wrong with the inputs is found before the workdir is touched.
-        ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
-        store = _progress_store(cfg, overwrite)
-        data = population.DeviceData.from_dataset(ds)
-    model = models.get_model(cfg.model, ds.num_classes)
+        inp = inputs_lib.resolve(cfg, model, variables, dataset)
+        store = _progress_store(cfg, overwrite, inp)
+        data = population.DeviceData.from_dataset(inp.dataset)
     amaps = _analysis_fault_maps(cfg, keys.analysis_maps)
-    _check_shape_grid(cfg, model, ds.image_shape, amaps)
+    _check_shape_grid(cfg, inp.abstract["params"], amaps)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
     with timer.phase("baseline"):
-        params, weights, base_info = _baseline(cfg, ds, keys.baseline, amaps)
+        params, weights, base_info = _baseline(cfg, inp, keys.baseline, amaps)
     timer.times["baseline_reused"] = base_info["reused"]
-    ctx, base = _context(cfg, model, params, data, base_info)
+    ctx, base = _context(cfg, inp.model, params, data, base_info)
 
     # 1-2. Resilience analysis and map.
     amounts = np.asarray(cfg.retrain_epochs, np.float64)
@@ -115,6 +140,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         steps_per_epoch=ctx.steps_per_epoch, analysis=analysis, rmap=rmap,
         assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
         mapping=systolic.describe_mapping(params, cfg.array_rows, cfg.array_cols),
+        inputs=inp.describe(),
         timing=timer.times,
     )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
@@ -122,14 +148,17 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
     return summary
 
 
-def _progress_store(cfg: ReduceConfig, overwrite: bool) -> ProgressStore:
+def _progress_store(cfg: ReduceConfig, overwrite: bool, inp: inputs_lib.Inputs) -> ProgressStore:
     """Saved chunks are reused only with the same settings, the same device count (it sets
-    the chunk sizes) and the same fault-map file contents."""
+    the chunk sizes), the same fault-map file contents, model, data and baseline."""
     sha = None
     if cfg.chip_fault_maps is not None:
         with open(cfg.chip_fault_maps, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
     key = dict(cfg.as_dict(), devices=jax.device_count(), chip_fault_maps_sha256=sha)
+    key.update(model=inp.model_id, dataset=inp.dataset_id)
+    if inp.baseline_sha256 is not None:  # not trained by the tool
+        key.update(baseline_source=inp.source, baseline_sha256=inp.baseline_sha256)
     return ProgressStore(cfg.workdir, key, overwrite)
 
 
@@ -147,33 +176,32 @@ def _fault_spec(cfg: ReduceConfig, model: str) -> faults.FaultSpec:
     )
 
 
-def _check_shape_grid(cfg: ReduceConfig, model, image_shape, amaps: np.ndarray) -> None:
+def _check_shape_grid(cfg: ReduceConfig, abstract_params, amaps: np.ndarray) -> None:
     """The grid must be resolvable on the array (``pe``) and in the rate measure that reads
     the map. Measures of shapes only are checked before any training; ``importance`` needs
     the trained weights and is checked once the baseline exists."""
-    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
     measures = ("pe",) if cfg.rate_measure in ("pe", "importance") else ("pe", "effective")
     grid = systolic.grid_rates(
-        systolic.measure_weights(abstract, cfg.array_rows, cfg.array_cols, measures), amaps
+        systolic.measure_weights(abstract_params, cfg.array_rows, cfg.array_cols, measures), amaps
     )
     for m in measures:
         check_grid(grid[m], cfg, m)
 
 
-def _baseline(cfg: ReduceConfig, ds: data_lib.Dataset, key: jax.Array, amaps: np.ndarray):
-    """The baseline (trained, or reused from the workdir), replicated over the devices, and
-    the per-PE weights of every rate measure; checks the grid in the map's measure."""
-    params, info = baseline_lib.get_baseline(
-        cfg.workdir,
-        cfg.model,
-        ds,
-        key,
-        cfg.baseline_epochs,
-        cfg.batch_size,
-        cfg.baseline_optimizer,
-        cfg.baseline_learning_rate,
-        cfg.seed,
-    )
+def _baseline(cfg: ReduceConfig, inp: inputs_lib.Inputs, key: jax.Array, amaps: np.ndarray):
+    """The baseline (given, from ``--init_checkpoint``, or trained or reused from the
+    workdir), replicated over the devices, and the per-PE weights of every rate measure;
+    checks the grid in the map's measure."""
+    if inp.variables is not None:
+        params = inp.variables["params"]
+        info = dict(steps=0, test_accuracy=None, reused=False, source=inp.source)
+    else:
+        settings = baseline_lib.baseline_config(
+            inp.dataset_id, inp.model_id, cfg.baseline_epochs, cfg.batch_size,
+            cfg.baseline_optimizer, cfg.baseline_learning_rate, cfg.seed,
+        )  # fmt: skip
+        params, info = baseline_lib.get_baseline(cfg.workdir, inp.model, inp.dataset, key, settings)
+        info = dict(info, source=inp.source)
     weights = systolic.measure_weights(params, cfg.array_rows, cfg.array_cols)
     check_grid(systolic.grid_rates(weights, amaps)[cfg.rate_measure], cfg, cfg.rate_measure)
     return sharding.replicate(jax.tree.map(jnp.asarray, params)), weights, info
@@ -211,6 +239,7 @@ def _context(cfg: ReduceConfig, model, params, data, base_info: dict):
         steps=base_info["steps"],
         accuracy_at_training=base_info["test_accuracy"],
         reused=base_info["reused"],
+        source=base_info["source"],
     )
     return ctx, base
 

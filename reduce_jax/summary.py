@@ -24,15 +24,18 @@ class Baseline:
 
     Attributes:
       accuracy: test accuracy of the baseline (the target is taken from it).
-      steps: steps it was trained for.
-      accuracy_at_training: the accuracy recorded when it was trained.
+      steps: steps it was trained for (0: not trained by the tool).
+      accuracy_at_training: the accuracy recorded when it was trained (None: not trained).
       reused: loaded from the run's checkpoint rather than trained.
+      source: ``trained`` (by the tool, in this workdir), ``checkpoint``
+        (``--init_checkpoint``) or ``given`` (``variables`` passed to ``run``).
     """
 
     accuracy: float
     steps: int
-    accuracy_at_training: float
+    accuracy_at_training: float | None
     reused: bool
+    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Summary:
       grouped: the grouped retraining (grouped runs; else None).
       cost: the cost accounting; predictor: the predictor study (or None).
       mapping: ``systolic.describe_mapping`` of the network on the array.
+      inputs: the model and data the run computed on (``inputs.Inputs.describe``).
       timing: seconds per phase.
     """
 
@@ -64,6 +68,7 @@ class Summary:
     cost: cost_lib.Cost
     predictor: predictor.PredictorStudy | None
     mapping: list[dict]
+    inputs: dict
     timing: dict[str, Any]
 
     def to_json(self) -> dict:
@@ -78,6 +83,7 @@ class Summary:
                     steps=self.baseline.steps,
                     steps_per_epoch=self.steps_per_epoch,
                     accuracy_at_training=self.baseline.accuracy_at_training,
+                    source=self.baseline.source,
                 ),
                 resilience=dict(
                     fault_rates=rates,
@@ -106,6 +112,7 @@ class Summary:
                 mapping=[
                     dict(m, shape=list(m["shape"]), matrix=list(m["matrix"])) for m in self.mapping
                 ],
+                inputs=self.inputs,
             )
         )
 

@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from flax import struct
 
+from reduce_jax import models
+
 PyTree = Any
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -130,7 +132,7 @@ def chip_step(
     """
 
     def loss_fn(params):
-        logits = model.apply({"params": apply_mask(params, mask)}, images)
+        logits = models.apply(model, {"params": apply_mask(params, mask)}, images, train=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -154,7 +156,7 @@ def chip_correct(
     model: nn.Module, params: PyTree, mask: PyTree, images: jax.Array, labels: jax.Array
 ) -> jax.Array:
     """Number of correct predictions ``int32[]`` of one chip on a batch."""
-    logits = model.apply({"params": apply_mask(params, mask)}, images)
+    logits = models.apply(model, {"params": apply_mask(params, mask)}, images, train=False)
     return jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
 
 

@@ -92,7 +92,9 @@ def _summary() -> Summary:
     return Summary(
         config=cfg,
         overwrite=False,
-        baseline=Baseline(accuracy=0.9, steps=100, accuracy_at_training=0.9, reused=False),
+        baseline=Baseline(
+            accuracy=0.9, steps=100, accuracy_at_training=0.9, reused=False, source="trained"
+        ),
         target=0.88,
         steps_per_epoch=SPE,
         analysis=analysis,
@@ -103,6 +105,7 @@ def _summary() -> Summary:
         cost=cost.summarize(chips, 1.0, 4.0, SPE, grouped),
         predictor=study,
         mapping=[dict(name="k", shape=(2, 3), matrix=(2, 3), tiles=1, utilisation=0.5)],
+        inputs=dict(model="mlp", dataset="digits", image_shape=[8, 8, 1], num_classes=10),
         timing=dict(wall_s=1.0),
     )
 
@@ -136,7 +139,9 @@ def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
         "config",
         "timing",
         "mapping",
+        "inputs",
     ]
+    assert s["baseline"]["source"] == "trained"
 
 
 def test_headline_is_one_line_with_the_cost():
