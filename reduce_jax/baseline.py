@@ -25,10 +25,11 @@ CHECKPOINT_DIR = "baseline"
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax logs every save and restore at INFO; keep the run's log readable."""
+def _quiet_orbax(quietest: int = logging.WARNING):
+    """Orbax logs every save and restore at INFO; keep the run's log readable (log nothing
+    below ``quietest``)."""
     level = logging.get_verbosity()
-    logging.set_verbosity(min(level, logging.WARNING))  # absl: lower = quieter
+    logging.set_verbosity(min(level, quietest))  # absl: lower = quieter
     try:
         yield
     finally:
@@ -175,7 +176,7 @@ def checkpoint_tree(path: str) -> PyTree:
     """
     if not os.path.isdir(path):
         raise ConfigError(f"--init_checkpoint={path} is not a directory")
-    with _quiet_orbax():
+    with _quiet_orbax(logging.ERROR):  # a directory that is no checkpoint: our message only
         try:
             meta = ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata
         except Exception as e:  # any failure to read a foreign directory is a bad input

@@ -133,31 +133,30 @@ def _images_name(cfg: ReduceConfig, given: bool, ds: data_lib.Dataset) -> str:
 
 
 def abstract_variables(model: nn.Module, ds: data_lib.Dataset, images: str) -> dict:
-    """The model's variables for the dataset's images (shapes only), checked: the model runs
-    on them, has no collection besides ``params``, and returns ``[B, K]`` logits with
-    ``K >= num_classes``.
+    """The model's variables for the dataset's images (shapes only), checked: the model
+    initialises and runs on them in both modes, has no collection besides ``params``, and
+    returns ``[B, K]`` logits with ``K >= num_classes``.
 
     Raises:
       ConfigError: naming the model and the images.
     """
     name = type(model).__name__
-    try:
-        abstract = jax.eval_shape(
-            lambda: models.init_variables(model, jax.random.key(0), ds.image_shape)
-        )
-        x = jax.ShapeDtypeStruct((2, *ds.image_shape), jnp.float32)
-        logits = jax.eval_shape(lambda v, x: models.apply(model, v, x, train=False), abstract, x)
-    except Exception as e:  # whatever a foreign module raises, reported in one line
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(
-            f"model {name} does not run on {images}: {type(e).__name__}: {first}"
-        ) from None
+    abstract = _trace(
+        name, f"does not initialise on {images}",
+        lambda: models.init_variables(model, jax.random.key(0), ds.image_shape),
+    )  # fmt: skip
     extra = sorted(set(abstract) - {"params"})
     if extra:
         raise ConfigError(
             f"model {name} has variable collections {extra} besides 'params' (BatchNorm's "
             "batch_stats): not supported yet; use a model without them"
         )
+    x = jax.ShapeDtypeStruct((2, *ds.image_shape), jnp.float32)
+    for train in (False, True):
+        logits = _trace(
+            name, f"does not run on {images} with train={train}",
+            lambda v, x, t=train: models.apply(model, v, x, train=t), abstract, x,
+        )  # fmt: skip
     shape = tuple(getattr(logits, "shape", ()))
     if len(shape) != 2 or shape[1] < ds.num_classes:
         raise ConfigError(
@@ -165,6 +164,15 @@ def abstract_variables(model: nn.Module, ds: data_lib.Dataset, images: str) -> d
             f"[batch, classes] with at least num_classes={ds.num_classes} classes"
         )
     return abstract
+
+
+def _trace(name: str, what: str, fn, *args):
+    """``jax.eval_shape(fn, *args)``; whatever a foreign module raises becomes one line."""
+    try:
+        return jax.eval_shape(fn, *args)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"model {name} {what}: {type(e).__name__}: {first}") from None
 
 
 def _path(path: tuple) -> str:
