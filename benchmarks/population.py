@@ -43,6 +43,7 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +58,11 @@ QUICK = flags.DEFINE_boolean("quick", False, "Smoke mode: digits, mlp, N=4, few 
 DATASET = flags.DEFINE_string(
     "dataset", "mnist5k", "Dataset: one of the library's, or synthetic_cifar (random images)."
 )
-MODEL = flags.DEFINE_string("model", "lenet5", "Model.")
+MODEL = flags.DEFINE_string(
+    "model",
+    "lenet5",
+    "Model: one of the library's, or lenet5_nnconv (LeNet-5 written with plain nn.Conv).",
+)
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
 ARRAY = flags.DEFINE_integer("array", 16, "Systolic array size (square).")
@@ -437,6 +442,31 @@ def bench(
     )
 
 
+class LeNet5NNConv(nn.Module):
+    """LeNet-5 as a user writes it, with Flax's ``nn.Conv`` and ``nn.max_pool`` and the
+    ``(x, train)`` convention: ``models.LeNet5``'s layers, without ``models.Conv``."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for i, features in enumerate((6, 16)):
+            x = nn.relu(nn.Conv(features, (5, 5), name=f"conv{i + 1}")(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(self.num_classes, name="out")(x)
+
+
+def get_model(name: str, num_classes: int) -> nn.Module:
+    """A library model, or ``lenet5_nnconv`` (a user's module, through ``reduce_jax.run``'s
+    calling convention)."""
+    if name == "lenet5_nnconv":
+        return LeNet5NNConv(num_classes)
+    return models.get_model(name, num_classes)
+
+
 def main(argv):
     del argv
     trials = TRIALS.value
@@ -447,7 +477,7 @@ def main(argv):
         ds = load_dataset(DATASET.value, SYNTHETIC_SIZES.value, SEED.value)
         name, steps, array = MODEL.value, STEPS.value, ARRAY.value
         sizes = [int(c) for c in CHIPS.value]
-    model = models.get_model(name, ds.num_classes)
+    model = get_model(name, ds.num_classes)
     # One compiled program, not one per operation.
     params = jax.jit(lambda k: models.init_params(model, k, ds.image_shape))(jax.random.key(0))
     on_cpu = jax.default_backend() == "cpu"
