@@ -15,6 +15,7 @@ DEFAULT_DICT = {
     "dataset": "mnist5k",
     "data_dir": None,
     "model": "lenet5",
+    "init_checkpoint": None,
     "array_rows": 16,
     "array_cols": 16,
     "fault_model": "clustered",
