@@ -31,7 +31,7 @@ def test_readme_python_example_runs(index):
         summary, data, own = namespace["summary"], namespace["data"], namespace["own"]
         assert summary.baseline.source == "given" and summary.baseline.steps == 0
         assert summary.baseline.accuracy == pytest.approx(
-            (own == data.test_labels).mean(), abs=1e-6
+            float((own == data.test_labels).mean()), abs=1e-6
         )
         assert summary.baseline.accuracy > 0.8
         assert len(summary.chips.status) == 8
