@@ -269,10 +269,10 @@ def user_files(tmp_path_factory, digits):
     )
     np.savez(d / "digits.npz", **arrays)
     np.savez(d / "no_y_test.npz", **{k: v for k, v in arrays.items() if k != "y_test"})
-    big = np.random.default_rng(0).random((20, 16, 16, 1), np.float32)
-    np.savez(
-        d / "big.npz", x_train=big, y_train=np.arange(20) % 10, x_test=big, y_test=np.zeros(20, int)
-    )
+    # 100 images: enough for a stratified validation split of 10 classes.
+    big = np.random.default_rng(0).random((100, 16, 16, 1), np.float32)
+    labels = np.arange(100) % 10
+    np.savez(d / "big.npz", x_train=big, y_train=labels, x_test=big, y_test=labels)
     for name, hidden in (("mlp_ckpt", (256, 256)), ("small_ckpt", (16,))):
         params = models.init_params(models.MLP(10, hidden), jax.random.key(0), (8, 8, 1))
         ocp.StandardCheckpointer().save(str(d / name), params)
