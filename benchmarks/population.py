@@ -44,6 +44,7 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +59,11 @@ QUICK = flags.DEFINE_boolean("quick", False, "Smoke mode: digits, mlp, N=4, few 
 DATASET = flags.DEFINE_string(
     "dataset", "mnist5k", "Dataset: one of the library's, or synthetic_cifar (random images)."
 )
-MODEL = flags.DEFINE_string("model", "lenet5", f"Model: {', '.join(models.MODELS)}.")
+MODEL = flags.DEFINE_string(
+    "model",
+    "lenet5",
+    f"Model: {', '.join(models.MODELS)}, or lenet5_nnconv (LeNet-5 written with plain nn.Conv).",
+)
 MODEL_WIDTH = flags.DEFINE_float("model_width", 1.0, "Channel multiplier of the model (> 0).")
 NO_BN = flags.DEFINE_boolean(
     "no_bn",
@@ -447,6 +452,31 @@ def bench(
     )
 
 
+class LeNet5NNConv(nn.Module):
+    """LeNet-5 as a user writes it, with Flax's ``nn.Conv`` and ``nn.max_pool`` and the
+    ``(x, train)`` convention: ``models.LeNet5``'s layers, without ``models.Conv``."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for i, features in enumerate((6, 16)):
+            x = nn.relu(nn.Conv(features, (5, 5), name=f"conv{i + 1}")(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(self.num_classes, name="out")(x)
+
+
+def get_model(name: str, num_classes: int, width: float, batch_norm: bool) -> nn.Module:
+    """A library model, or ``lenet5_nnconv`` (a user's module, through ``reduce_jax.run``'s
+    calling convention; ``width`` and ``batch_norm`` do not apply to it)."""
+    if name == "lenet5_nnconv":
+        return LeNet5NNConv(num_classes)
+    return models.get_model(name, num_classes, width, batch_norm)
+
+
 def main(argv):
     del argv
     trials = TRIALS.value
@@ -457,7 +487,7 @@ def main(argv):
         ds = load_dataset(DATASET.value, SYNTHETIC_SIZES.value, SEED.value)
         name, steps, array = MODEL.value, STEPS.value, ARRAY.value
         sizes = [int(c) for c in CHIPS.value]
-    model = models.get_model(name, ds.num_classes, MODEL_WIDTH.value, not NO_BN.value)
+    model = get_model(name, ds.num_classes, MODEL_WIDTH.value, not NO_BN.value)
     # One compiled program, not one per operation.
     init = jax.jit(lambda k: models.init_variables(model, k, ds.image_shape))
     variables = init(jax.random.key(0))

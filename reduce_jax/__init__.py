@@ -4,6 +4,11 @@ systolic-array DNN accelerators.
     import reduce_jax
     summary = reduce_jax.run(reduce_jax.ReduceConfig(dataset="digits", model="mlp"))
     print(summary.headline())
+
+Your own Flax module, its trained variables and your arrays::
+
+    data = reduce_jax.Dataset.from_arrays(x_train, y_train, x_test, y_test)
+    summary = reduce_jax.run(config, model=model, variables=variables, dataset=data)
 """
 
 from reduce_jax.config import ConfigError, ReduceConfig

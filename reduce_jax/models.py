@@ -265,6 +265,26 @@ def get_model(name: str, num_classes: int, width: float = 1.0, batch_norm: bool 
     raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
 
 
+def apply(model: nn.Module, variables, x: jax.Array, train: bool, **kwargs):
+    """How every model is called: ``model.apply(variables, x, train=train, **kwargs)``.
+
+    The one place that knows the calling convention; built-in and your own modules alike
+    take ``(x, train)``.
+
+    Args:
+      model: a Flax linen module.
+      variables: ``{'params': ...}`` (and ``batch_stats`` for a model with BatchNorm).
+      x: ``float32[B, H, W, C]`` images.
+      train: training (True: BatchNorm uses batch statistics) or evaluation (False) mode.
+      **kwargs: passed on to ``model.apply`` (``mutable=...``, ...).
+
+    Returns:
+      What ``model.apply`` returns: ``float32[B, classes]`` logits (with ``mutable``, the
+      pair ``(logits, updated collections)``).
+    """
+    return model.apply(variables, x, train=train, **kwargs)
+
+
 def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]) -> dict:
     """Variables of ``model`` for images ``float[*, H, W, C]``: ``{"params", "batch_stats"}``
     (``batch_stats`` is ``{}`` for models without BatchNorm)."""
@@ -302,3 +322,33 @@ def fold_batchnorm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
         }
 
     return fold(variables["params"], variables.get("batch_stats", {}))
+
+
+def init_params(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, int]):
+    """Parameters of ``model`` for images ``float[*, H, W, C]`` (the ``params`` collection)."""
+    return init_variables(model, key, image_shape)["params"]
+
+
+def kernel_inputs(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[tuple, int]:
+    """The size of the last input dimension of every module that owns a ``kernel``.
+
+    Found by tracing ``model.init`` (shapes only, no compute); a convolution whose kernel
+    ``[kh, kw, cin, cout]`` has ``cin`` less than its input's channels is grouped or
+    depthwise (``systolic.check_mappable``).
+
+    Returns:
+      ``{('params', *module path, 'kernel'): input channels}`` for every module called with
+      an array as its first argument (a module called several times: its last call).
+    """
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if args and hasattr(args[0], "shape") and mod.has_variable("params", "kernel"):
+            found[("params", *mod.path, "kernel")] = int(args[0].shape[-1])
+        return out
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+    return found

@@ -2,6 +2,8 @@
 verification with top-ups, grouping, and cost accounting.
 
 ``run(config)`` is what the CLI calls; it reads as Reduce's steps, one call per stage.
+``run(config, model=..., variables=..., dataset=...)`` runs it on your own model, trained
+weights and data (``reduce_jax.inputs``).
 Progress is saved per chunk of chips in ``<workdir>/progress.json``
 (``progress.ProgressStore``), so an interrupted run continues where it stopped and ends
 with the same ``summary.json``.
@@ -13,6 +15,7 @@ import hashlib
 import os
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +40,7 @@ from reduce_jax import (
 )
 from reduce_jax import cost as cost_lib
 from reduce_jax import data as data_lib
+from reduce_jax import inputs as inputs_lib
 from reduce_jax.config import ReduceConfig, check_grid, validate
 from reduce_jax.progress import ProgressStore, Timer
 from reduce_jax.summary import Baseline, Summary
@@ -61,25 +65,46 @@ class Keys(NamedTuple):
         return cls(*(jax.random.fold_in(key, i) for i in range(len(cls._fields))))
 
 
-def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
-    """Runs Reduce; writes the outputs into ``cfg.workdir`` (if set) and returns the result."""
-    validate(cfg)
+def run(
+    cfg: ReduceConfig,
+    overwrite: bool = False,
+    *,
+    model: nn.Module | None = None,
+    variables: dict | None = None,
+    dataset: data_lib.Dataset | None = None,
+) -> Summary:
+    """Runs Reduce; writes the outputs into ``cfg.workdir`` (if set) and returns the result.
+
+    Args:
+      cfg: the settings.
+      overwrite: discard progress in the workdir saved with other settings.
+      model: your own Flax linen module instead of ``cfg.model``, called as
+        ``model.apply(variables, x, train=...)`` and returning ``float[B, classes]``
+        logits; every ``kernel`` parameter (Dense ``[in, out]``, Conv HWIO) is placed on the
+        array.
+      variables: its trained ``{'params': ...}``: the baseline is measured, not trained
+        (``cfg.init_checkpoint`` does the same from an orbax checkpoint).
+      dataset: your own ``Dataset`` instead of ``cfg.dataset``.
+
+    Raises:
+      ConfigError: a bad setting or input (before any compute and before the workdir is
+        touched).
+    """
+    validate(cfg, dataset_files=dataset is None)
     timer, keys = Timer(), Keys.from_seed(cfg.seed)
     with timer.phase("load_data"):
         # Everything that can be wrong with the inputs is found before the workdir is touched.
-        ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
-        ds = data_lib.split_validation(ds, cfg.validation_fraction)
-        store = _progress_store(cfg, overwrite)
-        data = population.DeviceData.from_dataset(ds)
-    model = models.get_model(cfg.model, ds.num_classes, cfg.model_width)
+        inp = inputs_lib.resolve(cfg, model, variables, dataset)
+        store = _progress_store(cfg, overwrite, inp)
+        data = population.DeviceData.from_dataset(inp.dataset)
     amaps = _analysis_fault_maps(cfg, keys.analysis_maps)
-    _check_shape_grid(cfg, model, ds.image_shape, amaps)
+    _check_shape_grid(cfg, inp.abstract["params"], amaps)
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
     with timer.phase("baseline"):
-        variables, weights, base_info = _baseline(cfg, ds, keys.baseline, amaps)
+        variables, weights, base_info = _baseline(cfg, inp, keys.baseline, amaps)
     timer.times["baseline_reused"] = base_info["reused"]
-    ctx, base = _context(cfg, model, variables, data, base_info)
+    ctx, base = _context(cfg, inp, variables, data, base_info)
 
     # 1-2. Resilience analysis and map.
     amounts, _ = resilience.amount_axis(cfg.retrain_epochs, cfg.eval_every, ctx.steps_per_epoch)
@@ -120,6 +145,7 @@ def run(cfg: ReduceConfig, overwrite: bool = False) -> Summary:
         assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
         policies=comparison, calibration=choice,
         mapping=systolic.describe_mapping(variables["params"], cfg.array_rows, cfg.array_cols),
+        inputs=inp.describe(),
         timing=timer.times,
     )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
@@ -157,14 +183,17 @@ def _resilience_map(cfg, ctx, analysis, amaps, weights):
     return rmap, choice
 
 
-def _progress_store(cfg: ReduceConfig, overwrite: bool) -> ProgressStore:
+def _progress_store(cfg: ReduceConfig, overwrite: bool, inp: inputs_lib.Inputs) -> ProgressStore:
     """Saved chunks are reused only with the same settings, the same device count (it sets
-    the chunk sizes) and the same fault-map file contents."""
+    the chunk sizes), the same fault-map file contents, model, data and baseline."""
     sha = None
     if cfg.chip_fault_maps is not None:
         with open(cfg.chip_fault_maps, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
     key = dict(cfg.as_dict(), devices=jax.device_count(), chip_fault_maps_sha256=sha)
+    key.update(model=inp.model_id, dataset=inp.dataset_id)
+    if inp.baseline_sha256 is not None:  # not trained by the tool
+        key.update(baseline_source=inp.source, baseline_sha256=inp.baseline_sha256)
     return ProgressStore(cfg.workdir, key, overwrite)
 
 
@@ -182,39 +211,47 @@ def _fault_spec(cfg: ReduceConfig, model: str) -> faults.FaultSpec:
     )
 
 
-def _check_shape_grid(cfg: ReduceConfig, model, image_shape, amaps: np.ndarray) -> None:
+def _check_shape_grid(cfg: ReduceConfig, abstract_params, amaps: np.ndarray) -> None:
     """The grid must be resolvable on the array (``pe``) and in the rate measure that reads
     the map. Measures of shapes only are checked before any training; ``importance`` needs
     the trained weights and is checked once the baseline exists."""
-    abstract = jax.eval_shape(
-        lambda: models.init_variables(model, jax.random.key(0), image_shape)["params"]
-    )
     measures = ("pe",) if cfg.rate_measure in ("pe", "importance") else ("pe", "effective")
     grid = systolic.grid_rates(
-        systolic.measure_weights(abstract, cfg.array_rows, cfg.array_cols, measures), amaps
+        systolic.measure_weights(abstract_params, cfg.array_rows, cfg.array_cols, measures), amaps
     )
     for m in measures:
         check_grid(grid[m], cfg, m)
 
 
-def _baseline(cfg: ReduceConfig, ds: data_lib.Dataset, key: jax.Array, amaps: np.ndarray):
-    """The baseline's variables (trained, or reused from the workdir), replicated over the
-    devices, and the per-PE weights of every rate measure; checks the grid in the map's
-    measure."""
-    spec = baseline_lib.BaselineSpec(
-        dataset=ds.name,
-        model=cfg.model,
-        width=float(cfg.model_width),
-        epochs=float(cfg.baseline_epochs),
-        batch_size=int(cfg.batch_size),
-        optimizer=cfg.baseline_optimizer,
-        learning_rate=float(cfg.baseline_learning_rate),
-        weight_decay=float(cfg.baseline_weight_decay),
-        schedule=cfg.baseline_schedule,
-        augment=augment_lib.enabled(cfg.augment, cfg.dataset),
-        seed=int(cfg.seed),
-    )
-    variables, info = baseline_lib.get_baseline(cfg.workdir, spec, ds, key)
+def _augments(cfg: ReduceConfig, inp: inputs_lib.Inputs) -> bool:
+    """Whether training batches are augmented (``--augment``; ``auto`` reads the dataset's
+    name, so a given dataset is augmented under ``auto`` only when named like CIFAR)."""
+    return augment_lib.enabled(cfg.augment, inp.dataset.name)
+
+
+def _baseline(cfg: ReduceConfig, inp: inputs_lib.Inputs, key: jax.Array, amaps: np.ndarray):
+    """The baseline's variables (given, from ``--init_checkpoint``, or trained or reused from
+    the workdir), replicated over the devices, and the per-PE weights of every rate measure;
+    checks the grid in the map's measure."""
+    if inp.variables is not None:
+        variables = inp.variables
+        info = dict(steps=0, accuracy=None, reused=False, source=inp.source)
+    else:
+        spec = baseline_lib.BaselineSpec(
+            dataset=inp.dataset_id,
+            model=inp.model_id,
+            width=float(cfg.model_width),
+            epochs=float(cfg.baseline_epochs),
+            batch_size=int(cfg.batch_size),
+            optimizer=cfg.baseline_optimizer,
+            learning_rate=float(cfg.baseline_learning_rate),
+            weight_decay=float(cfg.baseline_weight_decay),
+            schedule=cfg.baseline_schedule,
+            augment=_augments(cfg, inp),
+            seed=int(cfg.seed),
+        )
+        variables, info = baseline_lib.get_baseline(cfg.workdir, inp.model, inp.dataset, key, spec)
+        info = dict(info, source=inp.source)
     # What sits on the array is the kernel with BatchNorm folded in: ``importance`` reads
     # its magnitudes (the other measures read shapes only, which folding keeps).
     folded = models.fold_batchnorm(variables)
@@ -223,14 +260,14 @@ def _baseline(cfg: ReduceConfig, ds: data_lib.Dataset, key: jax.Array, amaps: np
     return sharding.replicate(jax.tree.map(jnp.asarray, variables)), weights, info
 
 
-def _context(cfg: ReduceConfig, model, variables, data, base_info: dict):
+def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_info: dict):
     """The run's ``population.Context`` and its ``Baseline`` (accuracy measured here)."""
     trainer = train.make_trainer(
-        model,
+        inp.model,
         train.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
         cfg.batch_size,
         cfg.eval_batch_size,
-        augment=augment_lib.enabled(cfg.augment, cfg.dataset),
+        augment=_augments(cfg, inp),
     )
     spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
     one_chip = jax.tree.map(lambda x: x[None], variables)
@@ -264,6 +301,7 @@ def _context(cfg: ReduceConfig, model, variables, data, base_info: dict):
         steps=base_info["steps"],
         accuracy_at_training=base_info["accuracy"],
         reused=base_info["reused"],
+        source=base_info["source"],
     )
     return ctx, base
 

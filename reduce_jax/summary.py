@@ -25,16 +25,19 @@ class Baseline:
     Attributes:
       accuracy: validation accuracy of the baseline (the target is taken from it).
       test_accuracy: its test accuracy (reported only).
-      steps: steps it was trained for.
-      accuracy_at_training: the accuracy recorded when it was trained.
+      steps: steps it was trained for (0: not trained by the tool).
+      accuracy_at_training: the accuracy recorded when it was trained (None: not trained).
       reused: loaded from the run's checkpoint rather than trained.
+      source: ``trained`` (by the tool, in this workdir), ``checkpoint``
+        (``--init_checkpoint``) or ``given`` (``variables`` passed to ``run``).
     """
 
     accuracy: float
     test_accuracy: float
     steps: int
-    accuracy_at_training: float
+    accuracy_at_training: float | None
     reused: bool
+    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Summary:
       policies: Reduce against the fixed, adaptive, grouped and oracle policies.
       calibration: how ``auto`` chose the map's statistic and interpolation (else None).
       mapping: ``systolic.describe_mapping`` of the network on the array.
+      inputs: the model and data the run computed on (``inputs.Inputs.describe``).
       timing: seconds per phase.
     """
 
@@ -70,6 +74,7 @@ class Summary:
     policies: policies.Comparison
     calibration: calibration.Choice | None
     mapping: list[dict]
+    inputs: dict
     timing: dict[str, Any]
 
     def to_json(self) -> dict:
@@ -85,6 +90,7 @@ class Summary:
                     steps=self.baseline.steps,
                     steps_per_epoch=self.steps_per_epoch,
                     accuracy_at_training=self.baseline.accuracy_at_training,
+                    source=self.baseline.source,
                 ),
                 resilience=dict(
                     fault_rates=rates,
@@ -117,6 +123,7 @@ class Summary:
                 mapping=[
                     dict(m, shape=list(m["shape"]), matrix=list(m["matrix"])) for m in self.mapping
                 ],
+                inputs=self.inputs,
             )
         )
 

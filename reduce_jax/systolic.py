@@ -18,9 +18,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reduce_jax.errors import ConfigError
+
 PyTree = Any
 
 KERNEL_NAME = "kernel"
+
+
+class MappingError(ConfigError):
+    """A kernel the mapping cannot place on the array (one line, naming its parameter path)."""
+
+
+def _key_names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+
+
+def check_mappable(params: PyTree, kernel_inputs: Mapping[tuple, int] | None = None) -> None:
+    """Checks, from shapes only, that every kernel can be placed on the array.
+
+    Placed are Dense kernels ``[in, out]`` and 2-D convolution kernels in Flax's HWIO layout
+    ``[kh, kw, cin, cout]`` (strided or not; a 1x1 kernel is a ``[cin, cout]`` matrix). A
+    kernel of any other rank, and a grouped or depthwise convolution (its ``cin`` is less
+    than its input's channels: the im2col view of such a kernel is not the matrix the array
+    runs), is refused.
+
+    Args:
+      params: the ``params`` collection (arrays or ``ShapeDtypeStruct``s).
+      kernel_inputs: ``models.kernel_inputs``: the input channels of each kernel's module,
+        keyed ``('params', *path)``; without it grouped convolutions are not detected.
+
+    Raises:
+      MappingError: naming the first such kernel's path (``params/block1/conv/kernel``).
+    """
+    kernels = [
+        (("params", *_key_names(path)), tuple(leaf.shape))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if is_kernel_path(path)
+    ]
+    if not kernels:
+        raise MappingError("the model has no parameter named 'kernel': nothing maps onto the array")
+    for key, shape in kernels:
+        name = "/".join(key)
+        if len(shape) not in (2, 4):
+            raise MappingError(
+                f"parameter {name} has shape {list(shape)}: the array maps Dense [in, out] and "
+                "2-D convolution [kh, kw, cin, cout] kernels only"
+            )
+        channels = (kernel_inputs or {}).get(key)
+        if len(shape) == 4 and channels is not None and channels != shape[2]:
+            raise MappingError(
+                f"parameter {name} {list(shape)} is a grouped or depthwise convolution ({channels} "
+                f"input channels, {shape[2]} per group), which the array mapping does not place"
+            )
 
 
 def is_kernel_path(path: tuple) -> bool:
@@ -223,7 +272,7 @@ def describe_mapping(params: PyTree, rows: int, cols: int) -> list[Mapping[str, 
         tiles = num_tiles(shape, rows, cols)
         out.append(
             dict(
-                name="/".join(str(getattr(p, "key", p)) for p in path),
+                name="/".join(_key_names(path)),
                 shape=shape,
                 matrix=(k, n),
                 tiles=tiles,

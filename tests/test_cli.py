@@ -251,6 +251,92 @@ def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
     assert not (tmp_path / "w").exists()  # nothing computed or written
 
 
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory, digits):
+    """An npz of the digits (float images), npz files that do not fit, and checkpoints: of
+    the smoke run's model (the MLP on 8x8 images) and of a smaller MLP."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from reduce_jax import models
+
+    d = tmp_path_factory.mktemp("user_files")
+    arrays = dict(
+        x_train=digits.train_images,
+        y_train=digits.train_labels,
+        x_test=digits.test_images,
+        y_test=digits.test_labels,
+    )
+    np.savez(d / "digits.npz", **arrays)
+    np.savez(d / "no_y_test.npz", **{k: v for k, v in arrays.items() if k != "y_test"})
+    # 100 images: enough for a stratified validation split of 10 classes.
+    big = np.random.default_rng(0).random((100, 16, 16, 1), np.float32)
+    labels = np.arange(100) % 10
+    np.savez(d / "big.npz", x_train=big, y_train=labels, x_test=big, y_test=labels)
+    for name, hidden in (("mlp_ckpt", (256, 256)), ("small_ckpt", (16,))):
+        params = models.init_params(models.MLP(10, hidden), jax.random.key(0), (8, 8, 1))
+        ocp.StandardCheckpointer().save(str(d / name), params)
+    return d
+
+
+@pytest.mark.slow
+def test_init_checkpoint_of_a_run_and_npz_data_reproduce_it_without_training(
+    smoke_run, user_files, tmp_path
+):
+    """The smoke run's baseline/ and its data as an npz file: a second run into another
+    workdir measures that baseline (no training) and finds everything the first found."""
+    first_dir, first, _ = smoke_run
+    workdir = tmp_path / "second"
+    proc = run_cli(
+        f"--flagfile={SMOKE}",
+        f"--workdir={workdir}",
+        f"--init_checkpoint={first_dir}/baseline",
+        "--dataset=npz",
+        f"--data_dir={user_files / 'digits.npz'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline: epoch" not in proc.stderr and not (workdir / "baseline").exists()
+    with open(workdir / "summary.json") as f:
+        second = json.load(f)
+    assert second["baseline_accuracy"] == first["baseline_accuracy"]
+    assert second["baseline"] == dict(
+        first["baseline"], steps=0, accuracy_at_training=None, source="checkpoint"
+    )
+    assert first["baseline"]["source"] == "trained" and first["baseline"]["steps"] > 0
+    assert second["inputs"]["dataset"].startswith("npz@sha256:")
+    assert second["inputs"] == dict(first["inputs"], dataset=second["inputs"]["dataset"])
+    changed = dict(
+        workdir=str(workdir),
+        init_checkpoint=f"{first_dir}/baseline",
+        dataset="npz",
+        data_dir=str(user_files / "digits.npz"),
+    )
+    assert second["config"] == dict(first["config"], **changed)
+    same = set(first) - {"baseline", "inputs", "config", "timing"}
+    assert {k: second[k] for k in same} == {k: first[k] for k in same}
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--dataset=npz", "--data_dir={d}/no_y_test.npz"], ["no_y_test.npz", "'y_test'"]),
+        (["--init_checkpoint={d}/small_ckpt"], ["small_ckpt", "params/fc2/bias"]),
+        (
+            ["--dataset=npz", "--data_dir={d}/big.npz", "--init_checkpoint={d}/mlp_ckpt"],
+            ["mlp_ckpt", "params/fc1/kernel", "[64, 256]", "[256, 256]", "big.npz"],
+        ),
+    ],
+)
+def test_bad_checkpoint_or_npz_gives_one_line_naming_file_and_key(
+    user_files, tmp_path, args, needles
+):
+    args = [a.format(d=user_files) for a in args]
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
+    for needle in needles:
+        one_line_error(proc, needle)
+    assert not (tmp_path / "w").exists()  # checked before the workdir is touched
+
+
 @pytest.mark.parametrize("workdir", ["", "  "])
 def test_empty_workdir_is_refused_and_nothing_is_written(tmp_path, workdir):
     # Run from an empty directory: an empty --workdir used to mean "write here".
@@ -322,6 +408,10 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(dataset="mnist"), "--data_dir"),
         (dict(dataset="cifar10", data_dir="/nonexistent"), "/nonexistent"),
         (dict(chip_fault_maps="/nonexistent/maps.npz"), "maps.npz"),
+        (dict(init_checkpoint="/nonexistent/ckpt"), "--init_checkpoint=/nonexistent/ckpt"),
+        (dict(init_checkpoint=os.path.dirname(__file__)), "not an orbax checkpoint"),
+        (dict(dataset="npz"), "--data_dir=FILE.npz"),
+        (dict(dataset="npz", data_dir=__file__), "not a readable .npz"),
         (dict(workdir="/proc/nope/run"), "--workdir"),
         (dict(workdir=__file__ + "/run"), "--workdir"),
         (dict(workdir=__file__), "--workdir"),

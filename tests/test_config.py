@@ -17,6 +17,7 @@ DEFAULT_DICT = {
     "validation_fraction": 0.1,
     "model": "lenet5",
     "model_width": 1.0,
+    "init_checkpoint": None,
     "array_rows": 16,
     "array_cols": 16,
     "fault_model": "clustered",

@@ -357,3 +357,76 @@ def test_validation_split_refuses_what_cannot_be_stratified():
     )
     with pytest.raises(data.DatasetError, match="--validation_fraction=0.4"):
         data.split_validation(one_of_a_kind, 0.4)
+
+
+# --------------------------------------------------------------------- your own arrays, npz
+
+
+def _arrays(n=6, shape=(4, 4, 1), dtype=np.uint8, classes=3):
+    rng = np.random.default_rng(0)
+    x = (rng.random((n, *shape)) * 255).astype(dtype)
+    y = np.arange(n) % classes
+    return dict(x_train=x, y_train=y, x_test=x[:4], y_test=y[:4])
+
+
+def test_from_arrays_scales_uint8_keeps_float_and_infers_classes():
+    a = _arrays()
+    ds = Dataset.from_arrays(*a.values(), name="mine")
+    assert ds.train_images.dtype == np.float32 and ds.train_labels.dtype == np.int32
+    np.testing.assert_array_equal(ds.train_images, a["x_train"].astype(np.float32) / 255)
+    assert ds.num_classes == 3 and ds.image_shape == (4, 4, 1) and ds.name == "mine"
+    f = _arrays(dtype=np.float64)
+    ds = Dataset.from_arrays(*f.values(), num_classes=5)
+    np.testing.assert_array_equal(ds.test_images, f["x_test"].astype(np.float32))
+    assert ds.num_classes == 5
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(x_train=np.zeros((6, 4, 4, 1), np.int16)), "x_train must be uint8 or float"),
+        (dict(x_test=np.zeros((4, 4, 4), np.float32)), "x_test must be float images [N, H, W, C]"),
+        (dict(y_train=np.zeros(6, np.float32)), "y_train must be integer labels"),
+        (dict(y_test=np.zeros((4, 1), int)), "y_test must be integer labels [N]"),
+        (dict(y_train=np.zeros(5, int)), "x_train has 6 images and y_train 5 labels"),
+        (dict(x_test=np.zeros((4, 5, 4, 1), np.uint8)), "x_train images are [4, 4, 1]"),
+        (dict(x_train=np.full((6, 4, 4, 1), np.nan)), "x_train has NaN or infinite"),
+        (dict(y_test=np.array([0, 1, 2, -1])), "y_test has labels in [-1, 2]"),
+        (dict(num_classes=2), "y_train has labels in [0, 2], outside [0, 2)"),
+        (dict(num_classes=1), "num_classes=1 must be >= 2"),
+        (dict(x_train=np.zeros((0, 4, 4, 1), np.uint8), y_train=np.zeros(0, int)), "at least 1"),
+    ],
+)
+def test_from_arrays_names_the_bad_array(change, needle):
+    a = _arrays()
+    num_classes = change.pop("num_classes", None)
+    _raises(needle, lambda: Dataset.from_arrays(*{**a, **change}.values(), num_classes=num_classes))
+
+
+def test_constructor_validates_dtypes_and_labels():
+    x, y = np.zeros((3, 4, 4, 1), np.float32), np.array([0, 1, 2])
+    Dataset(x, y, x, y, num_classes=3)
+    _raises("dataset 'u': train_images must be float", Dataset, x.astype(np.uint8), y, x, y, 3, "u")
+    _raises("dataset 'arrays': test_labels has labels in [0, 2]", Dataset, x, y[:3] % 2, x, y, 2)
+
+
+def test_npz_dataset_loads_and_names_file_and_key(tmp_path):
+    a = _arrays()
+    np.savez(tmp_path / "ok.npz", **a)
+    validate_dataset_files("npz", str(tmp_path / "ok.npz"))
+    ds = load_dataset("npz", str(tmp_path / "ok.npz"))
+    assert ds.name == "npz" and ds.num_classes == 3 and ds.train_images.max() <= 1.0
+    np.testing.assert_array_equal(ds.test_labels, a["y_test"])
+    np.savez(tmp_path / "short.npz", **{k: v for k, v in a.items() if k != "x_test"})
+    for fn in (validate_dataset_files, load_dataset):
+        _raises("short.npz: missing array 'x_test'", fn, "npz", str(tmp_path / "short.npz"))
+    np.savez(tmp_path / "bad.npz", **dict(a, y_train=a["y_train"] + 0.5))
+    _raises(
+        "bad.npz: y_train must be integer labels", load_dataset, "npz", str(tmp_path / "bad.npz")
+    )
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    _raises(
+        "junk.npz: not a readable .npz", validate_dataset_files, "npz", str(tmp_path / "junk.npz")
+    )
+    _raises("--data_dir=FILE.npz", validate_dataset_files, "npz", None)
+    _raises("is not a file", validate_dataset_files, "npz", str(tmp_path))

@@ -149,8 +149,12 @@ def test_diverging_chip_is_reported_and_run_goes_on(tmp_path, monkeypatch, small
     original_retrain = retraining.retrain
 
     def retrain(*args, **kwargs):
+        # Only retraining's chunks: the policies compared after it start chunks of their own.
         monkeypatch.setattr(population, "init_chunk", init_chunk)
-        return original_retrain(*args, **kwargs)
+        try:
+            return original_retrain(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(population, "init_chunk", original)
 
     monkeypatch.setattr(retraining, "retrain", retrain)
     summary = pipeline.run(cfg).to_json()

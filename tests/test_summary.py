@@ -105,7 +105,12 @@ def _summary() -> Summary:
         config=cfg,
         overwrite=False,
         baseline=Baseline(
-            accuracy=0.9, test_accuracy=0.89, steps=100, accuracy_at_training=0.9, reused=False
+            accuracy=0.9,
+            test_accuracy=0.89,
+            steps=100,
+            accuracy_at_training=0.9,
+            reused=False,
+            source="trained",
         ),
         target=0.88,
         steps_per_epoch=SPE,
@@ -128,6 +133,7 @@ def _summary() -> Summary:
             "mean", "linear", [dict(statistic="mean", total_epochs=1.5, missed=0)], 2
         ),
         mapping=[dict(name="k", shape=(2, 3), matrix=(2, 3), tiles=1, utilisation=0.5)],
+        inputs=dict(model="mlp", dataset="digits", image_shape=[8, 8, 1], num_classes=10),
         timing=dict(wall_s=1.0),
     )
 
@@ -171,7 +177,9 @@ def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
         "config",
         "timing",
         "mapping",
+        "inputs",
     ]
+    assert s["baseline"]["source"] == "trained"
 
 
 def test_headline_is_one_line_with_the_cost():
