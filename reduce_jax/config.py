@@ -389,6 +389,11 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
     _one_of(cfg, "augment", augment_lib.AUGMENT_MODES)
     _require(cfg.baseline_epochs > 0, f"--baseline_epochs={cfg.baseline_epochs} must be > 0")
     _require(cfg.seed >= 0, f"--seed={cfg.seed} must be >= 0")
+    _validate_files(cfg, dataset_files)
+
+
+def _validate_files(cfg: ReduceConfig, dataset_files: bool) -> None:
+    """The input files and the workdir named by ``cfg`` exist and are usable."""
     try:
         if dataset_files:
             data_lib.validate_dataset_files(cfg.dataset, cfg.data_dir)
