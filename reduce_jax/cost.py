@@ -134,7 +134,8 @@ def break_even_chips(analysis_epochs: float, per_chip_saving: float) -> int | No
     Reduce saves nothing per chip, or either value is unknown: NaN)."""
     if not per_chip_saving > 0 or math.isnan(analysis_epochs):
         return None
-    return math.ceil(analysis_epochs / per_chip_saving - 1e-9)
+    # A ratio within float rounding (relative 1e-9) above a whole number is that number.
+    return math.ceil(analysis_epochs / per_chip_saving * (1 - 1e-9))
 
 
 def _fraction(saved: float, total: float) -> float | None:

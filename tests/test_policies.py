@@ -81,7 +81,7 @@ def test_break_even_against_adaptive_is_the_least_population_that_pays(
     a = compute.epochs(policies.analysis_policy(analysis).train_steps, 2)
     s = compute.epochs(extra, 0) / chips
     n = out.break_even_vs_adaptive
-    assert n * s >= a - 1e-9 and (n - 1) * s < a
+    assert n * s >= a * (1 - 1e-9) and (n - 1) * s < a
     worse = policies.compare(dict(adaptive=reduce_, reduce=adaptive), analysis, compute)
     assert worse.break_even_vs_adaptive is None
 
