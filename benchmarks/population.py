@@ -52,7 +52,7 @@ from absl import app, flags, logging
 
 from benchmarks import device
 from reduce_jax import data as data_lib
-from reduce_jax import faults, models, population, sharding, train
+from reduce_jax import faults, models, policies, population, sharding, train
 
 CHIPS = flags.DEFINE_list("chips", ["1", "8", "32", "128"], "Population sizes N.")
 QUICK = flags.DEFINE_boolean("quick", False, "Smoke mode: digits, mlp, N=4, few repeats.")
@@ -150,13 +150,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 3, trials: int = 3, precision=No
     f = jax.jit(lambda a: jnp.matmul(a, a, precision=precision))
     s = _time(lambda: f(a).block_until_ready(), repeats, trials)
     return 2 * n**3 / s / 1e9
-
-
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan")))
 
 
 def compiled_bytes(compiled) -> int | None:
@@ -263,7 +256,7 @@ def chip_step_flops(setup: Setup) -> float:
     channels ``conv.conv_single`` pads in (LeNet-5 on 28x28 images: 40 of 482 MFLOP).
     """
     states, masks = jax.eval_shape(lambda t: train.slice_chips(t, 0), _abstract_chunk(setup, 1))
-    return _flops(setup.trainer.step.lower(states, masks, setup.x, setup.y).compile())
+    return policies.xla_flops(setup.trainer.step.lower(states, masks, setup.x, setup.y).compile())
 
 
 def plan(
