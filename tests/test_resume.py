@@ -39,32 +39,15 @@ def finish(workdir, *extra) -> dict:
 
 
 def kill_when(workdir, phase: str, *extra) -> int:
-    """Starts a run and SIGKILLs it once ``phase`` has its first finished chunk saved."""
-    proc = subprocess.Popen(
-        cli(workdir, *extra),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    path = os.path.join(workdir, "progress.json")
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with open(path) as f:
-                    chunks = json.load(f)["phases"].get(phase, {})
-            except (OSError, ValueError):
-                chunks = {}
-            if chunks:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return len(chunks)
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    raise AssertionError(f"run ended (rc={proc.returncode}) before any {phase} chunk was saved")
+    """Runs to the first saved chunk of ``phase`` and SIGKILLs the run there (from inside the
+    process, so the kill point does not depend on machine load); returns the chunks of
+    ``phase`` saved."""
+    launcher = os.path.join(ROOT, "tests", "kill_after_chunk.py")
+    command = [sys.executable, launcher, phase, *cli(workdir, *extra)[3:]]
+    proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    with open(os.path.join(workdir, "progress.json")) as f:
+        return len(json.load(f)["phases"].get(phase, {}))
 
 
 def strip(summary, *config_keys):
