@@ -5,8 +5,9 @@
 
 The retraining phase (per-chip Reduce: retraining, verification, top-ups; ``timing.retrain_s``
 of ``summary.json``) does two kinds of useful work: chip-steps (every chip's selected amount
-and top-ups, ``chips.csv``) and chip-evaluations of the test set (every chip before
-retraining, after its selected steps if it has any, and after each top-up increment). The
+and top-ups, ``chips.csv``) and chip-image evaluations: of the validation split (every chip before retraining, after its
+selected steps if it has any, and after each top-up increment: the decisions) and of the test
+set (every chip once after its retraining: the report). The
 *ideal* time is that work at the benchmark's rates (``population_chip_steps_per_s`` and
 ``eval_chip_evals_per_s`` of its row for the run's ``--chips_per_batch``, else the nearest
 size); the *efficiency* is ideal time / measured time. What is missing to 1 is the
@@ -41,25 +42,30 @@ def benchmark_row(rows: list[dict], chips: int) -> dict:
     return min(rated, key=lambda r: (abs(r["chips"] - chips), -r["chips"]))
 
 
-def retrain_work(chips: list[dict], topup_steps: int, test_images: int) -> tuple[int, int]:
-    """``(chip_steps, chip_evals)`` the retraining phase needs for ``chips`` (``chips.csv``
-    rows): the steps of every retrained chip, and test-set evaluations of every chip before,
-    after its selected steps (if any) and after each top-up increment (``topup_steps``
-    steps, the last one possibly cut)."""
-    steps = evals = 0
+def retrain_work(
+    chips: list[dict], topup_steps: int, val_images: int, test_images: int
+) -> tuple[int, int]:
+    """``(chip_steps, chip_image_evals)`` the retraining phase needs for ``chips``
+    (``chips.csv`` rows): the steps of every retrained chip; validation passes of every chip
+    before, after its selected steps (if any) and after each top-up increment (``topup_steps``
+    steps, the last one possibly cut); and one test pass per chip."""
+    steps = passes = 0
     for c in chips:
         selected = int(c["selected_steps"]) if c["selected_steps"] not in ("", None) else 0
         extra = int(c["topup_steps"] or 0)
         steps += selected + extra
-        evals += 1 + (selected > 0) + (-(-extra // topup_steps) if topup_steps > 0 else 0)
-    return steps, evals * test_images
+        passes += 1 + (selected > 0) + (-(-extra // topup_steps) if topup_steps > 0 else 0)
+    return steps, passes * val_images + len(chips) * test_images
 
 
-def efficiency(summary: dict, chips: list[dict], bench: dict, test_images: int) -> dict:
-    """The figure (see the module docstring) as a JSON-able dict."""
+def efficiency(
+    summary: dict, chips: list[dict], bench: dict, val_images: int, test_images: int
+) -> dict:
+    """The figure (see the module docstring) as a JSON-able dict; the benchmark's
+    ``eval_chip_evals_per_s`` counts chip-image evaluations."""
     cfg, spe = summary["config"], summary["baseline"]["steps_per_epoch"]
     topup = int(train.epochs_to_steps(cfg["topup_epochs"], spe))
-    steps, evals = retrain_work(chips, topup, test_images)
+    steps, evals = retrain_work(chips, topup, val_images, test_images)
     step_rate, eval_rate = bench["population_chip_steps_per_s"], bench["eval_chip_evals_per_s"]
     measured = summary["timing"]["retrain_s"]
     ideal = steps / step_rate + evals / eval_rate
@@ -89,8 +95,10 @@ def main(argv):
         rows = [json.loads(line) for line in f if line.strip().startswith("{")]
     cfg = summary["config"]
     ds = data_lib.load_dataset(cfg["dataset"], cfg["data_dir"])
+    ds = data_lib.split_validation(ds, cfg["validation_fraction"])
     bench = benchmark_row(rows, cfg["chips_per_batch"])
-    print(json.dumps(efficiency(summary, chips, bench, len(ds.test_labels))))
+    val, test = len(ds.val_labels), len(ds.test_labels)
+    print(json.dumps(efficiency(summary, chips, bench, val, test)))
 
 
 if __name__ == "__main__":

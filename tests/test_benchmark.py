@@ -222,9 +222,10 @@ def test_retraining_efficiency_counts_steps_and_evaluations():
         dict(selected_steps="", topup_steps="0"),
         dict(selected_steps="0", topup_steps="5"),
     ]
-    steps, evals = efficiency.retrain_work(chips, topup_steps=5, test_images=100)
+    steps, evals = efficiency.retrain_work(chips, topup_steps=5, val_images=100, test_images=40)
     assert steps == 20 + 10 + 10 + 8 + 15 + 5
-    assert evals == (4 + 4 + 2 + 1 + 2) * 100
+    # Validation passes for the decisions, one test pass per chip for the report.
+    assert evals == (4 + 4 + 2 + 1 + 2) * 100 + 5 * 40
     rows = [dict(chips=8, error="x"), *(dict(chips=n, population_chip_steps_per_s=10.0 * n,
             eval_chip_evals_per_s=1000.0) for n in (8, 32, 128))]  # fmt: skip
     assert efficiency.benchmark_row(rows, 32)["chips"] == 32
@@ -236,7 +237,7 @@ def test_retraining_efficiency_counts_steps_and_evaluations():
         baseline=dict(steps_per_epoch=10),
         timing=dict(retrain_s=10.0),
     )
-    out = efficiency.efficiency(summary, chips, bench, 100)
-    # 68 steps at 320/s and 1,300 evaluations at 1,000/s, against 10 s measured.
-    assert out["chip_steps"] == 68 and out["chip_evals"] == 1300
-    assert out["efficiency"] == round((68 / 320 + 1.3) / 10, 3)
+    out = efficiency.efficiency(summary, chips, bench, 100, 40)
+    # 68 steps at 320/s and 1,500 evaluations at 1,000/s, against 10 s measured.
+    assert out["chip_steps"] == 68 and out["chip_evals"] == 1500
+    assert out["efficiency"] == round((68 / 320 + 1.5) / 10, 3)
