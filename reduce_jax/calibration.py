@@ -24,7 +24,9 @@ import numpy as np
 
 from reduce_jax import population, resilience
 
-STATISTICS = ("min", "quantile:0.25", "quantile:0.5", "mean")
+# From the strictest to the loosest: with top-ups at a fine increment, a statistic above the
+# median (an amount that only some of the K maps of a rate had met) can cost least in all.
+STATISTICS = ("min", "quantile:0.25", "quantile:0.5", "mean", "quantile:0.75")
 REFERENCE = ("min", "conservative")
 
 

@@ -117,8 +117,9 @@ class ReduceConfig:
     statistic: str = _setting(
         "min",
         f"Accuracy over the K maps of a grid rate: {resilience.STATISTICS_HELP}; or auto "
-        "(the one, with --interpolation, that cross-validation on the analysis finds "
-        "cheapest, top-ups included, without more misses than min).",
+        "(of min, quantile:0.25, quantile:0.5, mean and quantile:0.75, the one that, with "
+        "--interpolation, misses the target on the fewest analysis chips in "
+        "cross-validation, then costs least, top-ups included).",
     )
     interpolation: str = _setting(
         "conservative",
