@@ -3,6 +3,7 @@
 import numpy as np
 
 from experiments import overprovisioning
+from reduce_jax import calibration
 
 
 def _summary():
@@ -33,7 +34,7 @@ def test_rows_rebuild_the_map_and_read_each_chip_off_its_own_curve():
         (r["axis"], r["statistic"], r["interpolation"]): r
         for r in overprovisioning.rows(_summary())
     }
-    assert len(rows) == 2 * 4 * 2
+    assert len(rows) == 2 * len(calibration.STATISTICS) * 2  # axes x statistics x interpolations
     # Dense axis, min, conservative: the map needs 0, 2, 4 steps; the chips get 0, 2, 4
     # against needs 0, 1, 3 (oracle 4 steps = 1 epoch, Reduce 6 steps = 1.5 epochs).
     r = rows[("dense", "min", "conservative")]
