@@ -5,9 +5,9 @@
 
 The retraining phase (per-chip Reduce: retraining, verification, top-ups; ``timing.retrain_s``
 of ``summary.json``) does two kinds of useful work: chip-steps (every chip's selected amount
-and top-ups, ``chips.csv``) and chip-image evaluations: of the validation split (every chip before retraining, after its
-selected steps if it has any, and after each top-up increment: the decisions) and of the test
-set (every chip once after its retraining: the report). The
+and top-ups, ``chips.csv``) and chip-image evaluations, of the validation split (every chip
+before retraining, after its selected steps if it has any, and after each top-up increment:
+the decisions) and of the test set (every chip once after its retraining: the report). The
 *ideal* time is that work at the benchmark's rates (``population_chip_steps_per_s`` and
 ``eval_chip_evals_per_s`` of its row for the run's ``--chips_per_batch``, else the nearest
 size); the *efficiency* is ideal time / measured time. What is missing to 1 is the
