@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from absl import flags
 
 from reduce_jax import augment as augment_lib
+from reduce_jax import calibration, faults, grouping, models, resilience, systolic, train
 from reduce_jax import data as data_lib
-from reduce_jax import faults, grouping, models, resilience, systolic, train
 from reduce_jax.errors import ConfigError
 
 
@@ -117,9 +117,9 @@ class ReduceConfig:
     statistic: str = _setting(
         "min",
         f"Accuracy over the K maps of a grid rate: {resilience.STATISTICS_HELP}; or auto "
-        "(of min, quantile:0.25, quantile:0.5, mean and quantile:0.75, the one that, with "
-        "--interpolation, misses the target on the fewest analysis chips in "
-        "cross-validation, then costs least, top-ups included).",
+        f"(of {', '.join(calibration.STATISTICS)}, the one that, with --interpolation, "
+        "misses the target on the fewest analysis chips in cross-validation, then costs "
+        "least, top-ups included).",
     )
     interpolation: str = _setting(
         "conservative",
