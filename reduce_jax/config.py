@@ -189,6 +189,13 @@ class ReduceConfig:
     chips_per_batch: int = _setting(
         64, "Chips trained together in one chunk (bounds memory; results do not depend on it)."
     )
+    topup_pool_chunks: int = _setting(
+        4,
+        "Top-ups are pooled over this many chunks: the chips still below the target after "
+        "their selected retraining, from up to this many chunks of --chips_per_batch chips, "
+        "are topped up together in full batches (1 to 1024; the chip states of that many "
+        "chunks are held at once; results do not depend on it).",
+    )
     eval_batch_size: int = _setting(100, "Test images per evaluation batch.")
     summary_chips: bool = _setting(
         True,
@@ -379,6 +386,7 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
     _require(cfg.max_topup_epochs >= 0, f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")
     for name in ("batch_size", "chips_per_batch", "eval_batch_size"):
         _in_range(cfg, name, 1, 1 << 20)
+    _in_range(cfg, "topup_pool_chunks", 1, 1024)
     for name in ("optimizer", "baseline_optimizer"):
         _one_of(cfg, name, train.OPTIMIZERS)
     for name in ("learning_rate", "baseline_learning_rate"):

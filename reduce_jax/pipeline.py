@@ -292,6 +292,7 @@ def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_in
         target=target,
         steps_per_epoch=spe,
         chips_per_batch=cfg.chips_per_batch,
+        topup_pool_chunks=cfg.topup_pool_chunks,
         topup_steps=int(train.epochs_to_steps(cfg.topup_epochs, spe)),
         max_topup_steps=int(train.epochs_to_steps(cfg.max_topup_epochs, spe)),
     )

@@ -4,7 +4,9 @@ The population is processed in chunks of at most ``chips_per_batch`` chips (boun
 Inside a chunk, a *phase* runs every chip for its own number of steps: the chips run
 together until the smallest remaining budget is reached, then finished chips are dropped
 and the rest continue, compacted to a power-of-four number of chips so that only a few
-shapes are ever compiled (``Trainer.run`` never recompiles for new step counts).
+shapes are ever compiled (``Trainer.run`` never recompiles for new step counts). The
+retraining stages hand the driver pools of several chunks, whose top-ups run together
+(``retraining.retrain``).
 """
 
 from __future__ import annotations
@@ -102,9 +104,26 @@ def _put(tree: PyTree, idx: jax.Array, values: PyTree) -> PyTree:
     return jax.tree.map(lambda x, v: x.at[idx].set(v, mode="drop"), tree, values)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _zeros(tree: PyTree, n: int) -> PyTree:
+    return jax.tree.map(lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype), tree)
+
+
 def take(tree: PyTree, idx: np.ndarray) -> PyTree:
     """Chips ``idx`` (a multiple of the device count), sharded over the devices."""
     return sharding.shard_chips(_gather(tree, jnp.asarray(idx)))
+
+
+def put(tree: PyTree, idx: np.ndarray, values: PyTree) -> PyTree:
+    """``tree`` (donated) with chips ``idx`` set to ``values``; an index past the end is
+    dropped (padding rows)."""
+    return _put(tree, jnp.asarray(idx), values)
+
+
+def zeros(tree: PyTree, n: int) -> PyTree:
+    """``n`` chips of zeros shaped like ``tree``'s chips, sharded over the devices (filled
+    in place by ``put``)."""
+    return sharding.shard_chips(_zeros(tree, n))
 
 
 def run_phase(
@@ -158,7 +177,7 @@ def run_phase(
             )
             # The padding rows go to index ``chips``, past the end: dropped.
             back = np.concatenate([active, np.full(pad, chips)])
-            states = _put(states, jnp.asarray(back), sub)
+            states = put(states, back, sub)
         else:
             states = trainer.run(
                 states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
@@ -227,6 +246,8 @@ class Context(NamedTuple):
       chips_per_batch: most chips computed together (bounds memory).
       topup_steps: top-up increment for a retrained chip below the target (steps).
       max_topup_steps: cap on a chip's top-ups (steps).
+      topup_pool_chunks: chunks whose chips below the target are topped up together
+        (``retraining.retrain``).
     """
 
     trainer: train.Trainer
@@ -237,6 +258,7 @@ class Context(NamedTuple):
     chips_per_batch: int
     topup_steps: int
     max_topup_steps: int
+    topup_pool_chunks: int = 1
 
 
 # A stage's work on one chunk: ``(ids int[m], inputs)`` -> arrays with leading axis ``m`` (or

@@ -112,14 +112,17 @@ def retrain(
     """Retrains every unit for its own steps, tops up misses, verifies it on its members.
 
     Units are processed in order of their budget (a chunk holds similar budgets), by the
-    population driver (``population.drive``: chunking, padding, resume).
+    population driver (``population.drive``: chunking, padding, resume). The driver's chunk
+    is a *pool* of ``ctx.topup_pool_chunks`` chunks of ``ctx.chips_per_batch`` units: each
+    chunk is retrained for its budgets, then the pool's units still below the target are
+    topped up together (``top_up``), so the few misses of each chunk fill whole batches.
 
     Args:
-      ctx: the run's context (target and top-up increments included).
+      ctx: the run's context (target, top-up increments and pool included).
       units: what to retrain.
       chip_maps: ``bool[chips, R, C]`` the chips' own maps (``units.members`` index it).
       key: key of the batch order of the retraining and of the top-ups.
-      store: saves finished chunks under ``stage`` (resume).
+      store: saves finished pools under ``stage`` (resume).
       stage: the stage's name.
 
     Returns:
@@ -128,12 +131,13 @@ def retrain(
     steps = np.where(units.retrain, units.steps, 0).astype(np.int64)
     keys = jax.random.split(key)
     meter = Meter(f"{stage} training", int(steps.sum()))
+    size = population.chunk_size(len(steps), ctx.chips_per_batch)
 
-    def compute(ids: np.ndarray, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = _retrain_chunk(ctx, chunk, keys, meter)
-        members = chunk["members"][: len(ids)]
+    def compute(ids: np.ndarray, pool: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pool = {k: v[: len(ids)] for k, v in pool.items()}
+        out = _retrain_pool(ctx, pool, size, keys, meter)
         out["member_accuracy"] = _verify_members(
-            ctx, out.pop("variables"), members, chip_maps, out["after"]
+            ctx, out.pop("variables"), pool["members"], chip_maps, out["after"], size
         )
         for unit in ids[out["diverged"][: len(ids)]]:
             logging.warning(
@@ -145,7 +149,8 @@ def retrain(
 
     inputs = dict(maps=units.maps, steps=steps, retrain=units.retrain, members=units.members)
     order = np.argsort(steps, kind="stable")
-    out = population.drive(inputs, compute, ctx.chips_per_batch, order, store, stage)
+    pool_size = size * max(1, ctx.topup_pool_chunks)
+    out = population.drive(inputs, compute, pool_size, order, store, stage)
     member_acc = np.where(units.members >= 0, out["member_accuracy"], np.nan)
     ok = np.where(units.members >= 0, member_acc >= ctx.target, True).all(1)
     return ChipOutcome(
@@ -162,28 +167,63 @@ def retrain(
     )
 
 
-def _retrain_chunk(
-    ctx: population.Context, chunk: dict[str, np.ndarray], keys: jax.Array, meter: Meter
+def _retrain_pool(
+    ctx: population.Context,
+    pool: dict[str, np.ndarray],
+    size: int,
+    keys: jax.Array,
+    meter: Meter,
 ) -> dict:
-    """One padded chunk of units: retrain for the budgets, evaluate, top up."""
-    states, masks = population.init_chunk(ctx.trainer, ctx.variables, chunk["maps"], chunk["steps"])
-    before = population.evaluate(ctx.trainer, states, masks, ctx.data)
-    states = population.run_phase(
-        ctx.trainer, states, masks, ctx.data, keys[0], chunk["steps"], on_progress=meter
+    """One pool of ``m`` units, in chunks of ``size`` (the last one padded): retrain each chunk
+    for its budgets and evaluate it, then top up the pool's misses together and evaluate
+    every unit on the test set. Results have ``ceil(m / size) * size`` rows (padding last)."""
+    n = -(-len(pool["steps"]) // size) * size
+    before, after = np.zeros(n), np.zeros(n)
+    for lo in range(0, n, size):
+        maps, steps = population.pad_chunk(
+            pool["maps"][lo : lo + size], pool["steps"][lo : lo + size], size
+        )
+        part, part_masks = population.init_chunk(ctx.trainer, ctx.variables, maps, steps)
+        before[lo : lo + size] = population.evaluate(ctx.trainer, part, part_masks, ctx.data)
+        part = population.run_phase(
+            ctx.trainer, part, part_masks, ctx.data, keys[0], steps, on_progress=meter
+        )
+        # A unit without steps is unchanged: its accuracy after is the one before.
+        trained = np.flatnonzero(steps > 0)
+        after[lo : lo + size] = before[lo : lo + size]
+        after[lo + trained] = population.evaluate(
+            ctx.trainer, part, part_masks, ctx.data, ids=trained
+        )
+        if n == size:
+            states, masks = part, part_masks
+        else:  # the pool's states, filled in place chunk by chunk
+            if lo == 0:
+                states, masks = population.zeros((part, part_masks), n)
+            chips = np.arange(lo, lo + size)
+            states, masks = population.put((states, masks), chips, (part, part_masks))
+    retrained = population.pad_chunk(pool["retrain"], pool["retrain"], n)[0]
+    states, after, topup = top_up(ctx, states, masks, after, retrained, keys[1], size)
+    test_after = np.concatenate(
+        [
+            population.evaluate(ctx.trainer, *_chunk(states, masks, lo, size), ctx.data, "test")
+            for lo in range(0, len(after), size)
+        ]
     )
-    # A chip without steps is unchanged: its accuracy after is the one before.
-    trained = np.flatnonzero(chunk["steps"] > 0)
-    after = before.copy()
-    after[trained] = population.evaluate(ctx.trainer, states, masks, ctx.data, ids=trained)
-    states, after, topup = top_up(ctx, states, masks, after, chunk["retrain"], keys[1])
     return dict(
         before=before,
         after=after,
-        test_after=population.evaluate(ctx.trainer, states, masks, ctx.data, "test"),
+        test_after=test_after,
         topup=topup,
         diverged=sharding.to_host(states.diverged),
         variables=states.variables,
     )
+
+
+def _chunk(states, masks, lo: int, size: int):
+    """Chips ``lo .. lo + size - 1`` of ``(states, masks)`` (all of them if that is all)."""
+    if lo == 0 and len(states.step) == size:
+        return states, masks
+    return population.take((states, masks), np.arange(lo, lo + size))
 
 
 def top_up(
@@ -193,45 +233,65 @@ def top_up(
     after: np.ndarray,
     retrained: np.ndarray,
     key: jax.Array,
+    size: int | None = None,
 ) -> tuple[train.ChipState, np.ndarray, np.ndarray]:
     """Tops up retrained chips below the target, ``ctx.topup_steps`` at a time.
 
-    A chip stops at the first increment after which it meets the target, when it has had
-    ``ctx.max_topup_steps``, or when it diverges (more steps cannot help a frozen chip).
+    Round ``r`` gives one increment to every chip still below the target, on the batches of
+    ``fold_in(key, r)`` (a chip's top-ups do not depend on which chips it is pooled with),
+    computed ``size`` chips at a time (the last batch a power-of-4 bucket, as in
+    ``population.run_phase``). A chip stops at the first increment after which it meets the
+    target, when it has had ``ctx.max_topup_steps``, or when it diverges (more steps cannot
+    help a frozen chip); after each increment only the chips just topped up are evaluated.
 
     Args:
       states: ``ChipState[n]``; masks: ``[n, ...]``.
       after: ``float64[n]`` accuracy now; retrained: ``bool[n]`` chips that may be topped up.
-      key: key of the top-ups' batch order (round ``r`` uses ``fold_in(key, r)``).
+      key: key of the top-ups' batch order.
+      size: most chips computed together (default ``n``).
 
     Returns:
       ``(states, after float64[n], topup int64[n])``.
     """
-    topup = np.zeros(len(after), np.int64)
+    n = len(after)
+    size = n if size is None else size
+    topup = np.zeros(n, np.int64)
+    after = np.array(after, np.float64)
     missing = np.asarray(retrained, bool) & (after < ctx.target)
+    missing &= ~sharding.to_host(states.diverged)
     rnd = 0
-    while True:
-        missing &= ~sharding.to_host(states.diverged)
+    while missing.any() and ctx.topup_steps > 0:
         left = ctx.max_topup_steps - rnd * ctx.topup_steps
-        if not missing.any() or ctx.topup_steps <= 0 or left <= 0:
+        if left <= 0:
             break
-        extra = np.where(missing, min(ctx.topup_steps, left), 0)
-        budget = states.budget + sharding.shard_chips(jnp.asarray(extra, jnp.int32))
-        states = population.run_phase(
-            ctx.trainer,
-            states.replace(budget=budget),
-            masks,
-            ctx.data,
-            jax.random.fold_in(key, rnd),
-            extra,
-        )
-        topup += extra
-        ids = np.flatnonzero(missing)  # only the chips just topped up are evaluated again
-        after = after.copy()
-        after[ids] = population.evaluate(ctx.trainer, states, masks, ctx.data, ids=ids)
-        missing &= after < ctx.target
+        inc = min(ctx.topup_steps, left)
+        below = np.flatnonzero(missing)
+        for lo in range(0, len(below), size):
+            ids = below[lo : lo + size]
+            states, acc, diverged = _top_up_once(ctx, states, masks, ids, inc, size, rnd, key)
+            topup[ids] += inc
+            after[ids] = acc
+            missing[ids] &= (acc < ctx.target) & ~diverged
         rnd += 1
     return states, after, topup
+
+
+def _top_up_once(ctx, states, masks, ids, inc, size, rnd, key):
+    """One increment of ``inc`` steps for chips ``ids`` (at most ``size``), computed on a
+    power-of-4 bucket of them: ``(states, accuracy float64[len(ids)], diverged bool[...])``."""
+    n, bucket = len(states.step), population.bucket_size(len(ids), size)
+    pad = bucket - len(ids)
+    # The padding rows repeat the last chip (so the bucket runs as one block); their results
+    # are scattered to index ``n``, past the end, and dropped.
+    sub, sub_masks = population.take((states, masks), np.concatenate([ids, np.full(pad, ids[-1])]))
+    sub = sub.replace(budget=sub.budget + inc)
+    phase_key = jax.random.fold_in(key, rnd)
+    sub = population.run_phase(
+        ctx.trainer, sub, sub_masks, ctx.data, phase_key, np.full(bucket, inc)
+    )
+    acc = population.evaluate(ctx.trainer, sub, sub_masks, ctx.data)[: len(ids)]
+    states = population.put(states, np.concatenate([ids, np.full(pad, n)]), sub)
+    return states, acc, sharding.to_host(sub.diverged)[: len(ids)]
 
 
 def _verify_members(
@@ -240,20 +300,21 @@ def _verify_members(
     members: np.ndarray,
     chip_maps: np.ndarray,
     after: np.ndarray,
+    size: int,
 ) -> np.ndarray:
     """Accuracy ``float64[m, W]`` of each unit's model on each member chip's own map.
 
     A unit of one chip is its own member (its accuracy is ``after``); the members of
-    groups are evaluated in batches of the chunk size, so no new shapes are compiled.
+    groups are evaluated in batches of the chunk size ``size``, so no new shapes are compiled.
 
     Args:
-      variables: ``[size, ...]`` the chunk's trained ``{"params", "batch_stats"}`` (a member
+      variables: ``[>= m, ...]`` the pool's trained ``{"params", "batch_stats"}`` (a member
         chip runs the unit's weights, its own mask on top, and the unit's BatchNorm
         statistics).
-      members: ``int64[m, W]`` the chunk's real units' members (``-1``: none).
+      members: ``int64[m, W]`` the pool's real units' members (``-1``: none).
       chip_maps: ``bool[chips, R, C]``; after: ``float64[>= m]`` accuracy on the unit's map.
+      size: chips evaluated together.
     """
-    size = len(jax.tree.leaves(variables["params"])[0])
     member_acc = np.full(members.shape, np.nan)
     member_acc[:, 0] = after[: len(members)]
     unit, slot = np.nonzero(((members >= 0).sum(1) > 1)[:, None] & (members >= 0))

@@ -405,6 +405,7 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(baseline_weight_decay=2.0), "--baseline_weight_decay"),
         (dict(baseline_schedule="step"), "--baseline_schedule='step'; allowed: constant, cosine"),
         (dict(chips_per_batch=0), "--chips_per_batch"),
+        (dict(topup_pool_chunks=0), "--topup_pool_chunks=0 is outside [1, 1024]"),
         (dict(dataset="mnist"), "--data_dir"),
         (dict(dataset="cifar10", data_dir="/nonexistent"), "/nonexistent"),
         (dict(chip_fault_maps="/nonexistent/maps.npz"), "maps.npz"),

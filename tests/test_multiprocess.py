@@ -12,7 +12,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The grouped smoke study (every stage but the predictor study), 2 chunks per retraining.
+# The grouped smoke study (every stage but the predictor study), 2 chunks per retraining,
+# pooled for the top-ups.
 FLAGS = [
     "--flagfile=experiments/configs/smoke.flags",
     "--grouping=greedy",

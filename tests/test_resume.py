@@ -62,7 +62,9 @@ def strip(summary, *config_keys):
 def test_killed_twice_then_resumed_equals_uninterrupted_and_chunk_size_does_not_matter(
     tmp_path,
 ):
-    small_chunks = ("--chips_per_batch=2",)  # analysis: 3 chunks, retraining: 4 chunks
+    # analysis: 3 chunks; retraining: 4 chunks, each its own top-up pool; the target is
+    # tighter than the smoke study's, so that chips of several chunks are topped up.
+    small_chunks = ("--chips_per_batch=2", "--topup_pool_chunks=1", "--max_accuracy_drop=0.03")
     reference = finish(str(tmp_path / "reference"), *small_chunks)
 
     workdir = str(tmp_path / "killed")
@@ -76,13 +78,22 @@ def test_killed_twice_then_resumed_equals_uninterrupted_and_chunk_size_does_not_
     resumed = finish(workdir, *small_chunks)
     assert strip(resumed) == strip(reference)
 
-    other_chunks = finish(str(tmp_path / "chunk8"), "--chips_per_batch=8")
-    assert strip(other_chunks, "chips_per_batch") == strip(reference, "chips_per_batch")
+    # Chunks of 3 in pools of 2 chunks: 6 chips whose top-ups are pooled, then 2 (padded).
+    other = finish(
+        str(tmp_path / "pooled"),
+        "--chips_per_batch=3",
+        "--topup_pool_chunks=2",
+        "--max_accuracy_drop=0.03",
+    )
+    assert sum(c["topup_epochs"] > 0 for c in other["chips"]) >= 2  # top-ups to pool
+    keys = ("chips_per_batch", "topup_pool_chunks")
+    assert strip(other, *keys) == strip(reference, *keys)
 
 
 @pytest.mark.slow
 def test_grouped_run_killed_in_its_group_retraining_resumes_to_the_same_result(tmp_path):
     flags = ("--grouping=greedy", "--max_group_size=2", "--chips_per_batch=1")
+    flags += ("--topup_pool_chunks=1",)  # one saved chunk per group
     reference = finish(str(tmp_path / "reference"), *flags)
     groups = sum(len(g["members"]) > 1 for g in reference["groups"])
     assert groups >= 2

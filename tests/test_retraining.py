@@ -3,34 +3,49 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from reduce_jax import data as data_lib
 from reduce_jax import faults, population, retraining, train
 
 
-def test_top_ups_stop_at_the_first_increment_that_meets_the_target(monkeypatch):
+@pytest.mark.parametrize(
+    "size, calls",
+    [
+        # Every chip still below the target fits in one batch: one call per round.
+        (6, [([0, 1, 2, 5], 2), ([1, 2], 2), ([1, 2], 2), ([2], 1)]),
+        # Batches of 2: round 0 takes two calls, then the two chips left fill one.
+        (2, [([0, 1], 2), ([2, 5], 2), ([1, 2], 2), ([1, 2], 2), ([2], 1)]),
+    ],
+)
+def test_top_ups_stop_at_the_first_increment_that_meets_the_target(monkeypatch, size, calls):
     """Chip 0 meets the target after 1 increment, chip 1 after 3, chip 2 never (it stops
     at the cap, the last increment cut to fit), chip 3 already meets it, chip 4 is not
-    retrained, and chip 5 diverges in its first increment."""
+    retrained, and chip 5 diverges in its first increment. Each round gives every chip
+    still below the target one increment, ``size`` chips at a time."""
     need = np.array([2, 6, 100, 0, 0, 100])  # steps of top-up each chip needs
     runs = []
 
     def run_phase(trainer, states, masks, data, key, phase_steps, **kwargs):
-        runs.append(np.asarray(phase_steps).tolist())
-        diverged = states.diverged | jnp.asarray(np.arange(6) == 5)
+        chip = np.asarray(states.params["chip"])
+        steps = np.asarray(phase_steps)
+        assert (steps == steps[0]).all() and len(chip) in (1, 4, size)
+        runs.append((sorted(set(chip.tolist())), int(steps[0])))
         return states.replace(
-            step=states.step + jnp.asarray(phase_steps, jnp.int32), diverged=diverged
+            step=states.step + jnp.asarray(phase_steps, jnp.int32),
+            diverged=states.diverged | jnp.asarray(chip == 5),
         )
 
     def evaluate(trainer, states, masks, data, ids=None):
-        acc = np.where(np.asarray(states.step) >= need, 0.95, 0.5)
+        chip = np.asarray(states.params["chip"])
+        acc = np.where(np.asarray(states.step) >= need[chip], 0.95, 0.5)
         return acc if ids is None else acc[ids]
 
     monkeypatch.setattr(population, "run_phase", run_phase)
     monkeypatch.setattr(population, "evaluate", evaluate)
     n = len(need)
     states = train.ChipState(
-        params={},
+        params={"chip": jnp.arange(n)},
         batch_stats={},
         opt_state={},
         step=jnp.zeros(n, jnp.int32),
@@ -40,11 +55,13 @@ def test_top_ups_stop_at_the_first_increment_that_meets_the_target(monkeypatch):
     ctx = population.Context(None, None, None, 0.9, 10, n, topup_steps=2, max_topup_steps=7)
     after = np.array([0.5, 0.5, 0.5, 0.95, 0.5, 0.5])
     retrained = np.array([True, True, True, True, False, True])
-    states, after, topup = retraining.top_up(ctx, states, None, after, retrained, jax.random.key(0))
-    assert runs == [[2, 2, 2, 0, 0, 2], [0, 2, 2, 0, 0, 0], [0, 2, 2, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+    key = jax.random.key(0)
+    states, after, topup = retraining.top_up(ctx, states, None, after, retrained, key, size)
+    assert runs == calls
     assert topup.tolist() == [2, 6, 7, 0, 0, 2]
     assert after.tolist() == [0.95, 0.95, 0.5, 0.95, 0.5, 0.5]
     assert np.asarray(states.budget).tolist() == [2, 6, 7, 0, 0, 2]
+    assert np.asarray(states.params["chip"]).tolist() == list(range(n))  # back in place
 
 
 KEY = jax.random.key(11)  # the top-ups' batch order
@@ -103,3 +120,25 @@ def test_retrain_evaluates_chips_without_steps_once(digits, tiny_mlp, tiny_mlp_v
     every = population.evaluate(trainer, states, masks, data)
     np.testing.assert_allclose(out.accuracy_after[~idle], every[~idle], atol=1e-6)
     assert (out.accuracy_after[~idle] != out.accuracy_before[~idle]).any()
+
+
+def test_pooled_top_ups_equal_top_ups_chunk_by_chunk(digits, tiny_mlp, tiny_mlp_variables):
+    """Top-ups pooled over 3 chunks of 2 chips give every chip the same top-ups and the same
+    accuracies as top-ups chunk by chunk: a chip's ``r``-th increment runs on the batches of
+    ``fold_in(key, r)``, whichever chips share its batch."""
+    data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
+    trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
+    maps = np.asarray(faults.sample_fault_maps(jax.random.key(9), 6, 8, 8, 0.3))
+    units = retraining.Units.of_groups(maps, [[i] for i in range(6)], np.full(6, 2), True)
+
+    def run(target, pool):
+        ctx = population.Context(trainer, tiny_mlp_variables, data, target, 45, 2, 2, 8, pool)
+        return retraining.retrain(ctx, units, maps, KEY)
+
+    # A target between the chips' accuracies after their 2 steps: some need top-ups.
+    target = float(np.median(run(0.0, 1).accuracy_after)) + 1e-9
+    chunked, pooled = run(target, 1), run(target, 3)
+    assert 0 < (chunked.topup_steps > 0).sum() < 6, chunked.topup_steps
+    np.testing.assert_array_equal(pooled.topup_steps, chunked.topup_steps)
+    np.testing.assert_array_equal(pooled.accuracy_after, chunked.accuracy_after)
+    np.testing.assert_array_equal(pooled.test_accuracy_after, chunked.test_accuracy_after)
