@@ -198,14 +198,16 @@ def evaluate(
     data: DeviceData,
     split: str = "val",
     ids: np.ndarray | None = None,
+    size: int | None = None,
 ):
     """Accuracy ``float64[chips]`` (numpy) of every chip on the ``val`` or ``test`` split, or
     ``float64[len(ids)]`` of chips ``ids`` only (computed on a power-of-4 bucket of them, as
-    ``run_phase`` does, so a few chips cost a few chips' evaluations, not the chunk's)."""
+    ``run_phase`` does, so a few chips cost a few chips' evaluations, not the chunk's; at
+    most ``size`` of them, default all ``chips``)."""
     variables, n = states.variables, len(states.step)
     if ids is not None and len(ids) < n:
         ids = np.asarray(ids)
-        size = bucket_size(len(ids), n)
+        size = bucket_size(len(ids), n if size is None else size)
         idx = np.concatenate([ids, np.full(size - len(ids), ids[-1] if len(ids) else 0)])
         variables, masks = take(variables, idx), take(masks, idx)
     acc = sharding.to_host(trainer.evaluate(variables, masks, *data.split(split)))

@@ -205,8 +205,10 @@ def _retrain_pool(
     states, after, topup = top_up(ctx, states, masks, after, retrained, keys[1], size)
     test_after = np.concatenate(
         [
-            population.evaluate(ctx.trainer, *_chunk(states, masks, lo, size), ctx.data, "test")
-            for lo in range(0, len(after), size)
+            population.evaluate(
+                ctx.trainer, states, masks, ctx.data, "test", np.arange(lo, lo + size), size
+            )
+            for lo in range(0, n, size)
         ]
     )
     return dict(
@@ -217,13 +219,6 @@ def _retrain_pool(
         diverged=sharding.to_host(states.diverged),
         variables=states.variables,
     )
-
-
-def _chunk(states, masks, lo: int, size: int):
-    """Chips ``lo .. lo + size - 1`` of ``(states, masks)`` (all of them if that is all)."""
-    if lo == 0 and len(states.step) == size:
-        return states, masks
-    return population.take((states, masks), np.arange(lo, lo + size))
 
 
 def top_up(
@@ -266,9 +261,10 @@ def top_up(
             break
         inc = min(ctx.topup_steps, left)
         below = np.flatnonzero(missing)
+        phase_key = jax.random.fold_in(key, rnd)
         for lo in range(0, len(below), size):
             ids = below[lo : lo + size]
-            states, acc, diverged = _top_up_once(ctx, states, masks, ids, inc, size, rnd, key)
+            states, acc, diverged = _top_up_once(ctx, states, masks, ids, inc, size, phase_key)
             topup[ids] += inc
             after[ids] = acc
             missing[ids] &= (acc < ctx.target) & ~diverged
@@ -276,7 +272,7 @@ def top_up(
     return states, after, topup
 
 
-def _top_up_once(ctx, states, masks, ids, inc, size, rnd, key):
+def _top_up_once(ctx, states, masks, ids, inc, size, phase_key):
     """One increment of ``inc`` steps for chips ``ids`` (at most ``size``), computed on a
     power-of-4 bucket of them: ``(states, accuracy float64[len(ids)], diverged bool[...])``."""
     n, bucket = len(states.step), population.bucket_size(len(ids), size)
@@ -285,7 +281,6 @@ def _top_up_once(ctx, states, masks, ids, inc, size, rnd, key):
     # are scattered to index ``n``, past the end, and dropped.
     sub, sub_masks = population.take((states, masks), np.concatenate([ids, np.full(pad, ids[-1])]))
     sub = sub.replace(budget=sub.budget + inc)
-    phase_key = jax.random.fold_in(key, rnd)
     sub = population.run_phase(
         ctx.trainer, sub, sub_masks, ctx.data, phase_key, np.full(bucket, inc)
     )
