@@ -106,9 +106,35 @@ class Meter:
             )
 
 
+# Seconds this process has spent compiling (tracing, lowering to MLIR and XLA's compile), as
+# JAX's monitoring events report them; a compile served by the persistent compilation cache
+# counts its tracing and lowering only.
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds = [0.0]
+
+
+def _on_event_duration(event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far (all threads)."""
+    return _compile_seconds[0]
+
+
 class Timer:
     """Seconds per phase of a run: ``with timer.phase("analysis"): ...`` records
-    ``analysis_s``; ``times`` keeps them in the order the phases ran."""
+    ``analysis_s``, and ``analysis_compile_s``, the part of it spent compiling; ``times``
+    keeps them in the order the phases ran."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -116,11 +142,12 @@ class Timer:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), compile_seconds()
         try:
             yield
         finally:
             self.times[f"{name}_s"] = time.perf_counter() - t
+            self.times[f"{name}_compile_s"] = compile_seconds() - c
 
     def total(self) -> float:
         """Seconds since the timer was made."""

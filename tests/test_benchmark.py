@@ -235,9 +235,11 @@ def test_retraining_efficiency_counts_steps_and_evaluations():
     summary = dict(
         config=dict(topup_epochs=0.5, chips_per_batch=30),
         baseline=dict(steps_per_epoch=10),
-        timing=dict(retrain_s=10.0),
+        timing=dict(retrain_s=10.0, retrain_compile_s=2.0),
     )
     out = efficiency.efficiency(summary, chips, bench, 100, 40)
-    # 68 steps at 320/s and 1,500 evaluations at 1,000/s, against 10 s measured.
+    # 68 steps at 320/s and 1,500 evaluations at 1,000/s, against 10 s measured, 2 of them
+    # compiling.
     assert out["chip_steps"] == 68 and out["chip_evals"] == 1500
     assert out["efficiency"] == round((68 / 320 + 1.5) / 10, 3)
+    assert out["efficiency_without_compile"] == round((68 / 320 + 1.5) / 8, 3)

@@ -51,9 +51,20 @@ def one_line_error(proc, needle: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def xla_cache(tmp_path_factory):
+    """The smoke runs' persistent compilation cache."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, xla_cache):
     workdir = str(tmp_path_factory.mktemp("smoke"))
-    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", env=USER_ENV)
+    proc = run_cli(
+        f"--flagfile={SMOKE}",
+        f"--workdir={workdir}",
+        f"--compilation_cache_dir={xla_cache}",
+        env=USER_ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "summary.json")) as f:
         return workdir, json.load(f), proc
@@ -209,6 +220,28 @@ def test_rerun_reuses_baseline_and_gives_identical_summary(smoke_run):
 
 
 @pytest.mark.slow
+def test_a_run_from_the_compilation_cache_gives_the_same_summary(smoke_run, xla_cache, tmp_path):
+    """A second study in a new workdir recomputes everything, its programs loaded from the
+    cache the first one filled, and writes the same summary; every phase's compile seconds
+    are reported, within the phase's seconds."""
+    _, first, _ = smoke_run
+    cached = set(os.listdir(xla_cache))
+    assert any(name.endswith("-cache") for name in cached), cached
+    workdir = tmp_path / "w"
+    proc = run_cli(
+        f"--flagfile={SMOKE}", f"--workdir={workdir}", f"--compilation_cache_dir={xla_cache}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads((workdir / "summary.json").read_text())
+    assert second["timing"]["baseline_reused"] is False
+    assert without_workdir(second) == without_workdir(first)
+    for summary in (first, second):
+        timing = summary["timing"]
+        for phase in ("baseline", "analysis", "retrain", "policies"):
+            assert 0 <= timing[f"{phase}_compile_s"] <= timing[f"{phase}_s"], timing
+
+
+@pytest.mark.slow
 def test_other_flags_into_same_workdir_refused(smoke_run):
     workdir, _, _ = smoke_run
     before = open(os.path.join(workdir, "summary.json")).read()
@@ -236,6 +269,7 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--chip_fault_maps={tmp}/maps.csv"], "maps.csv"),
         (["--distributed_auto", "--num_processes=2"], "--distributed_auto"),
         (["--num_processes=2"], "--coordinator_address"),
+        (["--compilation_cache_dir={tmp}/maps.csv/xla"], "--compilation_cache_dir"),
     ],
 )
 def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
