@@ -71,6 +71,12 @@ NO_BN = flags.DEFINE_boolean(
     "The model without BatchNorm (vgg11_bn, resnet*: convolutions with biases, the folded "
     "form), to measure what BatchNorm costs.",
 )
+CHIP_BATCHING = flags.DEFINE_enum(
+    "chip_batching",
+    "vmap",
+    list(train.CHIP_BATCHING),
+    "How the population's programs compute the chips (train.make_trainer).",
+)
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
 ARRAY = flags.DEFINE_integer("array", 16, "Systolic array size (square).")
@@ -332,6 +338,7 @@ def bench(
     memory_fraction: float = 0.9,
     cache: dict | None = None,
     extra: dict | None = None,
+    chip_batching: str = "vmap",
 ) -> dict:
     """One JSON-able row for a population of ``n`` chips (see the module docstring).
 
@@ -340,14 +347,15 @@ def bench(
       cache: compiled programs by chunk size, shared between calls with the same model,
         data, batch size, steps and array.
       extra: keys added to the row.
+      chip_batching: how the population's programs compute the chips (``vmap`` or ``map``).
     """
     cache = {} if cache is None else cache
     tx = train.make_optimizer("adam", 1e-3)
-    key = (id(model), id(ds), batch_size, steps, array)
+    key = (id(model), id(ds), batch_size, steps, array, chip_batching)
     if cache.get("key") != key:
         cache.clear()
         cache["key"] = key
-        cache["trainer"] = train.make_trainer(model, tx, batch_size)
+        cache["trainer"] = train.make_trainer(model, tx, batch_size, chip_batching=chip_batching)
         # The benchmark takes no decisions: its test images stand in for the validation split.
         held_out = dict(val_images=ds.test_images, val_labels=ds.test_labels)
         cache["data"] = population.DeviceData.from_dataset(dataclasses.replace(ds, **held_out))
@@ -494,6 +502,7 @@ def main(argv):
     extra = dict(
         model_name=name,
         model_width=MODEL_WIDTH.value,
+        chip_batching=CHIP_BATCHING.value,
         batch_norm=bool(jax.tree.leaves(variables["batch_stats"])),
         steps=steps,
         array=array,
@@ -512,6 +521,7 @@ def main(argv):
         memory_fraction=MEMORY_FRACTION.value,
         cache={},
         extra=extra,
+        chip_batching=CHIP_BATCHING.value,
     )
     failed = False
     for n in sizes:

@@ -189,6 +189,12 @@ class ReduceConfig:
     chips_per_batch: int = _setting(
         64, "Chips trained together in one chunk (bounds memory; results do not depend on it)."
     )
+    chip_batching: str = _setting(
+        "vmap",
+        f"How each compiled step computes its chips: {_choices(train.CHIP_BATCHING)} (vmap: "
+        "vectorised, for small networks and accelerators; map: one chip after another in the "
+        "same program, faster for ResNets on a CPU).",
+    )
     topup_pool_chunks: int = _setting(
         4,
         "Top-ups are pooled over this many chunks: the chips still below the target after "
@@ -387,6 +393,7 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
     for name in ("batch_size", "chips_per_batch", "eval_batch_size"):
         _in_range(cfg, name, 1, 1 << 20)
     _in_range(cfg, "topup_pool_chunks", 1, 1024)
+    _one_of(cfg, "chip_batching", train.CHIP_BATCHING)
     for name in ("optimizer", "baseline_optimizer"):
         _one_of(cfg, name, train.OPTIMIZERS)
     for name in ("learning_rate", "baseline_learning_rate"):

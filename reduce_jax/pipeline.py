@@ -268,6 +268,7 @@ def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_in
         cfg.batch_size,
         cfg.eval_batch_size,
         augment=_augments(cfg, inp),
+        chip_batching=cfg.chip_batching,
     )
     spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
     one_chip = jax.tree.map(lambda x: x[None], variables)

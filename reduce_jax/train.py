@@ -24,13 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from reduce_jax import augment as augment_lib
+from reduce_jax import sharding
 
 PyTree = Any
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine")
+# How a population's programs compute its chips: ``vmap`` vectorises them (one program over
+# all chips: the fast way for small networks and on accelerators); ``map`` runs the one-chip
+# computation for each chip in turn inside the same compiled program (``lax.map``; on a CPU,
+# faster for ResNets, whose per-chip convolutions and BatchNorm gain nothing from a chips
+# axis; see README, Performance).
+CHIP_BATCHING = ("vmap", "map")
 
 
 @struct.dataclass
@@ -241,6 +249,7 @@ def make_trainer(
     eval_batch_size: int = 100,
     max_traces: int | None = None,
     augment: bool = False,
+    chip_batching: str = "vmap",
 ) -> Trainer:
     """Builds the jitted single-chip and population functions.
 
@@ -261,9 +270,13 @@ def make_trainer(
     Args:
       max_traces: if set, ``run`` and ``evaluate`` fail when traced more often (tests).
       augment: random crop (pad 4) and flip of every training batch (``augment.crop_flip``).
+      chip_batching: how ``population_step``, ``run`` and ``evaluate`` compute the chips
+        (``CHIP_BATCHING``); results are the same up to floating-point rounding.
     """
+    if chip_batching not in CHIP_BATCHING:
+        raise ValueError(f"chip_batching must be one of {CHIP_BATCHING}, got {chip_batching!r}")
     step = functools.partial(chip_step, model, tx)
-    population_step = jax.vmap(step, in_axes=(0, 0, None, None))
+    population_step = over_chips(step, chip_batching)
 
     def init_population(variables, masks, budgets):
         return jax.vmap(lambda m, b: init_chip(variables, m, tx, b))(masks, budgets)
@@ -288,7 +301,7 @@ def make_trainer(
         labels = jnp.pad(labels, (0, pad), constant_values=-1)  # padded rows never match
         images = images.reshape(num_batches, bs, *images.shape[1:])
         labels = labels.reshape(num_batches, bs)
-        correct_fn = jax.vmap(functools.partial(chip_correct, model), in_axes=(0, 0, None, None))
+        correct_fn = over_chips(functools.partial(chip_correct, model), chip_batching)
 
         def body(total, batch):
             return total + correct_fn(variables, masks, *batch), None
@@ -308,6 +321,42 @@ def make_trainer(
         evaluate=jax.jit(evaluate),
         tx=tx,
     )
+
+
+def over_chips(fn, chip_batching: str = "vmap"):
+    """``fn(chip_a, chip_b, x, y)`` of one chip -> the same over a leading ``chips`` axis of
+    its first two arguments (``x`` and ``y`` are shared by every chip).
+
+    ``vmap`` vectorises the chips; ``map`` computes them one after another (``lax.map``), and
+    with several devices each device maps over its own chips (``shard_map`` over the chips
+    mesh axis, where the device count divides the chip count, as it divides every chunk).
+    """
+    if chip_batching == "vmap":
+        return jax.vmap(fn, in_axes=(0, 0, None, None))
+
+    def mapped(a, b, x, y):
+        return jax.lax.map(lambda ab: fn(ab[0], ab[1], x, y), (a, b))
+
+    def mapped_on_device(a, b, x, y):
+        # Each device's chips, on the replicated shared inputs, which are marked as
+        # varying over the chips axis: a gradient flowing to them (the convolutions' custom
+        # rules produce one) then has the same type as they have.
+        x, y = (jax.lax.pcast(v, sharding.AXIS, to="varying") for v in (x, y))
+        return mapped(a, b, x, y)
+
+    def population(a, b, x, y):
+        chips_count = jax.tree.leaves(a)[0].shape[0]
+        if sharding.num_shards() == 1 or chips_count % sharding.num_shards():
+            return mapped(a, b, x, y)
+        chips, shared = P(sharding.AXIS), P()
+        return jax.shard_map(
+            mapped_on_device,
+            mesh=sharding.mesh(),
+            in_specs=(chips, chips, shared, shared),
+            out_specs=chips,
+        )(a, b, x, y)
+
+    return population
 
 
 def slice_chips(tree: PyTree, index) -> PyTree:

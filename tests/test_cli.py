@@ -270,6 +270,7 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--distributed_auto", "--num_processes=2"], "--distributed_auto"),
         (["--num_processes=2"], "--coordinator_address"),
         (["--compilation_cache_dir={tmp}/maps.csv/xla"], "--compilation_cache_dir"),
+        (["--chip_batching=loop"], "--chip_batching"),
     ],
 )
 def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):

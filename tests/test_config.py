@@ -55,6 +55,7 @@ DEFAULT_DICT = {
     "baseline_weight_decay": 0.0,
     "baseline_schedule": "constant",
     "chips_per_batch": 64,
+    "chip_batching": "vmap",
     "topup_pool_chunks": 4,
     "eval_batch_size": 100,
     "summary_chips": True,

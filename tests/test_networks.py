@@ -143,13 +143,14 @@ def bn_setup(digits):
     return var, maps, data
 
 
-def test_population_with_batchnorm_equals_loop_over_chips(bn_setup):
+@pytest.mark.parametrize("chip_batching", train.CHIP_BATCHING)
+def test_population_with_batchnorm_equals_loop_over_chips(bn_setup, chip_batching):
     """Parameters and BatchNorm statistics of every chip of an augmented population run equal
-    the chip's run alone (budgets differ; the augmentation is the same for every chip)."""
+    the chip's run alone (budgets differ; the augmentation is the same for every chip), with
+    the chips vectorised or mapped."""
     var, maps, data = bn_setup
-    trainer = train.make_trainer(
-        TINY_RESNET, train.make_optimizer("momentum", 0.05), BATCH, augment=True
-    )
+    tx = train.make_optimizer("momentum", 0.05)
+    trainer = train.make_trainer(TINY_RESNET, tx, BATCH, augment=True, chip_batching=chip_batching)
     budgets = np.array([3, 1, 3])
     args = (data.train_images, data.train_labels, jax.random.key(6), 0, 3)
     states, masks = population.init_chunk(trainer, var, maps, budgets)

@@ -62,13 +62,14 @@ def test_four_devices_equal_one():
 
 CONV_SCRIPT = textwrap.dedent(
     """
-    import json, re
+    import json, re, sys
     import jax, jax.numpy as jnp
     from reduce_jax import data, faults, models, population, sharding, train
     ds = data.load_dataset("digits")
     model = models.get_model("lenet5", ds.num_classes)
     variables = models.init_variables(model, jax.random.key(0), ds.train_images.shape[1:])
-    trainer = train.make_trainer(model, train.make_optimizer("adam", 1e-3), 32)
+    trainer = train.make_trainer(model, train.make_optimizer("adam", 1e-3), 32,
+                                 chip_batching=sys.argv[1])
     d = population.DeviceData.from_dataset(data.split_validation(ds, 0.1))
     maps = faults.sample_fault_maps(jax.random.key(1), 8, 4, 4, 0.2)
     states, masks = population.init_chunk(trainer, variables, maps, jnp.full(8, 100))
@@ -86,10 +87,13 @@ CONV_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_convolutions_stay_on_their_devices():
-    """LeNet-5 (per-chip lax.map convolutions on a CPU) over 4 devices: each device keeps
-    its own chips (no collective in the step) and the results equal one device's."""
-    one, four = run_script(CONV_SCRIPT, 1), run_script(CONV_SCRIPT, 4)
+@pytest.mark.parametrize("chip_batching", ["vmap", "map"])
+def test_sharded_convolutions_stay_on_their_devices(chip_batching):
+    """LeNet-5 over 4 devices, vectorised (per-chip lax.map convolutions on a CPU) or mapped
+    chip by chip: each device keeps its own chips (no collective in the step) and the results
+    equal one device's."""
+    one = run_script(CONV_SCRIPT, 1, chip_batching)
+    four = run_script(CONV_SCRIPT, 4, chip_batching)
     assert one["devices"] == 1 and four["devices"] == 4
     assert four["collectives"] == 0
     np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=1e-4, atol=1e-6)

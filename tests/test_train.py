@@ -271,9 +271,13 @@ def test_updates_are_masked_not_only_gradients(
 # ------------------------------------------------------------------------------ population
 
 
+@pytest.mark.parametrize("chip_batching", train.CHIP_BATCHING)
 def test_population_step_equals_loop_over_chips(
-    adam_trainer, tiny_mlp_params, masks, digits_jnp, tiny_mlp_variables
+    adam_trainer, tiny_mlp, masks, digits_jnp, tiny_mlp_variables, chip_batching
 ):
+    if chip_batching != "vmap":
+        tx = train.make_optimizer("adam", 1e-2)
+        adam_trainer = train.make_trainer(tiny_mlp, tx, BATCH, 100, chip_batching=chip_batching)
     budgets = jnp.array([4, 4, 2, 0], jnp.int32)
     pop = adam_trainer.init_population(tiny_mlp_variables, masks, budgets)
     singles = [
