@@ -1,6 +1,8 @@
 """The flags generated from ``ReduceConfig``: one per field, same name, type, default and help."""
 
 import dataclasses
+import glob
+import os
 
 import pytest
 from absl import flags
@@ -139,3 +141,21 @@ def test_flag_types_from_annotations():
     assert fv["on"].value is True and fv["size"].value == 3 and fv["size"].default is None
     with pytest.raises(TypeError, match="name"):
         config_lib._flag(name, dict)
+
+
+@pytest.mark.parametrize(
+    "flagfile",
+    sorted(
+        glob.glob(
+            os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "*.flags")
+        )
+    ),
+    ids=os.path.basename,
+)
+def test_every_flagfile_parses_and_validates(flagfile):
+    """Every shipped flagfile names existing flags with allowed values (its dataset files
+    aside: cifar10_resnet18 reads the user's archive)."""
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    fv(["prog", f"--flagfile={flagfile}", "--workdir=unused"])
+    config_lib.validate(config_lib.from_flags(fv), dataset_files=False)
