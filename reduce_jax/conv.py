@@ -48,7 +48,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from reduce_jax import sharding
 
@@ -218,23 +217,6 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def map_chips(f, *xs: jax.Array) -> jax.Array:
-    """``lax.map`` of ``f`` over the leading ``chips`` axis of ``xs``.
-
-    With several devices (and a chip count they divide), each device maps over its own
-    chips (``shard_map`` over the ``chips`` mesh axis), so a sharded population is not
-    gathered onto every device. The leading axis is taken to be the population's; under an
-    inner ``vmap`` over another axis the result is the same, but that axis is split over the
-    devices instead (moving data between them).
-    """
-    body = lambda *a: lax.map(lambda b: f(*b), a)
-    n = xs[0].shape[0]
-    if sharding.num_shards() == 1 or n % sharding.num_shards():
-        return body(*xs)
-    spec = P(sharding.AXIS)
-    return jax.shard_map(body, mesh=sharding.mesh(), in_specs=spec, out_specs=spec)(*xs)
-
-
 def _chip_patches(x: jax.Array, window: Window) -> jax.Array:
     """``im2col`` of every chip's input ``[N, B, H, W, C]`` -> ``[N, B, H', W', kh * kw * C]``."""
     return jax.vmap(lambda v: im2col(v, window))(x)
@@ -246,7 +228,7 @@ def batched_conv(
     """Per-chip inputs ``[N, B, H, W, C]`` and kernels ``[N, kh, kw, C, O]`` ->
     ``[N, B, H', W', O]``: a ``lax.map`` of plain convolutions, or batched im2col GEMMs."""
     if per_chip_convolutions:
-        return map_chips(lambda a, b: conv_single(a, b, window), x, kernels)
+        return sharding.map_chips(lambda a, b: conv_single(a, b, window), (x, kernels))
     n, kh, kw, c, o = kernels.shape
     return _chip_patches(x, window) @ kernels.reshape(n, 1, 1, kh * kw * c, o)
 
@@ -257,7 +239,7 @@ def batched_kernel_grad(
     """Per-chip kernel gradients ``[N, kh, kw, C, O]`` from ``x [N, B, H, W, C]`` and
     ``dy [N, B, H', W', O]``: a ``lax.map`` of ``kernel_grad_single``, or batched GEMMs."""
     if per_chip_convolutions:
-        return map_chips(lambda a, b: kernel_grad_single(a, b, window), x, dy)
+        return sharding.map_chips(lambda a, b: kernel_grad_single(a, b, window), (x, dy))
     n, c, o, kh, kw = x.shape[0], x.shape[-1], dy.shape[-1], window.kh, window.kw
     patches = _chip_patches(x, window).reshape(n, -1, kh * kw * c)
     grad = jnp.einsum("npk,npo->nko", patches, dy.reshape(n, -1, o))
@@ -457,7 +439,7 @@ def _pool_ops(window: Window):
             return (_unfold_chips(pooled, n), _unfold_chips(index, n)), (True, True)
         if k_batched and _on_cpu():  # pool each chip's output in the map
             one = lambda a, b: pool_argmax(conv_single(a, b, window))
-            return map_chips(one, x, kernel), (True, True)
+            return sharding.map_chips(one, (x, kernel)), (True, True)
         y = jax.vmap(conv)(x, kernel) if k_batched else jax.vmap(conv, (0, None))(x, kernel)
         return jax.vmap(pool_argmax)(y), (True, True)
 
@@ -480,7 +462,7 @@ def _pool_ops(window: Window):
         h, w = window.out_size(*x.shape[2:4])  # x: [N, B, H, W, C]
         if _on_cpu():
             one = lambda a, b, i: kernel_grad_single(a, unpool(b, i, h, w), window)
-            return map_chips(one, x, g, index), True
+            return sharding.map_chips(one, (x, g, index)), True
         dy = jax.vmap(lambda a, b: unpool(a, b, h, w))(g, index)
         return batched_kernel_grad(x, dy, window, False), True
 

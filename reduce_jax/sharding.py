@@ -62,6 +62,39 @@ def round_up(n: int) -> int:
     return -(-int(n) // k) * k
 
 
+def map_chips(f, chips: tuple, shared: tuple = ()) -> PyTree:
+    """``lax.map`` of ``f(*one_chip, *shared)`` over the leading ``chips`` axis of ``chips``.
+
+    With several devices (and a chip count they divide), each device maps over its own chips
+    (``shard_map`` over the ``chips`` mesh axis), so a sharded population is not gathered onto
+    every device. ``shared`` (the same for every chip) is replicated and marked as varying
+    over the chips axis inside, so a gradient flowing to it (a convolution's custom rule
+    produces one) has its type. The leading axis is taken to be the population's; under an
+    inner ``vmap`` over another axis the result is the same, but that axis is split over the
+    devices instead (moving data between them).
+
+    Args:
+      f: one chip's computation.
+      chips: pytrees with a leading ``chips`` axis.
+      shared: pytrees every chip reads whole.
+    """
+
+    def mapped(chips, shared):
+        return jax.lax.map(lambda one: f(*one, *shared), chips)
+
+    n = jax.tree.leaves(chips)[0].shape[0]
+    if num_shards() == 1 or n % num_shards():
+        return mapped(chips, shared)
+
+    def on_device(chips, shared):
+        shared = jax.tree.map(lambda v: jax.lax.pcast(v, AXIS, to="varying"), shared)
+        return mapped(chips, shared)
+
+    return jax.shard_map(on_device, mesh=mesh(), in_specs=(P(AXIS), P()), out_specs=P(AXIS))(
+        chips, shared
+    )
+
+
 def shard_chips(tree: PyTree) -> PyTree:
     """Lays the leading ``chips`` axis of every leaf out over the devices."""
     if num_shards() == 1:

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import PartitionSpec as P
 
 from reduce_jax import augment as augment_lib
 from reduce_jax import sharding
@@ -327,36 +326,13 @@ def over_chips(fn, chip_batching: str = "vmap"):
     """``fn(chip_a, chip_b, x, y)`` of one chip -> the same over a leading ``chips`` axis of
     its first two arguments (``x`` and ``y`` are shared by every chip).
 
-    ``vmap`` vectorises the chips; ``map`` computes them one after another (``lax.map``), and
-    with several devices each device maps over its own chips (``shard_map`` over the chips
-    mesh axis, where the device count divides the chip count, as it divides every chunk).
+    ``vmap`` vectorises the chips; ``map`` computes them one after another, each device over
+    its own chips (``sharding.map_chips``).
     """
     if chip_batching == "vmap":
         return jax.vmap(fn, in_axes=(0, 0, None, None))
 
-    def mapped(a, b, x, y):
-        return jax.lax.map(lambda ab: fn(ab[0], ab[1], x, y), (a, b))
-
-    def mapped_on_device(a, b, x, y):
-        # Each device's chips, on the replicated shared inputs, which are marked as
-        # varying over the chips axis: a gradient flowing to them (the convolutions' custom
-        # rules produce one) then has the same type as they have.
-        x, y = (jax.lax.pcast(v, sharding.AXIS, to="varying") for v in (x, y))
-        return mapped(a, b, x, y)
-
-    def population(a, b, x, y):
-        chips_count = jax.tree.leaves(a)[0].shape[0]
-        if sharding.num_shards() == 1 or chips_count % sharding.num_shards():
-            return mapped(a, b, x, y)
-        chips, shared = P(sharding.AXIS), P()
-        return jax.shard_map(
-            mapped_on_device,
-            mesh=sharding.mesh(),
-            in_specs=(chips, chips, shared, shared),
-            out_specs=chips,
-        )(a, b, x, y)
-
-    return population
+    return lambda a, b, x, y: sharding.map_chips(fn, (a, b), (x, y))
 
 
 def slice_chips(tree: PyTree, index) -> PyTree:
