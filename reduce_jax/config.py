@@ -114,6 +114,12 @@ class ReduceConfig:
     target_accuracy: float | None = _setting(
         None, "Absolute accuracy target in [0, 1]; when given, replaces --max_accuracy_drop."
     )
+    validation_margin: float = _setting(
+        0.0,
+        "Decisions on the validation split (the map, verification, top-ups, where every "
+        "policy stops) require the target plus this; the test set is judged against the "
+        "target alone. In [0, 0.5].",
+    )
     statistic: str = _setting(
         "min",
         f"Accuracy over the K maps of a grid rate: {resilience.STATISTICS_HELP}; or auto "
@@ -365,6 +371,13 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
         has_drop != has_target, "give exactly one of --max_accuracy_drop and --target_accuracy"
     )
     _in_range(cfg, "max_accuracy_drop" if has_drop else "target_accuracy", 0, 1)
+    _in_range(cfg, "validation_margin", 0, 0.5)
+    if has_target:
+        _require(
+            cfg.target_accuracy + cfg.validation_margin <= 1,
+            f"--target_accuracy={cfg.target_accuracy} plus --validation_margin="
+            f"{cfg.validation_margin} must be <= 1 (no accuracy can meet it)",
+        )
     if cfg.statistic != resilience.AUTO:
         try:
             resilience.parse_statistic(cfg.statistic)

@@ -24,9 +24,11 @@ class ChipResults(NamedTuple):
       topup_steps: ``int64[chips]``.
       accuracy_before, accuracy_after: ``float64[chips]`` on the chip, before and after
         (validation split: the one decisions are taken on).
-      meets_target: ``bool[chips]`` on the validation split.
+      meets_target: ``bool[chips]`` on the validation split, against the target plus
+        ``--validation_margin`` (what the decisions required).
       test_accuracy_after: ``float64[chips]`` after, on the test set (reported only).
-      meets_target_test: ``bool[chips]`` not diverged and ``test_accuracy_after >= target``.
+      meets_target_test: ``bool[chips]`` not diverged and ``test_accuracy_after >= target``
+        (the target alone).
       group: ``int64[chips]`` grouped runs: the retraining that served the chip (``-1``:
         none); ``None`` in runs without grouping, like the two fields below.
       grouped_accuracy_after: ``float64[chips]`` the serving model on the chip (NaN: none).
@@ -51,15 +53,20 @@ def chip_results(
     outcome: retraining.ChipOutcome,
     target: float,
     grouped: grouping.GroupedOutcome | None = None,
+    *,
+    test_target: float | None = None,
 ) -> ChipResults:
     """Every chip's status and result from its amount and its (per-chip) retraining.
 
     Args:
       assignment: the chips' amounts.
       outcome: the per-chip retraining (one unit per chip, in chip order).
-      target: the accuracy target.
+      target: the accuracy the validation split requires (``--validation_margin``
+        included).
       grouped: the grouped retraining, in grouped runs.
+      test_target: the target the test set is judged against (None: ``target``).
     """
+    test_target = target if test_target is None else test_target
     selected = assignment.ok
     diverged = outcome.diverged
     meets = (outcome.accuracy_after >= target) & ~diverged
@@ -74,7 +81,7 @@ def chip_results(
         accuracy_after=outcome.accuracy_after,
         meets_target=meets,
         test_accuracy_after=outcome.test_accuracy_after,
-        meets_target_test=(outcome.test_accuracy_after >= target) & ~diverged,
+        meets_target_test=(outcome.test_accuracy_after >= test_target) & ~diverged,
     )
     if grouped is None:
         return results

@@ -131,7 +131,9 @@ def run(
             grouped = _grouped(cfg, ctx, maps, assignment, rmap, per_chip, keys.grouped, store)
 
     # 6. Cost, and Reduce against the policies a user would follow without it.
-    chips = cost_lib.chip_results(assignment, per_chip, ctx.target, grouped)
+    chips = cost_lib.chip_results(
+        assignment, per_chip, ctx.target, grouped, test_target=ctx.reported_target
+    )
     fixed = cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max()
     analysis_epochs = len(cfg.fault_rates) * cfg.maps_per_rate * amounts.max()
     cost = cost_lib.summarize(chips, fixed, analysis_epochs, ctx.steps_per_epoch, grouped)
@@ -140,7 +142,8 @@ def run(
         comparison = _compare(cfg, ctx, maps, outcomes, fixed, keys.policies, store)
     timer.times["wall_s"] = timer.total()
     summary = Summary(
-        config=cfg, overwrite=overwrite, baseline=base, target=ctx.target,
+        config=cfg, overwrite=overwrite, baseline=base, target=ctx.reported_target,
+        validation_target=ctx.target,
         steps_per_epoch=ctx.steps_per_epoch, analysis=analysis, rmap=rmap,
         assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
         policies=comparison, calibration=choice,
@@ -280,17 +283,26 @@ def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_in
         cfg.target_accuracy if cfg.target_accuracy is not None else accuracy - cfg.max_accuracy_drop
     )
     logging.info(
-        "baseline accuracy %.4f (validation; test %.4f), target %.4f, %d steps per epoch",
+        "baseline accuracy %.4f (validation; test %.4f), target %.4f (decisions on the "
+        "validation split require %.4f), %d steps per epoch",
         accuracy,
         test_accuracy,
         target,
+        target + cfg.validation_margin,
         spe,
     )
+    if target + cfg.validation_margin > 1:
+        logging.warning(
+            "the target %.4f plus --validation_margin=%g is above 1: no chip can meet it",
+            target,
+            cfg.validation_margin,
+        )
     ctx = population.Context(
         trainer=trainer,
         variables=variables,
         data=data,
-        target=target,
+        target=target + cfg.validation_margin,
+        test_target=target,
         steps_per_epoch=spe,
         chips_per_batch=cfg.chips_per_batch,
         topup_pool_chunks=cfg.topup_pool_chunks,
@@ -365,12 +377,13 @@ def _compare(cfg, ctx, maps, outcomes: _Outcomes, fixed_epochs, key, store) -> p
         cap_steps = int(train.epochs_to_steps(cap, spe))
         points = policies.trajectory_points(inc, cap_steps, fixed_steps, spe)
         traj = policies.run_trajectory(ctx, maps, points, key, store)
-        found["fixed"] = policies.fixed_policy(traj, fixed_steps, ctx.target)
-        found["adaptive"] = policies.adaptive_policy(traj, cap_steps, ctx.target)
+        targets = (ctx.target, ctx.reported_target)
+        found["fixed"] = policies.fixed_policy(traj, fixed_steps, *targets)
+        found["adaptive"] = policies.adaptive_policy(traj, cap_steps, *targets)
     if outcomes.grouped is not None:
         found["grouped"] = policies.grouped_policy(outcomes.grouped, outcomes.chips, inc)
     if outcomes.study is not None:
-        found["oracle"] = policies.oracle_policy(outcomes.study, ctx.target)
+        found["oracle"] = policies.oracle_policy(outcomes.study, ctx.reported_target)
     ordered = {name: found[name] for name in policies.POLICIES if name in found}
     compute = policies.measure_compute(ctx, cfg.batch_size, cfg.eval_batch_size)
     return policies.compare(ordered, outcomes.analysis, compute)

@@ -42,6 +42,19 @@ def _epochs(x: float) -> str:
     return f"{x:g} epoch" + ("" if x == 1 else "s")
 
 
+def _validation_target(summary: dict) -> float:
+    """What decisions on the validation split required (the target plus the margin)."""
+    return summary.get("validation_target_accuracy", summary["target_accuracy"])
+
+
+def _target_lines(ax, summary: dict) -> None:
+    """The target, and with ``--validation_margin`` what the validation split required."""
+    target, required = summary["target_accuracy"], _validation_target(summary)
+    ax.axhline(target, color="k", ls="--", lw=1, label="target")
+    if required != target:
+        ax.axhline(required, color="0.4", ls="-.", lw=1, label="target + validation margin")
+
+
 def _plot_accuracy(summary: dict, fig) -> None:
     """The analysis: zoomed to the band where decisions are taken (target +- a few points),
     and over its full range."""
@@ -51,7 +64,7 @@ def _plot_accuracy(summary: dict, fig) -> None:
     grid = set(res.get("grid_epochs", res["retrain_epochs"]))
     shown = [j for j, e in enumerate(res["retrain_epochs"]) if e in grid]
     colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(shown), 1)))
-    target, base = summary["target_accuracy"], summary["baseline_accuracy"]
+    target, base = _validation_target(summary), summary["baseline_accuracy"]
     zoom, full = fig.subplots(1, 2)
     for ax in (zoom, full):
         for c, j in enumerate(shown):
@@ -61,11 +74,11 @@ def _plot_accuracy(summary: dict, fig) -> None:
             ax.plot(rates, stat, "o-", color=colors[c], ms=4, label=label)
             low, high = np.nanmin(samples, 1), np.nanmax(samples, 1)
             ax.fill_between(rates, low, high, color=colors[c], alpha=0.15, lw=0)
-        ax.axhline(target, color="k", ls="--", lw=1, label="target")
+        _target_lines(ax, summary)
         ax.axhline(base, color="k", ls=":", lw=1, label="baseline")
         ax.set_xlabel("fault rate")
         ax.grid(alpha=0.3)
-    zoom.set_ylim(target - 0.04, min(1.0, max(base, target) + 0.01))
+    zoom.set_ylim(summary["target_accuracy"] - 0.04, min(1.0, max(base, target) + 0.01))
     zoom.set_ylabel(f"validation accuracy ({res['statistic']} over samples)")
     zoom.set_title("Decision band (band: min..max over samples)", fontsize=9)
     full.set_title("Full range", fontsize=9)
@@ -244,7 +257,7 @@ def _plot_chip_accuracy(summary: dict, ax) -> None:
     ax.plot(x, after, "^", color="C0", ms=4, label="after (validation)")
     if all("test_accuracy_after" in c for c in chips):
         ax.plot(x, get("test_accuracy_after"), ".", color="C2", ms=4, label="after (test)")
-    ax.axhline(summary["target_accuracy"], color="k", ls="--", lw=1, label="target")
+    _target_lines(ax, summary)
     ax.set(xlabel=f"chips, by {measure} fault rate", ylabel="accuracy")
     ax.set_title("Per-chip accuracy before and after retraining", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")

@@ -99,8 +99,10 @@ class Policy(NamedTuple):
       chips: chips the policy was applied to.
       train_steps: training steps of all its chips.
       eval_passes: evaluation passes (one chip over the validation split each).
-      chips_meeting_target: chips at or above the target on the validation split.
-      chips_meeting_target_test: the same on the test set (reported only).
+      chips_meeting_target: chips at or above the target on the validation split (the
+        target plus ``--validation_margin``: what the decisions required).
+      chips_meeting_target_test: chips at or above the target (alone) on the test set
+        (reported only).
     """
 
     chips: int
@@ -139,8 +141,11 @@ def run_trajectory(
     )
 
 
-def fixed_policy(traj: resilience.Analysis, fixed_steps: int, target: float) -> Policy:
-    """Every chip retrained ``fixed_steps`` and verified once."""
+def fixed_policy(
+    traj: resilience.Analysis, fixed_steps: int, target: float, test_target: float
+) -> Policy:
+    """Every chip retrained ``fixed_steps`` and verified once (``target`` on the validation
+    split, ``test_target`` on the test set)."""
     j = int(np.searchsorted(traj.amount_steps, fixed_steps))
     n = traj.accuracy.shape[0]
     return Policy(
@@ -148,7 +153,7 @@ def fixed_policy(traj: resilience.Analysis, fixed_steps: int, target: float) -> 
         train_steps=n * int(fixed_steps),
         eval_passes=n,
         chips_meeting_target=_meets(traj.accuracy[:, j, 0], target),
-        chips_meeting_target_test=_meets(traj.test_accuracy[:, j, 0], target),
+        chips_meeting_target_test=_meets(traj.test_accuracy[:, j, 0], test_target),
     )
 
 
@@ -163,8 +168,11 @@ def adaptive_stops(val: np.ndarray, target: float) -> np.ndarray:
     return np.where(ok.any(1), np.argmax(ok, 1), val.shape[1] - 1).astype(np.int64)
 
 
-def adaptive_policy(traj: resilience.Analysis, cap_steps: int, target: float) -> Policy:
-    """Verify at 0; top up one increment at a time until the target or the cap."""
+def adaptive_policy(
+    traj: resilience.Analysis, cap_steps: int, target: float, test_target: float
+) -> Policy:
+    """Verify at 0; top up one increment at a time until ``target`` (validation) or the cap;
+    the test set is judged against ``test_target``."""
     points = np.flatnonzero(traj.amount_steps <= cap_steps)
     val, test = traj.accuracy[:, points, 0], traj.test_accuracy[:, points, 0]
     stop = adaptive_stops(val, target)
@@ -174,7 +182,7 @@ def adaptive_policy(traj: resilience.Analysis, cap_steps: int, target: float) ->
         train_steps=int(traj.amount_steps[points][stop].sum()),
         eval_passes=int((stop + 1).sum()),
         chips_meeting_target=_meets(val[rows, stop], target),
-        chips_meeting_target_test=_meets(test[rows, stop], target),
+        chips_meeting_target_test=_meets(test[rows, stop], test_target),
     )
 
 
@@ -218,9 +226,10 @@ def grouped_policy(
     )
 
 
-def oracle_policy(study: predictor.PredictorStudy, target: float) -> Policy:
+def oracle_policy(study: predictor.PredictorStudy, test_target: float) -> Policy:
     """The predictor study's chips, each retrained the least evaluated amount that met the
-    target (none where no amount did); it needs no evaluation."""
+    target on the validation split (none where no amount did); it needs no evaluation. Its
+    test results are judged against ``test_target``."""
     needed = study.needed_steps
     served = np.isfinite(needed)
     a = study.analysis
@@ -232,7 +241,7 @@ def oracle_policy(study: predictor.PredictorStudy, target: float) -> Policy:
         train_steps=int(needed[served].sum()),
         eval_passes=0,
         chips_meeting_target=int(served.sum()),
-        chips_meeting_target_test=None if test is None else _meets(test[served], target),
+        chips_meeting_target_test=None if test is None else _meets(test[served], test_target),
     )
 
 

@@ -243,13 +243,15 @@ class Context(NamedTuple):
       variables: the fault-free baseline, ``{"params", "batch_stats"}`` (replicated over the
         devices; ``batch_stats`` is ``{}`` for models without BatchNorm).
       data: the train and test sets on the device.
-      target: the accuracy constraint (absolute).
+      target: the accuracy every decision on the validation split requires (absolute:
+        the target plus ``--validation_margin``).
       steps_per_epoch: training steps in one epoch (amounts in epochs -> steps).
       chips_per_batch: most chips computed together (bounds memory).
       topup_steps: top-up increment for a retrained chip below the target (steps).
       max_topup_steps: cap on a chip's top-ups (steps).
       topup_pool_chunks: chunks whose chips below the target are topped up together
         (``retraining.retrain``).
+      test_target: the target the test set is judged against (None: ``target``).
     """
 
     trainer: train.Trainer
@@ -261,6 +263,12 @@ class Context(NamedTuple):
     topup_steps: int
     max_topup_steps: int
     topup_pool_chunks: int = 1
+    test_target: float | None = None
+
+    @property
+    def reported_target(self) -> float:
+        """The target that the test set is judged against (``test_target`` or ``target``)."""
+        return self.target if self.test_target is None else self.test_target
 
 
 # A stage's work on one chunk: ``(ids int[m], inputs)`` -> arrays with leading axis ``m`` (or

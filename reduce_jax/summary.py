@@ -46,7 +46,9 @@ class Summary:
 
     Attributes:
       config: the run's settings; overwrite: the run discarded saved progress.
-      baseline: the fault-free baseline; target: the accuracy target.
+      baseline: the fault-free baseline; target: the accuracy target (the test set is
+        judged against it); validation_target: what decisions on the validation split
+        required (the target plus ``--validation_margin``).
       steps_per_epoch: training steps in one epoch.
       analysis: the resilience analysis; rmap: the resilience map.
       assignment: every chip's rates and amount; chips: every chip's result.
@@ -63,6 +65,7 @@ class Summary:
     overwrite: bool
     baseline: Baseline
     target: float
+    validation_target: float
     steps_per_epoch: int
     analysis: resilience.Analysis
     rmap: resilience.ResilienceMap
@@ -86,6 +89,7 @@ class Summary:
                 baseline_accuracy=self.baseline.accuracy,
                 baseline_test_accuracy=self.baseline.test_accuracy,
                 target_accuracy=float(self.target),
+                validation_target_accuracy=float(self.validation_target),
                 baseline=dict(
                     steps=self.baseline.steps,
                     steps_per_epoch=self.steps_per_epoch,
@@ -135,8 +139,13 @@ class Summary:
             if c.grouped_epochs is not None
             else ""
         )
+        margin = (
+            f" ({self.validation_target:.4f} on validation)"
+            if self.validation_target != self.target
+            else ""
+        )
         return (
-            f"baseline {self.baseline.accuracy:.4f}, target {self.target:.4f}; "
+            f"baseline {self.baseline.accuracy:.4f}, target {self.target:.4f}{margin}; "
             f"Reduce {c.reduce_epochs:.2f} epochs vs fixed {c.fixed_epochs:.2f} "
             f"({100 * c.savings_fraction:.1f}% saved); {grouped}"
             f"{c.chips_meeting_target}/{len(self.chips.status)} chips meet the target, "

@@ -105,10 +105,13 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
         "accuracy_after",
         "meets_target",
     }
+    assert s["validation_target_accuracy"] == pytest.approx(
+        s["target_accuracy"] + s["config"]["validation_margin"]
+    )
     for c in chips:
         assert chip_keys <= set(c)
         assert c["meets_target"] == (
-            c["accuracy_after"] >= s["target_accuracy"] and c["status"] != "diverged"
+            c["accuracy_after"] >= s["validation_target_accuracy"] and c["status"] != "diverged"
         )
         if c["status"] in ("ok", "missed_target", "diverged"):  # the retrained chips
             assert c["meets_target"] == (c["status"] == "ok")
@@ -416,6 +419,12 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(max_accuracy_drop=None), "exactly one"),
         (dict(target_accuracy=0.9), "exactly one"),
         (dict(max_accuracy_drop=None, target_accuracy=1.5), "--target_accuracy"),
+        (dict(validation_margin=-0.01), "--validation_margin=-0.01 is outside [0, 0.5]"),
+        (dict(validation_margin=0.6), "--validation_margin"),
+        (
+            dict(max_accuracy_drop=None, target_accuracy=0.99, validation_margin=0.02),
+            "plus --validation_margin=0.02 must be <= 1",
+        ),
         (dict(statistic="quantile:1.5"), "--statistic"),
         (dict(interpolation="cubic"), "--interpolation"),
         (dict(statistic="median"), "or auto"),

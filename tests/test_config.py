@@ -35,6 +35,7 @@ DEFAULT_DICT = {
     "chip_fault_maps": None,
     "max_accuracy_drop": 0.02,
     "target_accuracy": None,
+    "validation_margin": 0.0,
     "statistic": "min",
     "interpolation": "conservative",
     "rate_measure": "pe",

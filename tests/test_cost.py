@@ -73,6 +73,19 @@ def test_chip_statuses_and_amounts():
     assert r.group is None and r.grouped_meets_target is None
 
 
+def test_validation_decisions_require_the_margin_and_the_test_set_only_the_target():
+    # Validation accuracy after: 0.95, 0.91, 0.85, ...; decisions at 0.92, test judged at 0.9.
+    status = [resilience.OK, resilience.OK]
+    out = outcome([0.8, 0.7], [0.95, 0.91], [0, 5], [False, False], [5, 10], [True, True])
+    a = assignment(status, np.array([5, 10]), np.array([0.0, 0.1]))
+    r = cost.chip_results(a, out, 0.92, test_target=0.9)
+    assert r.status.tolist() == ["ok", "missed_target"]
+    assert r.meets_target.tolist() == [True, False]
+    assert r.meets_target_test.tolist() == [True, True]
+    same = cost.chip_results(a, out, 0.92)  # without a test target: the same target
+    assert same.meets_target_test.tolist() == [True, False]
+
+
 def test_cost_summary_by_hand():
     c = cost.summarize(
         results(), fixed_epochs_per_chip=4.0, analysis_epochs=30.0, steps_per_epoch=SPE

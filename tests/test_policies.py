@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reduce_jax import cost, faults, policies, population, resilience, train
+from reduce_jax import cost, faults, pipeline, policies, population, resilience, train
 
 TARGET = 0.9
 
@@ -41,11 +41,24 @@ def test_fixed_and_adaptive_policies_count_training_evaluations_and_successes():
     val = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.91, 0.92, 0.93], [0.5, 0.6, 0.7, 0.95]]
     test = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.85, 0.92, 0.93], [0.5, 0.6, 0.7, 0.95]]
     traj = trajectory(val, steps, test)
-    fixed = policies.fixed_policy(traj, 15, TARGET)
+    fixed = policies.fixed_policy(traj, 15, TARGET, TARGET)
     assert fixed == policies.Policy(3, 45, 3, 3, 3)
     # Adaptive with the cap at 10: chip 0 stops at 0, chip 1 at 5, chip 2 at the cap (missed).
-    adaptive = policies.adaptive_policy(traj, 10, TARGET)
+    adaptive = policies.adaptive_policy(traj, 10, TARGET, TARGET)
     assert adaptive == policies.Policy(3, 0 + 5 + 10, 1 + 2 + 3, 2, 1)
+
+
+def test_a_validation_margin_moves_where_adaptive_stops_and_the_test_set_keeps_the_target():
+    steps = [0, 5, 10, 15]
+    val = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.91, 0.92, 0.93], [0.5, 0.6, 0.7, 0.95]]
+    test = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.85, 0.905, 0.93], [0.5, 0.6, 0.7, 0.95]]
+    traj = trajectory(val, steps, test)
+    # Decisions require 0.915: chip 1 now stops at 10 (0.92), where its test accuracy 0.905
+    # meets the target 0.9 that the test set is judged against.
+    adaptive = policies.adaptive_policy(traj, 10, TARGET + 0.015, TARGET)
+    assert adaptive == policies.Policy(3, 0 + 10 + 10, 1 + 3 + 3, 2, 2)
+    fixed = policies.fixed_policy(traj, 5, TARGET + 0.015, TARGET)
+    assert fixed == policies.Policy(3, 15, 3, 1, 1)
 
 
 def test_reduce_policy_verifies_served_chips_after_each_top_up_round():
@@ -113,3 +126,32 @@ def test_a_chip_stopped_where_adaptive_stops_equals_its_trajectory(
     for split, acc in (("val", traj.accuracy), ("test", traj.test_accuracy)):
         alone = population.evaluate(trainer, states, masks, digits_device, split)
         assert alone[0] == pytest.approx(acc[1, 2, 0], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_validation_margin_raises_what_decisions_require_and_not_the_test_target(
+    tmp_path, small_run_config
+):
+    """The same run with and without ``--validation_margin``: the analysis does not depend
+    on the target, so the map can only ask more of every chip; every chip Reduce calls met
+    reached the target plus the margin on validation; the test set keeps the target."""
+    runs = {}
+    for margin in (0.0, 0.03):
+        cfg = small_run_config(str(tmp_path / f"m{margin}"), validation_margin=margin)
+        runs[margin] = pipeline.run(cfg)
+    plain, strict = runs[0.0], runs[0.03]
+    assert strict.target == plain.target and plain.validation_target == plain.target
+    assert strict.validation_target == pytest.approx(strict.target + 0.03)
+    np.testing.assert_array_equal(strict.analysis.accuracy, plain.analysis.accuracy)
+    assert np.all(strict.rmap.required_steps >= plain.rmap.required_steps)
+    served = strict.assignment.ok & plain.assignment.ok
+    assert np.all(strict.assignment.steps[served] >= plain.assignment.steps[served])
+    ch = strict.chips
+    ok = ch.status == "ok"
+    assert np.all(ch.accuracy_after[ok] >= strict.validation_target)
+    assert np.array_equal(ch.meets_target, (ch.accuracy_after >= strict.validation_target))
+    assert np.array_equal(ch.meets_target_test, (ch.test_accuracy_after >= strict.target))
+    # Adaptive follows each chip's same trajectory and stops no earlier with the margin.
+    adaptive = {m: r.policies.policies["adaptive"] for m, r in runs.items()}
+    assert adaptive[0.03].train_steps >= adaptive[0.0].train_steps
+    assert adaptive[0.03].eval_passes >= adaptive[0.0].eval_passes
