@@ -46,3 +46,11 @@ def test_rows_rebuild_the_map_and_read_each_chip_off_its_own_curve():
     # The median map selects less; the chips it under-provisions are topped up.
     m = rows[("dense", "quantile:0.5", "conservative")]
     assert m["reduce_epochs"] <= r["reduce_epochs"] and m["missed"] == 0
+
+
+def test_rows_read_the_curves_against_what_the_runs_decisions_required():
+    # With a validation margin the curves are read against the target plus the margin:
+    # 0.96 is above every accuracy, so no amount serves any chip.
+    strict = dict(_summary(), validation_target_accuracy=0.96)
+    for r in overprovisioning.rows(strict):
+        assert r["oracle_epochs"] == 0 and r["reduce_over_oracle"] is None
