@@ -26,7 +26,7 @@ import os
 
 from absl import app, flags
 
-from reduce_jax import train
+from reduce_jax.engine import train
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.", required=True)
 BENCHMARK = flags.DEFINE_string(

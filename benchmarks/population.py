@@ -52,7 +52,11 @@ from absl import app, flags, logging
 
 from benchmarks import device
 from reduce_jax import data as data_lib
-from reduce_jax import faults, models, policies, population, sharding, train
+from reduce_jax import sharding
+from reduce_jax.engine import population, train
+from reduce_jax.hardware import faults
+from reduce_jax.nets import models
+from reduce_jax.stages import policies
 
 CHIPS = flags.DEFINE_list("chips", ["1", "8", "32", "128"], "Population sizes N.")
 QUICK = flags.DEFINE_boolean("quick", False, "Smoke mode: digits, mlp, N=4, few repeats.")

@@ -19,7 +19,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from reduce_jax import data, faults, models, population, progress, retraining, train
+from reduce_jax import data
+from reduce_jax.engine import population, progress, train
+from reduce_jax.hardware import faults
+from reduce_jax.nets import models
+from reduce_jax.stages import retraining
 
 CHIPS = flags.DEFINE_integer("chips", 480, "Chips to retrain.")
 CHIPS_PER_BATCH = flags.DEFINE_integer("chips_per_batch", 16, "Chips per chunk.")

@@ -11,7 +11,7 @@ runs ``--steps`` steps of forward, backward (input and kernel gradients) and an 
 the kernels in a ``fori_loop``, as ``Trainer.run`` runs training steps, vmapped over the N
 chips. Implementations:
 
-* ``conv``: ``reduce_jax.conv.conv2d`` with strides (its batching rule and gradient);
+* ``conv``: ``reduce_jax.nets.conv.conv2d`` with strides (its batching rule and gradient);
 * ``conv_subsampled``: the stride-1 ``conv.conv2d`` subsampled (what a strided convolution
   cost before it had its own path);
 * ``nn_conv``: ``flax.linen.Conv`` with strides, vmapped (a grouped convolution);
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from reduce_jax import conv
+from reduce_jax.nets import conv
 
 CHIPS = flags.DEFINE_list("chips", ["8", "32"], "Population sizes N.")
 IMPLS = flags.DEFINE_list(

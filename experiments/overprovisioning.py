@@ -20,7 +20,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from reduce_jax import calibration, population, predictor, resilience, train
+from reduce_jax.engine import population, train
+from reduce_jax.stages import calibration, predictor, resilience
 
 SUMMARY = flags.DEFINE_string("summary", None, "summary.json of a run with --predictor_chips.")
 

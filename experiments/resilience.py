@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from reduce_jax import config as config_lib
 from reduce_jax.data import DatasetError
-from reduce_jax.faults import FaultMapError
+from reduce_jax.hardware.faults import FaultMapError
 
 # One flag per ReduceConfig field, listed in this CLI's --help.
 config_lib.define_flags(flags.FLAGS)

@@ -13,10 +13,13 @@ Your own Flax module, its trained variables and your arrays::
 
 from reduce_jax.config import ConfigError, ReduceConfig
 from reduce_jax.data import Dataset, load_dataset
-from reduce_jax.faults import FaultSpec, load_fault_maps, sample_fault_maps, save_fault_maps
-from reduce_jax.pipeline import run
-from reduce_jax.summary import Summary
-from reduce_jax.systolic import (
+from reduce_jax.hardware.faults import (
+    FaultSpec,
+    load_fault_maps,
+    sample_fault_maps,
+    save_fault_maps,
+)
+from reduce_jax.hardware.systolic import (
     chip_rates,
     describe_mapping,
     effective_fault_rate,
@@ -25,6 +28,7 @@ from reduce_jax.systolic import (
     pe_weights,
     weight_masks,
 )
+from reduce_jax.outputs.summary import Summary
 
 __all__ = [
     "ConfigError",
@@ -46,3 +50,14 @@ __all__ = [
     "weight_masks",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `run` pulls in the whole pipeline (orbax for checkpoints, matplotlib for the plots);
+    # importing it on first use keeps `import reduce_jax` light for notebooks and the CLI's
+    # flag validation.
+    if name == "run":
+        from reduce_jax.pipeline import run
+
+        return run
+    raise AttributeError(f"module 'reduce_jax' has no attribute {name!r}")

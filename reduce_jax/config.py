@@ -18,10 +18,13 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from reduce_jax import augment as augment_lib
-from reduce_jax import calibration, faults, grouping, models, resilience, systolic, train
 from reduce_jax import data as data_lib
+from reduce_jax.engine import train
 from reduce_jax.errors import ConfigError
+from reduce_jax.hardware import faults, systolic
+from reduce_jax.nets import augment as augment_lib
+from reduce_jax.nets import models
+from reduce_jax.stages import calibration, grouping, resilience
 
 
 def _setting(default, help_text: str):
@@ -429,7 +432,7 @@ def _validate_files(cfg: ReduceConfig, dataset_files: bool) -> None:
     except data_lib.DatasetError as e:
         raise ConfigError(str(e)) from None
     if cfg.init_checkpoint is not None:
-        from reduce_jax import baseline  # orbax: imported only when needed
+        from reduce_jax.stages import baseline  # orbax: imported only when needed
 
         baseline.checkpoint_tree(cfg.init_checkpoint)
     if cfg.chip_fault_maps is not None:

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reduce_jax import baseline as baseline_lib
 from reduce_jax import data as data_lib
-from reduce_jax import models, systolic
 from reduce_jax.config import ReduceConfig
 from reduce_jax.errors import ConfigError
+from reduce_jax.hardware import systolic
+from reduce_jax.nets import models
+from reduce_jax.stages import baseline as baseline_lib
 
 PyTree = Any
 

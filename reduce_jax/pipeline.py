@@ -21,29 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reduce_jax import augment as augment_lib
-from reduce_jax import baseline as baseline_lib
-from reduce_jax import (
-    calibration,
-    faults,
-    grouping,
-    models,
-    policies,
-    population,
-    predictor,
-    report,
-    resilience,
-    retraining,
-    sharding,
-    systolic,
-    train,
-)
-from reduce_jax import cost as cost_lib
 from reduce_jax import data as data_lib
 from reduce_jax import inputs as inputs_lib
+from reduce_jax import sharding
 from reduce_jax.config import ReduceConfig, check_grid, validate
-from reduce_jax.progress import ProgressStore, Timer
-from reduce_jax.summary import Baseline, Summary
+from reduce_jax.engine import population, train
+from reduce_jax.engine.progress import ProgressStore, Timer
+from reduce_jax.hardware import faults, systolic
+from reduce_jax.nets import augment as augment_lib
+from reduce_jax.nets import models
+from reduce_jax.outputs import report
+from reduce_jax.outputs.summary import Baseline, Summary
+from reduce_jax.stages import baseline as baseline_lib
+from reduce_jax.stages import calibration, grouping, policies, predictor, resilience, retraining
+from reduce_jax.stages import cost as cost_lib
 
 
 class Keys(NamedTuple):

@@ -15,7 +15,7 @@ import os
 import numpy as np
 from absl import logging
 
-from reduce_jax import report
+from reduce_jax import files
 from reduce_jax.config import ReduceConfig
 
 # Paths into summary.json ("policies.*" expands to every policy the runs have).
@@ -112,5 +112,5 @@ def run_seeds(cfg: ReduceConfig, n: int, overwrite: bool = False) -> dict:
         run = pipeline.run(dataclasses.replace(cfg, seed=s, workdir=w), overwrite=overwrite)
         summaries.append(run.to_json())
     out = dict(seeds=seeds, workdirs=workdirs, metrics=aggregate(summaries))
-    report.write_json_atomic(os.path.join(cfg.workdir, "seeds.json"), out)
+    files.write_json_atomic(os.path.join(cfg.workdir, "seeds.json"), out)
     return out

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reduce_jax import config, data, models, population
+from reduce_jax import config, data
+from reduce_jax.engine import population
+from reduce_jax.nets import models
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reduce_jax import progress  # noqa: E402
+from reduce_jax.engine import progress  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from reduce_jax import config as config_lib
-from reduce_jax import pipeline, plots
+from reduce_jax import pipeline
+from reduce_jax.outputs import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")
@@ -296,7 +297,7 @@ def user_files(tmp_path_factory, digits):
     import jax
     import orbax.checkpoint as ocp
 
-    from reduce_jax import models
+    from reduce_jax.nets import models
 
     d = tmp_path_factory.mktemp("user_files")
     arrays = dict(

@@ -13,9 +13,11 @@ from absl import flags
 from test_cli import ROOT, SMOKE, run_cli
 from test_data import _write_cifar
 
-from reduce_jax import augment, data, models, pipeline, train
-from reduce_jax import baseline as baseline_lib
 from reduce_jax import config as config_lib
+from reduce_jax import data, pipeline
+from reduce_jax.engine import train
+from reduce_jax.nets import augment, models
+from reduce_jax.stages import baseline as baseline_lib
 
 CIFAR_FLAGS = os.path.join(ROOT, "experiments", "configs", "cifar10_resnet18.flags")
 

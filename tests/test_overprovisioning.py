@@ -3,7 +3,7 @@
 import numpy as np
 
 from experiments import overprovisioning
-from reduce_jax import calibration
+from reduce_jax.stages import calibration
 
 
 def _summary():

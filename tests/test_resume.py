@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from reduce_jax import pipeline, population, retraining
+from reduce_jax import pipeline
+from reduce_jax.engine import population
+from reduce_jax.stages import retraining
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "configs", "smoke.flags")

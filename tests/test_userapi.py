@@ -12,8 +12,10 @@ import optax
 import pytest
 
 import reduce_jax
-from reduce_jax import data, inputs, models, systolic
+from reduce_jax import data, inputs
 from reduce_jax.config import ConfigError
+from reduce_jax.hardware import systolic
+from reduce_jax.nets import models
 
 
 class StridedNet(nn.Module):

@@ -1,0 +1,340 @@
+"""Mask-aware retraining (FAP+T) of one chip and of a population of chips.
+
+The forward pass uses ``param * mask``, so gradients of bypassed weights are zero; updates
+are masked too, so bypassed weights stay exactly zero (weight decay included: it is part of
+the masked update). Only ``params`` are masked; a chip's BatchNorm statistics
+(``batch_stats``) are its own, updated in every training step and used in evaluation. A
+population is a ``ChipState`` with a leading ``chips`` axis; one jitted step updates every
+chip on the same data batch. Each chip has a step budget: once ``step == budget`` (or once it
+has diverged) its state no longer changes, so a chip's trajectory does not depend on which
+chips it is trained with (up to the last bits: XLA may pick other GEMM kernels for other
+numbers of chips).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from reduce_jax import sharding
+from reduce_jax.nets import augment as augment_lib
+
+PyTree = Any
+
+OPTIMIZERS = ("adam", "sgd", "momentum")
+SCHEDULES = ("constant", "cosine")
+# How a population's programs compute its chips: ``vmap`` vectorises them (one program over
+# all chips: the fast way for small networks and on accelerators); ``map`` runs the one-chip
+# computation for each chip in turn inside the same compiled program (``lax.map``; on a CPU,
+# faster for ResNets, whose per-chip convolutions and BatchNorm gain nothing from a chips
+# axis; see README, Performance).
+CHIP_BATCHING = ("vmap", "map")
+
+
+@struct.dataclass
+class ChipState:
+    """Training state of one chip (or, with a leading ``chips`` axis, of a population).
+
+    Attributes:
+      params: the chip's parameters; bypassed weights are exactly zero.
+      batch_stats: the chip's BatchNorm running statistics (``{}`` without BatchNorm).
+      opt_state: optimizer state (``inject_hyperparams``: the learning rate is per chip).
+      step: ``int32[]`` steps taken so far.
+      budget: ``int32[]`` steps the chip may take; at ``step == budget`` it stops changing.
+      diverged: ``bool[]`` the loss or the new weights became NaN/inf; the chip is frozen.
+    """
+
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    step: jax.Array
+    budget: jax.Array
+    diverged: jax.Array
+
+    @property
+    def variables(self) -> dict:
+        """The Flax variables ``{"params", "batch_stats"}`` (unmasked)."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    total_steps: int = 1,
+) -> optax.GradientTransformation:
+    """Optimizer by name (``adam``, ``sgd``, ``momentum``) with an injectable learning rate.
+
+    Args:
+      name: ``adam``, ``sgd`` or ``momentum`` (SGD with momentum 0.9).
+      learning_rate: the (peak) learning rate.
+      weight_decay: 0 for none; else decoupled for ``adam`` (``optax.adamw``) and added to
+        the gradient for ``sgd``/``momentum`` (``add_decayed_weights``, as PyTorch's SGD).
+      schedule: ``constant``, or ``cosine`` (decay to 0 over ``total_steps`` steps).
+      total_steps: length of the cosine schedule.
+    """
+    factories = {
+        "adam": optax.adam,
+        "sgd": optax.sgd,
+        "momentum": functools.partial(optax.sgd, momentum=0.9),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    factory = factories[name]
+    if weight_decay and name == "adam":
+        factory = functools.partial(optax.adamw, weight_decay=weight_decay)
+    elif weight_decay:
+        base = factory
+
+        def factory(learning_rate):
+            return optax.chain(optax.add_decayed_weights(weight_decay), base(learning_rate))
+
+    if schedule == "cosine":
+        learning_rate = optax.cosine_decay_schedule(learning_rate, max(int(total_steps), 1))
+    return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Steps in one epoch: ``ceil(num_examples / batch_size)``."""
+    return math.ceil(num_examples / batch_size)
+
+
+def epochs_to_steps(epochs, spe: int):
+    """``ceil(epochs * steps_per_epoch)``, elementwise for arrays (numpy or python)."""
+    return np.ceil(np.round(np.asarray(epochs, np.float64) * spe, 9)).astype(np.int64)
+
+
+def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch_size: int):
+    """Indices ``int32[batch_size]`` of the batch at ``step`` of a phase.
+
+    Every epoch is a fresh permutation (``fold_in(key, epoch)``); the last batch of an epoch
+    wraps around to the permutation's start so all batches have the same shape.
+    """
+    spe = steps_per_epoch(num_examples, batch_size)
+    epoch, pos = step // spe, step % spe
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    return perm[(pos * batch_size + jnp.arange(batch_size)) % num_examples]
+
+
+def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
+    """``params * mask`` leaf by leaf."""
+    return jax.tree.map(jnp.multiply, params, mask)
+
+
+def init_chip(
+    variables: PyTree, mask: PyTree, tx: optax.GradientTransformation, budget
+) -> ChipState:
+    """A chip's state at the start of FAP+T: the baseline with bypassed weights zeroed.
+
+    Args:
+      variables: the baseline's ``{"params", "batch_stats"}`` (``batch_stats`` optional).
+      mask: 0/1 masks like ``variables["params"]``.
+    """
+    params = apply_mask(variables["params"], mask)
+    return ChipState(
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        budget=jnp.asarray(budget, jnp.int32),
+        diverged=jnp.zeros((), bool),
+    )
+
+
+def unit_masks(params: PyTree, chips: int = 1) -> PyTree:
+    """All-ones masks ``[chips, ...]`` (fault-free chips) for ``params``."""
+    return jax.tree.map(lambda x: jnp.ones((chips, *x.shape), x.dtype), params)
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all()
+
+
+def chip_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    state: ChipState,
+    mask: PyTree,
+    images: jax.Array,
+    labels: jax.Array,
+) -> tuple[ChipState, jax.Array]:
+    """One FAP+T step of one chip (written for one chip; vmapped for a population).
+
+    Args:
+      model: the Flax module.
+      tx: the optimizer.
+      state: the chip's state.
+      mask: 0/1 masks, a pytree like ``state.params``.
+      images: ``float32[B, H, W, C]``; labels: ``int32[B]``.
+
+    Returns:
+      ``(new_state, loss)``; the state is unchanged when the budget is spent, the chip has
+      diverged, or this step would make it non-finite (then ``diverged`` is set). The model
+      runs in train mode: BatchNorm uses the batch's statistics and updates the chip's
+      running averages.
+    """
+
+    def loss_fn(params):
+        variables = {"params": apply_mask(params, mask), "batch_stats": state.batch_stats}
+        logits, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updated.get("batch_stats", {})
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(apply_mask(grads, mask), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, apply_mask(updates, mask))
+    active = (state.step < state.budget) & ~state.diverged
+    finite = jnp.isfinite(loss) & _all_finite((params, batch_stats))
+    take = active & finite
+    keep = lambda new, old: jnp.where(take, new, old)
+    new_state = ChipState(
+        params=jax.tree.map(keep, params, state.params),
+        batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        step=state.step + take.astype(jnp.int32),
+        budget=state.budget,
+        diverged=state.diverged | (active & ~finite),
+    )
+    return new_state, loss
+
+
+def masked_variables(variables: PyTree, mask: PyTree) -> dict:
+    """``{"params": params * mask, "batch_stats": ...}``: what a chip computes with."""
+    params = apply_mask(variables["params"], mask)
+    return {"params": params, "batch_stats": variables.get("batch_stats", {})}
+
+
+def chip_correct(
+    model: nn.Module, variables: PyTree, mask: PyTree, images: jax.Array, labels: jax.Array
+) -> jax.Array:
+    """Number of correct predictions ``int32[]`` of one chip on a batch (evaluation mode:
+    BatchNorm uses the chip's running averages).
+
+    Args:
+      variables: the chip's ``{"params", "batch_stats"}``; mask: like its ``params``.
+    """
+    logits = model.apply(masked_variables(variables, mask), images, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
+
+
+class Trainer(NamedTuple):
+    """Jitted functions of one model and optimizer (see ``make_trainer``)."""
+
+    init_population: Any
+    step: Any
+    population_step: Any
+    run: Any
+    evaluate: Any
+    tx: optax.GradientTransformation
+
+
+def make_trainer(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    eval_batch_size: int = 100,
+    max_traces: int | None = None,
+    augment: bool = False,
+    chip_batching: str = "vmap",
+) -> Trainer:
+    """Builds the jitted single-chip and population functions.
+
+    Returns a ``Trainer`` with:
+      ``init_population(variables, masks[chips], budgets int32[chips]) -> ChipState[chips]``
+        (``variables``: the baseline's ``{"params", "batch_stats"}``).
+      ``step(state, mask, images, labels) -> (state, loss)``: one chip, one step.
+      ``population_step(states[chips], masks[chips], images, labels) -> (states, loss[chips])``
+      ``run(states, masks, train_images, train_labels, phase_key, start, num_steps)``: runs
+        phase steps ``start .. start + num_steps - 1`` (each on the batch
+        ``batch_indices(phase_key, t)``, with ``augment`` cropped and flipped with
+        ``augment.step_key(phase_key, t)``: the same batch for every chip) in one call;
+        donates ``states``; ``start`` and ``num_steps`` are traced, so a new budget never
+        recompiles.
+      ``evaluate(variables[chips], masks[chips], images, labels) -> float32[chips]``
+        accuracy (``variables``: ``{"params", "batch_stats"}``, e.g. ``states.variables``).
+
+    Args:
+      max_traces: if set, ``run`` and ``evaluate`` fail when traced more often (tests).
+      augment: random crop (pad 4) and flip of every training batch (``augment.crop_flip``).
+      chip_batching: how ``population_step``, ``run`` and ``evaluate`` compute the chips
+        (``CHIP_BATCHING``); results are the same up to floating-point rounding.
+    """
+    if chip_batching not in CHIP_BATCHING:
+        raise ValueError(f"chip_batching must be one of {CHIP_BATCHING}, got {chip_batching!r}")
+    step = functools.partial(chip_step, model, tx)
+    population_step = over_chips(step, chip_batching)
+
+    def init_population(variables, masks, budgets):
+        return jax.vmap(lambda m, b: init_chip(variables, m, tx, b))(masks, budgets)
+
+    def run(states, masks, images, labels, phase_key, start, num_steps):
+        def body(t, states):
+            idx = batch_indices(phase_key, t, images.shape[0], batch_size)
+            batch = images[idx]
+            if augment:
+                batch = augment_lib.crop_flip(augment_lib.step_key(phase_key, t), batch)
+            states, _ = population_step(states, masks, batch, labels[idx])
+            return states
+
+        return jax.lax.fori_loop(start, start + num_steps, body, states)
+
+    def evaluate(variables, masks, images, labels):
+        n = images.shape[0]
+        bs = min(eval_batch_size, n)
+        num_batches = -(-n // bs)
+        pad = num_batches * bs - n
+        images = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
+        labels = jnp.pad(labels, (0, pad), constant_values=-1)  # padded rows never match
+        images = images.reshape(num_batches, bs, *images.shape[1:])
+        labels = labels.reshape(num_batches, bs)
+        correct_fn = over_chips(functools.partial(chip_correct, model), chip_batching)
+
+        def body(total, batch):
+            return total + correct_fn(variables, masks, *batch), None
+
+        chips = jax.tree.leaves(variables["params"])[0].shape[0]
+        total, _ = jax.lax.scan(body, jnp.zeros((chips,), jnp.int32), (images, labels))
+        return total.astype(jnp.float32) / n
+
+    if max_traces is not None:
+        run = chex.assert_max_traces(run, n=max_traces)
+        evaluate = chex.assert_max_traces(evaluate, n=max_traces)
+    return Trainer(
+        init_population=jax.jit(init_population),
+        step=jax.jit(step),
+        population_step=jax.jit(population_step),
+        run=jax.jit(run, donate_argnums=0),
+        evaluate=jax.jit(evaluate),
+        tx=tx,
+    )
+
+
+def over_chips(fn, chip_batching: str = "vmap"):
+    """``fn(chip_a, chip_b, x, y)`` of one chip -> the same over a leading ``chips`` axis of
+    its first two arguments (``x`` and ``y`` are shared by every chip).
+
+    ``vmap`` vectorises the chips; ``map`` computes them one after another, each device over
+    its own chips (``sharding.map_chips``).
+    """
+    if chip_batching == "vmap":
+        return jax.vmap(fn, in_axes=(0, 0, None, None))
+
+    return lambda a, b, x, y: sharding.map_chips(fn, (a, b), (x, y))
+
+
+def slice_chips(tree: PyTree, index) -> PyTree:
+    """Select chips (an index array or slice) along the leading axis of every leaf."""
+    return jax.tree.map(lambda x: x[index], tree)

@@ -1,0 +1,324 @@
+"""Retraining units (single chips or fused groups of chips) for their own budgets, topping up
+units that miss the target, and verifying each unit's model on every member chip.
+
+A *unit* is one fault map with one budget: a chip on its own, or a group of chips whose
+maps are fused (``grouping.fuse``). The unit's model is verified on each member chip (the
+member's own mask applied on top of the unit's trained weights).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from reduce_jax import sharding
+from reduce_jax.engine import population, train
+from reduce_jax.engine.progress import Meter, ProgressStore
+
+
+class Units(NamedTuple):
+    """What to retrain.
+
+    Attributes:
+      maps: ``bool[U, R, C]`` every unit's (fused) fault map.
+      steps: ``int64[U]`` every unit's budget (0 where it is not retrained).
+      retrain: ``bool[U]`` which units to retrain (the others, chips the map cannot serve,
+        are only evaluated).
+      members: ``int64[U, W]`` the member chips of each unit, ``-1`` past its last member
+        (``W`` = the most members of a unit).
+    """
+
+    maps: np.ndarray
+    steps: np.ndarray
+    retrain: np.ndarray
+    members: np.ndarray
+
+    @classmethod
+    def of_groups(cls, chip_maps: np.ndarray, groups: list[list[int]], steps, retrain) -> Units:
+        """Units of groups of chips (lists of chip ids), each on the union of its maps.
+
+        Args:
+          chip_maps: ``bool[chips, R, C]``; groups: chip ids per unit; steps: ``int[U]``
+            budgets; retrain: ``bool[U]`` (or one value for every unit).
+        """
+        width = max(len(g) for g in groups)
+        members = np.full((len(groups), width), -1, np.int64)
+        for i, g in enumerate(groups):
+            members[i, : len(g)] = g
+        retrain = np.broadcast_to(np.asarray(retrain, bool), (len(groups),)).copy()
+        return cls(
+            maps=np.stack([chip_maps[g].any(0) for g in groups]),
+            steps=np.where(retrain, steps, 0).astype(np.int64),
+            retrain=retrain,
+            members=members,
+        )
+
+
+class ChipOutcome(NamedTuple):
+    """What retraining did to every unit (leading axis: units; for per-chip runs, chips).
+
+    Attributes:
+      members: ``int64[U, W]`` member chips (``-1``: no member in that slot).
+      steps: ``int64[U]`` planned steps (0 where not retrained).
+      retrained: ``bool[U]``.
+      accuracy_before: ``float64[U]`` on the unit's map, before retraining (validation).
+      accuracy_after: ``float64[U]`` on the unit's map, after retraining and top-ups
+        (validation: the split every decision is taken on).
+      test_accuracy_after: ``float64[U]`` the same on the test set (reported only).
+      topup_steps: ``int64[U]``.
+      diverged: ``bool[U]`` the training became non-finite (the unit is frozen).
+      member_accuracy: ``float64[U, W]`` the unit's model on each member chip's own map
+        (NaN where ``members == -1``).
+      meets_target: ``bool[U]`` not diverged, and every member meets the target.
+    """
+
+    members: np.ndarray
+    steps: np.ndarray
+    retrained: np.ndarray
+    accuracy_before: np.ndarray
+    accuracy_after: np.ndarray
+    test_accuracy_after: np.ndarray
+    topup_steps: np.ndarray
+    diverged: np.ndarray
+    member_accuracy: np.ndarray
+    meets_target: np.ndarray
+
+    def take(self, idx: np.ndarray) -> ChipOutcome:
+        """Units ``idx``, as a ``ChipOutcome``."""
+        return ChipOutcome(*(np.asarray(x)[idx] for x in self))
+
+    def widen(self, width: int) -> ChipOutcome:
+        """The same units with ``width >= W`` member slots."""
+        pad = width - self.members.shape[1]
+        return self._replace(
+            members=np.pad(self.members, ((0, 0), (0, pad)), constant_values=-1),
+            member_accuracy=np.pad(
+                self.member_accuracy, ((0, 0), (0, pad)), constant_values=np.nan
+            ),
+        )
+
+
+def retrain(
+    ctx: population.Context,
+    units: Units,
+    chip_maps: np.ndarray,
+    key: jax.Array,
+    store: ProgressStore | None = None,
+    stage: str = "retrain",
+) -> ChipOutcome:
+    """Retrains every unit for its own steps, tops up misses, verifies it on its members.
+
+    Units are processed in order of their budget (a chunk holds similar budgets), by the
+    population driver (``population.drive``: chunking, padding, resume). The driver's chunk
+    is a *pool* of ``ctx.topup_pool_chunks`` chunks of ``ctx.chips_per_batch`` units: each
+    chunk is retrained for its budgets, then the pool's units still below the target are
+    topped up together (``top_up``), so the few misses of each chunk fill whole batches.
+
+    Args:
+      ctx: the run's context (target, top-up increments and pool included).
+      units: what to retrain.
+      chip_maps: ``bool[chips, R, C]`` the chips' own maps (``units.members`` index it).
+      key: key of the batch order of the retraining and of the top-ups.
+      store: saves finished pools under ``stage`` (resume).
+      stage: the stage's name.
+
+    Returns:
+      ``ChipOutcome`` over units.
+    """
+    steps = np.where(units.retrain, units.steps, 0).astype(np.int64)
+    keys = jax.random.split(key)
+    meter = Meter(f"{stage} training", int(steps.sum()))
+    size = population.chunk_size(len(steps), ctx.chips_per_batch)
+
+    def compute(ids: np.ndarray, pool: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pool = {k: v[: len(ids)] for k, v in pool.items()}
+        out = _retrain_pool(ctx, pool, size, keys, meter)
+        out["member_accuracy"] = _verify_members(
+            ctx, out.pop("variables"), pool["members"], chip_maps, out["after"], size
+        )
+        for unit in ids[out["diverged"][: len(ids)]]:
+            logging.warning(
+                "%s: unit %d: loss or weights became non-finite; stopped, reported as diverged",
+                stage,
+                unit,
+            )
+        return out
+
+    inputs = dict(maps=units.maps, steps=steps, retrain=units.retrain, members=units.members)
+    order = np.argsort(steps, kind="stable")
+    pool_size = size * max(1, ctx.topup_pool_chunks)
+    out = population.drive(inputs, compute, pool_size, order, store, stage)
+    member_acc = np.where(units.members >= 0, out["member_accuracy"], np.nan)
+    ok = np.where(units.members >= 0, member_acc >= ctx.target, True).all(1)
+    return ChipOutcome(
+        members=units.members,
+        steps=steps,
+        retrained=np.asarray(units.retrain, bool),
+        accuracy_before=out["before"],
+        accuracy_after=out["after"],
+        test_accuracy_after=out["test_after"],
+        topup_steps=out["topup"],
+        diverged=out["diverged"],
+        member_accuracy=member_acc,
+        meets_target=ok & ~out["diverged"],
+    )
+
+
+def _retrain_pool(
+    ctx: population.Context,
+    pool: dict[str, np.ndarray],
+    size: int,
+    keys: jax.Array,
+    meter: Meter,
+) -> dict:
+    """One pool of ``m`` units, in chunks of ``size`` (the last one padded): retrain each chunk
+    for its budgets and evaluate it, then top up the pool's misses together and evaluate
+    every unit on the test set. Results have ``ceil(m / size) * size`` rows (padding last)."""
+    n = -(-len(pool["steps"]) // size) * size
+    before, after = np.zeros(n), np.zeros(n)
+    for lo in range(0, n, size):
+        maps, steps = population.pad_chunk(
+            pool["maps"][lo : lo + size], pool["steps"][lo : lo + size], size
+        )
+        part, part_masks = population.init_chunk(ctx.trainer, ctx.variables, maps, steps)
+        before[lo : lo + size] = population.evaluate(ctx.trainer, part, part_masks, ctx.data)
+        part = population.run_phase(
+            ctx.trainer, part, part_masks, ctx.data, keys[0], steps, on_progress=meter
+        )
+        # A unit without steps is unchanged: its accuracy after is the one before.
+        trained = np.flatnonzero(steps > 0)
+        after[lo : lo + size] = before[lo : lo + size]
+        after[lo + trained] = population.evaluate(
+            ctx.trainer, part, part_masks, ctx.data, ids=trained
+        )
+        if n == size:
+            states, masks = part, part_masks
+        else:  # the pool's states, filled in place chunk by chunk
+            if lo == 0:
+                states, masks = population.zeros((part, part_masks), n)
+            chips = np.arange(lo, lo + size)
+            states, masks = population.put((states, masks), chips, (part, part_masks))
+    retrained = population.pad_chunk(pool["retrain"], pool["retrain"], n)[0]
+    states, after, topup = top_up(ctx, states, masks, after, retrained, keys[1], size)
+    test_after = np.concatenate(
+        [
+            population.evaluate(
+                ctx.trainer, states, masks, ctx.data, "test", np.arange(lo, lo + size), size
+            )
+            for lo in range(0, n, size)
+        ]
+    )
+    return dict(
+        before=before,
+        after=after,
+        test_after=test_after,
+        topup=topup,
+        diverged=sharding.to_host(states.diverged),
+        variables=states.variables,
+    )
+
+
+def top_up(
+    ctx: population.Context,
+    states: train.ChipState,
+    masks,
+    after: np.ndarray,
+    retrained: np.ndarray,
+    key: jax.Array,
+    size: int | None = None,
+) -> tuple[train.ChipState, np.ndarray, np.ndarray]:
+    """Tops up retrained chips below the target, ``ctx.topup_steps`` at a time.
+
+    Round ``r`` gives one increment to every chip still below the target, on the batches of
+    ``fold_in(key, r)`` (a chip's top-ups do not depend on which chips it is pooled with),
+    computed ``size`` chips at a time (the last batch a power-of-4 bucket, as in
+    ``population.run_phase``). A chip stops at the first increment after which it meets the
+    target, when it has had ``ctx.max_topup_steps``, or when it diverges (more steps cannot
+    help a frozen chip); after each increment only the chips just topped up are evaluated.
+
+    Args:
+      states: ``ChipState[n]``; masks: ``[n, ...]``.
+      after: ``float64[n]`` accuracy now; retrained: ``bool[n]`` chips that may be topped up.
+      key: key of the top-ups' batch order.
+      size: most chips computed together (default ``n``).
+
+    Returns:
+      ``(states, after float64[n], topup int64[n])``.
+    """
+    n = len(after)
+    size = n if size is None else size
+    topup = np.zeros(n, np.int64)
+    after = np.array(after, np.float64)
+    missing = np.asarray(retrained, bool) & (after < ctx.target)
+    missing &= ~sharding.to_host(states.diverged)
+    rnd = 0
+    while missing.any() and ctx.topup_steps > 0:
+        left = ctx.max_topup_steps - rnd * ctx.topup_steps
+        if left <= 0:
+            break
+        inc = min(ctx.topup_steps, left)
+        below = np.flatnonzero(missing)
+        phase_key = jax.random.fold_in(key, rnd)
+        for lo in range(0, len(below), size):
+            ids = below[lo : lo + size]
+            states, acc, diverged = _top_up_once(ctx, states, masks, ids, inc, size, phase_key)
+            topup[ids] += inc
+            after[ids] = acc
+            missing[ids] &= (acc < ctx.target) & ~diverged
+        rnd += 1
+    return states, after, topup
+
+
+def _top_up_once(ctx, states, masks, ids, inc, size, phase_key):
+    """One increment of ``inc`` steps for chips ``ids`` (at most ``size``), computed on a
+    power-of-4 bucket of them: ``(states, accuracy float64[len(ids)], diverged bool[...])``."""
+    n, bucket = len(states.step), population.bucket_size(len(ids), size)
+    pad = bucket - len(ids)
+    # The padding rows repeat the last chip (so the bucket runs as one block); their results
+    # are scattered to index ``n``, past the end, and dropped.
+    sub, sub_masks = population.take((states, masks), np.concatenate([ids, np.full(pad, ids[-1])]))
+    sub = sub.replace(budget=sub.budget + inc)
+    sub = population.run_phase(
+        ctx.trainer, sub, sub_masks, ctx.data, phase_key, np.full(bucket, inc)
+    )
+    acc = population.evaluate(ctx.trainer, sub, sub_masks, ctx.data)[: len(ids)]
+    states = population.put(states, np.concatenate([ids, np.full(pad, n)]), sub)
+    return states, acc, sharding.to_host(sub.diverged)[: len(ids)]
+
+
+def _verify_members(
+    ctx: population.Context,
+    variables,
+    members: np.ndarray,
+    chip_maps: np.ndarray,
+    after: np.ndarray,
+    size: int,
+) -> np.ndarray:
+    """Accuracy ``float64[m, W]`` of each unit's model on each member chip's own map.
+
+    A unit of one chip is its own member (its accuracy is ``after``); the members of
+    groups are evaluated in batches of the chunk size ``size``, so no new shapes are compiled.
+
+    Args:
+      variables: ``[>= m, ...]`` the pool's trained ``{"params", "batch_stats"}`` (a member
+        chip runs the unit's weights, its own mask on top, and the unit's BatchNorm
+        statistics).
+      members: ``int64[m, W]`` the pool's real units' members (``-1``: none).
+      chip_maps: ``bool[chips, R, C]``; after: ``float64[>= m]`` accuracy on the unit's map.
+      size: chips evaluated together.
+    """
+    member_acc = np.full(members.shape, np.nan)
+    member_acc[:, 0] = after[: len(members)]
+    unit, slot = np.nonzero(((members >= 0).sum(1) > 1)[:, None] & (members >= 0))
+    for lo in range(0, len(unit), size):
+        u, j = unit[lo : lo + size], slot[lo : lo + size]
+        maps, idx = population.pad_chunk(chip_maps[members[u, j]], u, size)
+        maps = sharding.shard_chips(jnp.asarray(maps))
+        masks = population.population_masks(ctx.variables["params"], maps)
+        acc = ctx.trainer.evaluate(population.take(variables, idx), masks, *ctx.data.split("val"))
+        member_acc[u, j] = sharding.to_host(acc).astype(np.float64)[: len(u)]
+    return member_acc

@@ -1,0 +1,103 @@
+"""The chips axis sharded over 4 (fake CPU) devices gives the results of one device."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from reduce_jax import config, pipeline, sharding
+    cfg = config.ReduceConfig(
+        dataset="digits", model="mlp", array_rows=8, array_cols=8, fault_rates=(0.0, 0.1, 0.3),
+        retrain_epochs=(0.0, 0.5, 1.0), maps_per_rate=3, num_chips=10, chip_fault_rate=0.15,
+        max_accuracy_drop=0.05, batch_size=64, learning_rate=3e-3, baseline_epochs=5,
+        chips_per_batch=int(sys.argv[1]), topup_epochs=0.5, max_topup_epochs=1.0)
+    s = pipeline.run(cfg).to_json()
+    print(json.dumps(dict(devices=jax.device_count(), shards=sharding.num_shards(),
+                          accuracy=s["resilience"]["accuracy"],
+                          after=[c["accuracy_after"] for c in s["chips"]],
+                          topup=[c["topup_epochs"] for c in s["chips"]])))
+    """
+)
+
+
+def run_script(script: str, devices: int, *args: str) -> dict:
+    """Runs ``script`` on ``devices`` fake CPU devices; its last stdout line, as JSON."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_four_devices_equal_one():
+    one = run_script(SCRIPT, 1, "8")
+    four = run_script(SCRIPT, 4, "8")
+    assert one["devices"] == 1 and four["devices"] == 4 and four["shards"] == 4
+    np.testing.assert_allclose(four["accuracy"], one["accuracy"], atol=2e-3)
+    np.testing.assert_allclose(four["after"], one["after"], atol=2e-3)
+    # top-up decisions hinge on the target; allow at most one chip to differ
+    assert sum(a != b for a, b in zip(four["topup"], one["topup"], strict=True)) <= 1
+
+
+CONV_SCRIPT = textwrap.dedent(
+    """
+    import json, re, sys
+    import jax, jax.numpy as jnp
+    from reduce_jax import data, sharding
+    from reduce_jax.engine import population, train
+    from reduce_jax.hardware import faults
+    from reduce_jax.nets import models
+    ds = data.load_dataset("digits")
+    model = models.get_model("lenet5", ds.num_classes)
+    variables = models.init_variables(model, jax.random.key(0), ds.train_images.shape[1:])
+    trainer = train.make_trainer(model, train.make_optimizer("adam", 1e-3), 32,
+                                 chip_batching=sys.argv[1])
+    d = population.DeviceData.from_dataset(data.split_validation(ds, 0.1))
+    maps = faults.sample_fault_maps(jax.random.key(1), 8, 4, 4, 0.2)
+    states, masks = population.init_chunk(trainer, variables, maps, jnp.full(8, 100))
+    args = (d.train_images, d.train_labels, jax.random.key(2), 0, 3)
+    hlo = trainer.run.lower(states, masks, *args).compile().as_text()
+    states = trainer.run(states, masks, *args)
+    acc = population.evaluate(trainer, states, masks, d)
+    kernel = sharding.to_host(states.params["conv2"]["kernel"])
+    print(json.dumps(dict(devices=jax.device_count(), accuracy=acc.tolist(),
+                          kernel=kernel.reshape(8, -1)[:, :50].tolist(),
+                          collectives=len(re.findall(
+                              r"all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter",
+                              hlo)))))
+    """
+)
+
+
+@pytest.mark.parametrize("chip_batching", ["vmap", "map"])
+def test_sharded_convolutions_stay_on_their_devices(chip_batching):
+    """LeNet-5 over 4 devices, vectorised (per-chip lax.map convolutions on a CPU) or mapped
+    chip by chip: each device keeps its own chips (no collective in the step) and the results
+    equal one device's."""
+    one = run_script(CONV_SCRIPT, 1, chip_batching)
+    four = run_script(CONV_SCRIPT, 4, chip_batching)
+    assert one["devices"] == 1 and four["devices"] == 4
+    assert four["collectives"] == 0
+    np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(four["accuracy"], one["accuracy"], atol=1e-9)

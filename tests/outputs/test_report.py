@@ -1,0 +1,189 @@
+"""Tests for reduce_jax.outputs.report: atomic JSON/CSV/PNG outputs of a run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from reduce_jax import files
+from reduce_jax.outputs import plots, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _summary() -> dict:
+    """Synthetic summary: F=3 rates, A=3 amounts, K=2 samples, 5 chips (one unrecoverable)."""
+    rates, amounts = [0.0, 0.1, 0.3], [0.0, 0.5, 2.0]
+    accuracy = [
+        [[0.95 - 0.2 * f + 0.05 * a * f + 0.01 * k for k in range(2)] for a in amounts]
+        for f in rates
+    ]
+    chips = []
+    for i, (rate, sel) in enumerate([(0.02, 0.5), (0.08, 0.5), (0.15, 2.0), (0.25, 2.0)]):
+        chips.append(
+            {
+                "chip": i,
+                "pe_fault_rate": rate,
+                "effective_fault_rate": rate * 0.9,
+                "status": "ok",
+                "selected_epochs": sel,
+                "selected_steps": int(sel * 10),
+                "topup_epochs": 0.5 if i == 3 else 0.0,
+                "accuracy_before": 0.8,
+                "accuracy_after": 0.93,
+                "meets_target": True,
+                "test_accuracy_after": 0.92,
+                "meets_target_test": True,
+            }
+        )
+    chips.append(
+        dict(
+            chips[0],
+            chip=4,
+            pe_fault_rate=0.4,
+            effective_fault_rate=0.36,
+            status="above_grid",
+            selected_epochs=None,
+            selected_steps=None,
+            accuracy_after=0.5,
+            meets_target=False,
+        )
+    )
+    return {
+        "baseline_accuracy": 0.95,
+        "target_accuracy": 0.92,
+        "resilience": {
+            "fault_rates": rates,
+            "measured_rates": [0.0, 0.098, 0.301],
+            "retrain_epochs": amounts,
+            "retrain_steps": [0, 5, 20],
+            "accuracy": accuracy,
+            "statistic": "min",
+            "statistic_accuracy": [[min(s) for s in row] for row in accuracy],
+        },
+        "resilience_map": {
+            "fault_rates": rates,
+            "measured_rates": [0.0, 0.098, 0.301],
+            "required_epochs": [0.0, 0.5, None],
+            "rate_measure": "pe",
+        },
+        "chips": chips,
+        "cost": {
+            "reduce_epochs": 5.5,
+            "fixed_epochs": 10.0,
+            "fixed_epochs_per_chip": 2.0,
+            "analysis_epochs": 12.0,
+            "savings": 4.5,
+            "savings_fraction": 0.45,
+            "chips_meeting_target": 4,
+            "chips_unrecoverable": 1,
+            "break_even_chips": 14,
+            "topup_epochs": 0.5,
+        },
+        "policies": {
+            name: {
+                "chips": 5,
+                "train_epochs": epochs,
+                "compute_epochs": epochs + 0.5,
+                "chips_meeting_target": 4,
+            }
+            for name, epochs in (("fixed", 10.0), ("adaptive", 4.0), ("reduce", 5.5))
+        }
+        | {"analysis": {"chips": 6, "train_epochs": 12.0, "compute_epochs": 14.0}}
+        | {"break_even_vs_adaptive": None},
+        "config": {"model": "mlp", "seed": 0},
+        "timing": {"wall_s": 1.5},
+    }
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_summary_without_chips_keeps_them_in_chips_csv(tmp_path):
+    summary = _summary()
+    report.write_outputs(summary, str(tmp_path), chips_in_json=False)
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f) == dict(summary, chips=None)
+    chips = _read_csv(tmp_path / "chips.csv")
+    assert len(chips) == 1 + len(summary["chips"]) and chips[0] == list(summary["chips"][0])
+
+
+def test_write_outputs(tmp_path):
+    summary = _summary()
+    paths = report.write_outputs(summary, str(tmp_path))
+    names = [os.path.basename(p) for p in paths]
+    assert names == ["summary.json", "resilience.csv", "chips.csv", *plots.PLOT_NAMES]
+
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f) == summary
+
+    res = _read_csv(tmp_path / "resilience.csv")
+    header = ["fault_rate", "measured_rate", "retrain_epochs", "retrain_steps", "sample"]
+    assert res[0] == [*header, "accuracy"]
+    assert len(res) == 1 + 3 * 3 * 2
+    # Row order is (rate, amount, sample): rate 0.1, amount 2.0, sample 1 is row 1*6 + 2*2 + 1.
+    row = dict(zip(res[0], res[1 + 1 * 6 + 2 * 2 + 1], strict=True))
+    assert float(row["fault_rate"]) == 0.1 and float(row["measured_rate"]) == 0.098
+    assert float(row["retrain_epochs"]) == 2.0 and int(row["retrain_steps"]) == 20
+    assert int(row["sample"]) == 1
+    assert float(row["accuracy"]) == pytest.approx(summary["resilience"]["accuracy"][1][2][1])
+
+    chips = _read_csv(tmp_path / "chips.csv")
+    assert chips[0] == list(summary["chips"][0])
+    assert len(chips) == 1 + 5
+    last = dict(zip(chips[0], chips[5], strict=True))
+    assert last["selected_epochs"] == "" and last["selected_steps"] == ""
+    assert last["status"] == "above_grid" and last["chip"] == "4"
+
+    for name in plots.PLOT_NAMES:
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC), name
+    assert sorted(os.listdir(tmp_path)) == sorted(names)  # No temporary files left behind.
+
+
+def test_write_json_rejects_nan_with_key_path(tmp_path):
+    path = tmp_path / "x.json"
+    with pytest.raises(ValueError, match=r"resilience\.accuracy\[1\]"):
+        files.write_json_atomic(str(path), {"resilience": {"accuracy": [0.5, float("nan")]}})
+    with pytest.raises(ValueError, match="inf"):
+        files.write_json_atomic(str(path), {"a": float("inf")})
+    assert not path.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "summary.json"
+    files.write_json_atomic(str(path), {"ok": 1})
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        files.write_json_atomic(str(path), {"ok": 2, "bad": object()})
+    with pytest.raises(ValueError):
+        files.write_json_atomic(str(path), {"ok": 3, "bad": float("nan")})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_failure_mid_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "chips.csv"
+    files.write_csv_atomic(str(path), [{"chip": 0}])
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        files.write_csv_atomic(str(path), [{"chip": 1}])
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["chips.csv"]
+
+
+def test_write_csv_empty_rows(tmp_path):
+    path = tmp_path / "empty.csv"
+    files.write_csv_atomic(str(path), [])
+    assert path.read_text() == ""

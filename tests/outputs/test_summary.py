@@ -1,0 +1,190 @@
+"""``Summary.to_json``: the one place where results become plain JSON (inf/NaN -> null)."""
+
+import json
+
+import numpy as np
+
+from reduce_jax import files
+from reduce_jax.config import ReduceConfig
+from reduce_jax.outputs.summary import Baseline, Summary, _plain
+from reduce_jax.stages import (
+    calibration,
+    cost,
+    grouping,
+    policies,
+    predictor,
+    resilience,
+    retraining,
+)
+
+SPE = 10
+
+
+def test_plain_converts_numpy_and_non_finite_values():
+    obj = dict(
+        a=np.array([1.5, np.inf, -np.inf, np.nan]),
+        b=(np.int64(3), np.float32(0.5), np.bool_(True)),
+        c=[dict(d=float("nan"), e=np.array([[1, 2]]))],
+        s="x",
+        n=None,
+    )
+    out = _plain(obj)
+    assert out == dict(
+        a=[1.5, None, None, None], b=[3, 0.5, True], c=[dict(d=None, e=[[1, 2]])], s="x", n=None
+    )
+    assert type(out["b"][0]) is int and type(out["b"][2]) is bool
+    json.dumps(out, allow_nan=False)
+
+
+def _summary() -> Summary:
+    """A hand-made run of 3 chips: chip 2 above the grid, grouped chips 0 and 1."""
+    cfg = ReduceConfig(
+        fault_rates=(0.0, 0.2), retrain_epochs=(0.0, 1.0), maps_per_rate=2, grouping="greedy"
+    )
+    analysis = resilience.Analysis(
+        accuracy=np.full((2, 2, 2), 0.9),
+        diverged=np.zeros((2, 2), bool),
+        amount_epochs=np.array([0.0, 1.0]),
+        amount_steps=np.array([0, 10]),
+    )
+    rmap = resilience.ResilienceMap(
+        weights=dict(pe=np.full((4, 4), 1 / 16)),
+        grid_rates=dict(pe=np.array([0.0, 0.2])),
+        rate_measure="pe",
+        required_epochs=np.array([0.0, np.inf]),
+        required_steps=np.array([0.0, np.inf]),
+        statistic_accuracy=np.full((2, 2), 0.9),
+        amount_epochs=np.array([0.0, 1.0]),
+        amount_steps=np.array([0, 10]),
+    )
+    status = np.array([resilience.OK, resilience.OK, resilience.ABOVE_GRID])
+    assignment = resilience.Assignment(
+        rates=dict(pe=np.array([0.0, 0.1, 0.5])), steps=np.array([0.0, 10.0, np.inf]), status=status
+    )
+    per_chip = retraining.ChipOutcome(
+        members=np.arange(3)[:, None],
+        steps=np.array([0, 10, 0]),
+        retrained=np.array([True, True, False]),
+        accuracy_before=np.array([0.9, 0.8, 0.3]),
+        accuracy_after=np.array([0.9, 0.92, 0.3]),
+        test_accuracy_after=np.array([0.89, 0.91, 0.31]),
+        topup_steps=np.array([0, 5, 0]),
+        diverged=np.zeros(3, bool),
+        member_accuracy=np.array([[0.9], [0.92], [0.3]]),
+        meets_target=np.array([True, True, False]),
+    )
+    table = (
+        per_chip.take(np.array([0]))
+        .widen(2)
+        ._replace(
+            members=np.array([[0, 1]]),
+            member_accuracy=np.array([[0.91, 0.93]]),
+            steps=np.array([10]),
+        )
+    )
+    grouped = grouping.GroupedOutcome(
+        retrainings=table,
+        fused_pe_rate=np.array([0.1]),
+        fused_rate=np.array([0.1]),
+        split=np.array([False]),
+        split_from=np.array([-1]),
+        served_by=np.array([0, 0, -1]),
+        accuracy_after=np.array([0.91, 0.93, 0.3]),
+        diverged=np.zeros(3, bool),
+    )
+    chips = cost.chip_results(assignment, per_chip, 0.88, grouped)
+    study = predictor.PredictorStudy(
+        requested_rates=np.array([0.0, 0.2]),
+        analysis=resilience.Analysis(
+            np.full((2, 2, 1), 0.9), np.zeros((2, 1), bool), np.array([0.0, 1.0]), np.array([0, 10])
+        ),
+        needed_steps=np.array([0.0, np.inf]),
+        scores=dict(measures={}, best_measure=None),
+    )
+    return Summary(
+        config=cfg,
+        overwrite=False,
+        baseline=Baseline(
+            accuracy=0.9,
+            test_accuracy=0.89,
+            steps=100,
+            accuracy_at_training=0.9,
+            reused=False,
+            source="trained",
+        ),
+        target=0.88,
+        validation_target=0.88,
+        steps_per_epoch=SPE,
+        analysis=analysis,
+        rmap=rmap,
+        assignment=assignment,
+        chips=chips,
+        grouped=grouped,
+        cost=cost.summarize(chips, 1.0, 4.0, SPE, grouped),
+        predictor=study,
+        policies=policies.compare(
+            dict(
+                adaptive=policies.Policy(3, 40, 6, 3, 2),
+                reduce=policies.Policy(3, 15, 3, 2, 2),
+            ),
+            analysis,
+            policies.Compute(step_flops=2.0, eval_flops=float("nan"), steps_per_epoch=SPE),
+        ),
+        calibration=calibration.Choice(
+            "mean", "linear", [dict(statistic="mean", total_epochs=1.5, missed=0)], 2
+        ),
+        mapping=[dict(name="k", shape=(2, 3), matrix=(2, 3), tiles=1, utilisation=0.5)],
+        inputs=dict(model="mlp", dataset="digits", image_shape=[8, 8, 1], num_classes=10),
+        timing=dict(wall_s=1.0),
+    )
+
+
+def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
+    s = _summary().to_json()
+    files.write_json_atomic(str(tmp_path / "s.json"), s)  # refuses NaN and inf
+    assert s["resilience_map"]["required_epochs"] == [0.0, None]
+    assert s["resilience_map"]["required_steps"] == [0, None]
+    chips = s["chips"]
+    assert [c["selected_steps"] for c in chips] == [0, 10, None]
+    assert [c["selected_epochs"] for c in chips] == [0.0, 1.0, None]
+    assert [c["status"] for c in chips] == ["ok", "ok", "above_grid"]
+    assert [c["group"] for c in chips] == [0, 0, None]
+    assert [c["grouped_accuracy_after"] for c in chips] == [0.91, 0.93, None]
+    assert s["groups"][0]["members"] == [0, 1] and s["groups"][0]["split_from"] is None
+    assert s["groups"][0]["member_accuracy"] == [0.91, 0.93]
+    assert s["predictor_study"]["needed_epochs"] == [0.0, None]
+    assert s["mapping"][0]["shape"] == [2, 3]
+    assert s["cost"]["chips_unrecoverable"] == 1 and s["cost"]["groups"] == 1
+    assert [c["meets_target_test"] for c in chips] == [True, True, False]
+    # An evaluation pass without a flop count (NaN) leaves the compute unknown: null.
+    assert s["policies"]["reduce"]["train_epochs"] == 1.5
+    assert s["policies"]["reduce"]["compute_epochs"] is None
+    assert s["policies"]["eval_pass_flops"] is None
+    assert s["policies"]["break_even_vs_adaptive"] is None
+    assert s["resilience_map"]["calibration"]["statistic"] == "mean"
+    assert s["baseline_test_accuracy"] == 0.89
+    assert list(s) == [
+        "baseline_accuracy",
+        "baseline_test_accuracy",
+        "target_accuracy",
+        "validation_target_accuracy",
+        "baseline",
+        "resilience",
+        "resilience_map",
+        "chips",
+        "groups",
+        "cost",
+        "policies",
+        "predictor_study",
+        "config",
+        "timing",
+        "mapping",
+        "inputs",
+    ]
+    assert s["baseline"]["source"] == "trained"
+
+
+def test_headline_is_one_line_with_the_cost():
+    line = _summary().headline()
+    assert "\n" not in line and "Reduce 1.50 epochs vs fixed 3.00" in line
+    assert "grouped 1.00 epochs in 1 groups" in line and "2/3 chips meet the target" in line

@@ -1,0 +1,89 @@
+"""What Reduce would spend per chip, and choosing the map's statistic and interpolation."""
+
+import numpy as np
+
+from reduce_jax.engine import population
+from reduce_jax.stages import calibration, resilience
+
+STEPS = np.array([0, 2, 4, 6, 8, 10, 12])
+
+
+def test_reduce_totals_add_the_top_ups_each_chip_needs():
+    curves = np.array(
+        [
+            [0.5, 0.5, 0.5, 0.5, 0.95, 0.95, 0.95],  # meets at 8
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],  # never
+            [0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95],  # already at 0
+            [0.5, 0.5, 0.5, 0.5, 0.95, 0.95, 0.95],  # not served
+        ]
+    )
+    selected = np.array([4.0, 4.0, 2.0, np.inf])
+    total, met = calibration.reduce_totals(curves, STEPS, selected, 0.9, increment=3, cap=6)
+    # Chip 0: 4 -> top-up to 7, read at 8 (the first evaluated amount at or above): met.
+    np.testing.assert_array_equal(total, [7, 10, 2, 0])
+    np.testing.assert_array_equal(met, [True, False, True, False])
+    total, met = calibration.reduce_totals(curves, STEPS, selected, 0.9, increment=3, cap=0)
+    np.testing.assert_array_equal(total, [4, 4, 2, 0])
+    np.testing.assert_array_equal(met, [False, False, True, False])
+
+
+def _context(topup=2, cap=4):
+    return population.Context(None, None, None, 0.9, 10, 8, topup, cap)
+
+
+def _analysis(curves_per_rate):
+    """``Analysis`` from ``curves_per_rate[F][K][A]`` over ``STEPS``."""
+    acc = np.asarray(curves_per_rate, np.float64).transpose(0, 2, 1)
+    return resilience.Analysis(
+        accuracy=acc,
+        diverged=np.zeros(acc.shape[::2], bool),
+        amount_epochs=STEPS / 10,
+        amount_steps=STEPS,
+    )
+
+
+def _curve(first_ok):
+    return [0.95 if s >= first_ok else 0.5 for s in STEPS]
+
+
+def test_choose_prefers_a_looser_statistic_when_one_chip_drives_min():
+    # Every rate has one slow chip; the others recover early. min pays the slow one's amount
+    # for every chip; the median selects less, and top-ups serve the slow chip.
+    slow = lambda a, b: [_curve(a), _curve(a), _curve(a), _curve(b)]  # noqa: E731
+    analysis = _analysis([slow(0, 0), slow(2, 6), slow(4, 8), slow(6, 10), slow(8, 12)])
+    rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4])[:, None], 4, 1)
+    grid = rates[:, 0]
+    choice = calibration.choose(_context(), analysis, rates, grid, interpolations=("conservative",))
+    by = {c["statistic"]: c for c in choice.scores}
+    assert by["quantile:0.5"]["total_epochs"] < by["min"]["total_epochs"]
+    assert by["quantile:0.5"]["missed"] == by["min"]["missed"] == 0
+    assert choice.statistic != "min" and choice.chips == 3 * 4
+    assert choice.scores[0]["statistic"] == "min"  # the reference is scored first
+
+
+def test_choose_keeps_min_when_a_looser_statistic_would_miss():
+    # Without top-ups a chip given less than it needs misses the target.
+    slow = lambda a, b: [_curve(a), _curve(a), _curve(a), _curve(b)]  # noqa: E731
+    analysis = _analysis([slow(0, 0), slow(2, 8), slow(4, 10), slow(6, 12), slow(8, 12)])
+    rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4])[:, None], 4, 1)
+    choice = calibration.choose(_context(topup=2, cap=0), analysis, rates, rates[:, 0])
+    assert (choice.statistic, choice.interpolation)[0] == "min"
+    missed = {(c["statistic"], c["interpolation"]): c["missed"] for c in choice.scores}
+    assert missed[("quantile:0.5", "conservative")] > missed[("min", "conservative")]
+
+
+def test_choose_takes_an_upper_quantile_when_fine_top_ups_serve_the_slow_chips():
+    # At every rate two chips recover 2 steps before the other two. A top-up of 2 steps
+    # carries a chip given the early amount to the late one, so selecting the early amount
+    # (the 0.75 quantile of accuracy meets the target there, the median does not) costs
+    # least and misses nothing.
+    fast = lambda a: [_curve(a), _curve(a), _curve(a + 2), _curve(a + 2)]  # noqa: E731
+    analysis = _analysis([fast(0), fast(2), fast(4), fast(6), fast(8)])
+    rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4])[:, None], 4, 1)
+    choice = calibration.choose(
+        _context(topup=2, cap=4), analysis, rates, rates[:, 0], interpolations=("conservative",)
+    )
+    by = {c["statistic"]: c for c in choice.scores}
+    assert by["quantile:0.75"]["missed"] == by["quantile:0.5"]["missed"] == 0
+    assert by["quantile:0.75"]["total_epochs"] < by["quantile:0.5"]["total_epochs"]
+    assert choice.statistic == "quantile:0.75"

@@ -1,0 +1,155 @@
+"""Resilience map and per-chip interpolation on hand-made tables."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reduce_jax.stages import resilience
+
+AMOUNTS = np.array([0.0, 0.5, 1.0, 2.0])
+
+
+def table(stat_rows, spread=0.0):
+    """accuracy[F, A, K=3] whose samples are stat +- spread."""
+    s = np.asarray(stat_rows, float)[..., None]
+    return np.concatenate([s - spread, s, s + spread], axis=-1)
+
+
+def test_map_min_statistic_picks_first_amount_meeting_target():
+    acc = table(
+        [[0.95, 0.95, 0.95, 0.95], [0.80, 0.91, 0.95, 0.96], [0.5, 0.7, 0.85, 0.92]], spread=0.01
+    )
+    required, stat = resilience.required_amounts(acc, AMOUNTS, target=0.905, statistic="min")
+    # min over samples = value - 0.01
+    np.testing.assert_allclose(
+        stat, table([[0.95] * 4, [0.80, 0.91, 0.95, 0.96], [0.5, 0.7, 0.85, 0.92]])[..., 0] - 0.01
+    )
+    np.testing.assert_array_equal(required, [0.0, 1.0, 2.0])
+
+
+def test_map_mean_and_quantile_statistics():
+    acc = np.array([[[0.85, 0.95, 0.96], [0.89, 0.97, 0.97]]])  # F=1, A=2, K=3
+    amounts = np.array([0.0, 1.0])
+    assert resilience.required_amounts(acc, amounts, 0.9, "mean")[0][0] == 0.0  # mean 0.92
+    assert resilience.required_amounts(acc, amounts, 0.9, "min")[0][0] == np.inf  # 0.85, 0.89
+    assert resilience.required_amounts(acc, amounts, 0.9, "quantile:0.5")[0][0] == 0.0
+    assert resilience.required_amounts(acc, amounts, 0.9, "quantile:0")[0][0] == np.inf
+
+
+def test_map_is_non_decreasing_and_unrecoverable_propagates():
+    # Rate 0.2 happens to recover faster than rate 0.1 (noise): the map must not decrease.
+    acc = table(
+        [
+            [0.95] * 4,
+            [0.5, 0.8, 0.8, 0.95],
+            [0.5, 0.95, 0.95, 0.95],
+            [0.3, 0.4, 0.5, 0.6],
+            [0.5, 0.6, 0.95, 0.95],
+        ]
+    )
+    required, _ = resilience.required_amounts(acc, AMOUNTS, 0.9, "min")
+    np.testing.assert_array_equal(required, [0.0, 2.0, 2.0, np.inf, np.inf])
+    assert np.all(np.diff(required[np.isfinite(required)]) >= 0)
+
+
+@pytest.mark.parametrize("bad", ["max", "quantile:2", "quantile:x", ""])
+def test_bad_statistic(bad):
+    with pytest.raises(ValueError, match="--statistic"):
+        resilience.parse_statistic(bad)
+
+
+GRID = jnp.array([0.0, 0.1, 0.2, 0.4])
+REQ = jnp.array([0.0, 8.0, 24.0, 64.0])
+
+
+@pytest.mark.parametrize("mode", ["conservative", "linear"])
+def test_exact_at_grid_points(mode):
+    steps, status = resilience.retraining_amount(GRID, REQ, GRID, mode)
+    np.testing.assert_array_equal(steps, REQ)
+    np.testing.assert_array_equal(status, resilience.OK)
+
+
+def test_conservative_takes_next_grid_rate_and_linear_interpolates_rounding_up():
+    rates = jnp.array([0.05, 0.15, 0.3, 0.101])
+    cons, _ = resilience.retraining_amount(GRID, REQ, rates, "conservative")
+    lin, _ = resilience.retraining_amount(GRID, REQ, rates, "linear")
+    np.testing.assert_array_equal(cons, [8, 24, 64, 24])
+    np.testing.assert_array_equal(lin, [4, 16, 44, 9])  # 8.16 rounds up to 9
+
+
+def test_out_of_grid_and_unrecoverable_flagged_not_clipped():
+    req = jnp.array([0.0, 8.0, jnp.inf, jnp.inf])
+    rates = jnp.array([0.05, 0.15, 0.45, 1.0])
+    for mode in resilience.INTERPOLATIONS:
+        steps, status = resilience.retraining_amount(GRID, req, rates, mode)
+        np.testing.assert_array_equal(
+            status,
+            [resilience.OK, resilience.UNRECOVERABLE, resilience.ABOVE_GRID, resilience.ABOVE_GRID],
+        )
+        assert np.isfinite(steps[0]) and not np.isfinite(steps[1:]).any()
+
+
+def test_interpolation_is_jittable():
+    f = jax.jit(resilience.retraining_amount, static_argnums=3)
+    steps, _ = f(GRID, REQ, jnp.array([0.05, 0.2]), "linear")
+    np.testing.assert_array_equal(steps, [4, 24])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    increments=st.lists(st.integers(0, 20), min_size=2, max_size=6),
+    rates=st.lists(st.floats(0.0, 0.6), min_size=2, max_size=20),
+)
+def test_monotone_and_conservative_dominates_linear(increments, rates):
+    grid = jnp.linspace(0.0, 0.6, len(increments))
+    req = jnp.cumsum(jnp.array(increments, jnp.float32))
+    rates = jnp.sort(jnp.array(rates, jnp.float32))
+    cons, s1 = resilience.retraining_amount(grid, req, rates, "conservative")
+    lin, s2 = resilience.retraining_amount(grid, req, rates, "linear")
+    ok = (s1 == resilience.OK) & (s2 == resilience.OK)
+    assert bool(jnp.all(lin[ok] <= cons[ok]))
+    assert bool(jnp.all(jnp.diff(cons[ok]) >= 0)) and bool(jnp.all(jnp.diff(lin[ok]) >= 0))
+    assert bool(jnp.all(lin[ok] == jnp.ceil(lin[ok])))  # whole steps
+
+
+def test_typed_map_and_assignment_read_the_rates_in_the_maps_measure():
+    """``resilience_map`` measures the grid's rates in every measure and reads the map in
+    one; ``assign`` reads each chip's rate in the same measure."""
+    rows = cols = 4
+    weights = dict(pe=np.full((rows, cols), 1 / 16), half=np.zeros((rows, cols)))
+    weights["half"][:2] = 1 / 8  # only the top half of the array counts
+    grid = np.zeros((3, 2, rows, cols), bool)
+    grid[1, :, 0, :2] = True  # 2 PEs: pe 0.125, half 0.25
+    grid[2, :, 0, :] = True  # 4 PEs: pe 0.25, half 0.5
+    acc = np.array([[0.95, 0.95, 0.95], [0.5, 0.95, 0.95], [0.5, 0.5, 0.95]])
+    analysis = resilience.Analysis(
+        accuracy=np.repeat(acc[..., None], 2, -1),
+        diverged=np.zeros((3, 2), bool),
+        amount_epochs=np.array([0.0, 0.5, 1.0]),
+        amount_steps=np.array([0, 5, 10]),
+    )
+    rmap = resilience.resilience_map(analysis, grid, weights, 0.9, "min", "half", 10)
+    np.testing.assert_allclose(rmap.measured_rates, [0.0, 0.25, 0.5])
+    np.testing.assert_allclose(rmap.grid_rates["pe"], [0.0, 0.125, 0.25])
+    np.testing.assert_array_equal(rmap.required_steps, [0, 5, 10])
+    chips = np.zeros((3, rows, cols), bool)
+    chips[1, 0, 0] = True  # half 0.125: between grid points 0 and 0.25
+    chips[2, 3, :] = True  # bottom row only: half 0 although 4 PEs are faulty
+    a = resilience.assign(rmap, chips)
+    np.testing.assert_allclose(a.rates["half"], [0.0, 0.125, 0.0])
+    assert a.budgets.tolist() == [0, 5, 0] and a.ok.all()
+
+
+def test_amount_axis_adds_every_eval_every_and_keeps_one_amount_per_step_count():
+    epochs, steps = resilience.amount_axis([0.0, 0.25, 1.0], 0.125, 10)
+    np.testing.assert_allclose(epochs, [0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0])
+    np.testing.assert_array_equal(steps, [0, 2, 3, 4, 5, 7, 8, 9, 10])
+    # Amounts that round up to the same step count are evaluated once.
+    epochs, steps = resilience.amount_axis([0.0, 0.25, 1.0], 0.125, 4)
+    np.testing.assert_array_equal(steps, [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(epochs, [0, 0.125, 0.375, 0.625, 0.875])
+    epochs, steps = resilience.amount_axis([0.0, 0.5, 2.0], 0.0, 10)  # the grid only
+    np.testing.assert_array_equal(steps, [0, 5, 20])
