@@ -53,15 +53,15 @@ def main(argv):
     model = models.MLP(num_classes=10, hidden=(32,))
     variables = jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(0), (8, 8, 1)))
     trainer = train.make_trainer(model, train.make_optimizer("adam", 3e-3), 64)
-    ctx = population.Context(
-        trainer, variables, population.DeviceData.from_dataset(data.split_validation(ds, 0.1)),
-        0.5, 23,
-        CHIPS_PER_BATCH.value, 4, 8,
-    )  # fmt: skip
+    device_data = population.DeviceData.from_dataset(data.split_validation(ds, 0.1))
+    ctx = population.Context(trainer, variables, device_data, 23, CHIPS_PER_BATCH.value)
+    policy = retraining.Verification(
+        decision_target=0.5, test_target=0.5, topup_steps=4, max_topup_steps=8
+    )
     n = CHIPS.value
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(1), n, 8, 8, 0.1))
     steps = np.random.default_rng(0).integers(0, 12, n)
-    units = retraining.Units.of_groups(maps, [[i] for i in range(n)], steps, True)
+    units = retraining.Units.of_groups([[i] for i in range(n)], steps, True)
 
     class Meter(progress.Meter):
         def __call__(self, k: int) -> None:
@@ -72,7 +72,7 @@ def main(argv):
                 print(json.dumps(dict(row, compiles=counter.count)), flush=True)
 
     population.Meter = Meter  # the driver's per-chunk meter
-    retraining.retrain(ctx, units, maps, jax.random.key(3))
+    retraining.retrain(ctx, policy, units, maps, jax.random.key(3))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from reduce_jax.engine import population, train
-from reduce_jax.stages import calibration, predictor, resilience
+from reduce_jax.engine import train
+from reduce_jax.stages import calibration, predictor, resilience, retraining
 
 SUMMARY = flags.DEFINE_string("summary", None, "summary.json of a run with --predictor_chips.")
 
@@ -41,14 +41,10 @@ def rows(summary: dict) -> list[dict]:
     chips_acc = _floats(study["accuracy"])  # [n, A]
     grid_rates = np.asarray(res["measured_rates_by_measure"][measure], np.float64)
     chip_rates = np.asarray(study["measures"][measure]["rates"], np.float64)
-    ctx = population.Context(
-        trainer=None,
-        variables=None,
-        data=None,
+    policy = retraining.Verification(
         # What the run's decisions required (the target plus any --validation_margin).
-        target=summary.get("validation_target_accuracy", summary["target_accuracy"]),
-        steps_per_epoch=spe,
-        chips_per_batch=1,
+        decision_target=summary.get("validation_target_accuracy", summary["target_accuracy"]),
+        test_target=summary["target_accuracy"],
         topup_steps=int(train.epochs_to_steps(cfg["topup_epochs"], spe)),
         max_topup_steps=int(train.epochs_to_steps(cfg["max_topup_epochs"], spe)),
     )
@@ -57,16 +53,16 @@ def rows(summary: dict) -> list[dict]:
     for axis, keep in (("dense", np.ones_like(grid)), ("grid", grid)):
         a = resilience.Analysis(analysis_acc[:, keep], None, epochs[keep], steps[keep])
         curves = chips_acc[:, keep]
-        needed = predictor.needed_steps(curves, steps[keep], ctx.target)
+        needed = predictor.needed_steps(curves, steps[keep], policy.decision_target)
         for stat in calibration.STATISTICS:
             required, _ = resilience.required_amounts(
-                a.accuracy, steps[keep].astype(np.float64), ctx.target, stat
+                a.accuracy, steps[keep].astype(np.float64), policy.decision_target, stat
             )
             for interp in resilience.INTERPOLATIONS:
                 selected, _ = resilience.retraining_amount(grid_rates, required, chip_rates, interp)
                 selected = np.asarray(selected, np.float64)
                 chips = resilience.Analysis(curves[:, :, None], None, epochs[keep], steps[keep])
-                r = predictor.reduce_vs_oracle(ctx, chips, selected, needed)
+                r = predictor.reduce_vs_oracle(policy, spe, chips, selected, needed)
                 both = np.isfinite(selected) & np.isfinite(needed)
                 out.append(
                     dict(

@@ -95,46 +95,48 @@ def run(
     with timer.phase("baseline"):
         variables, weights, base_info = _baseline(cfg, inp, keys.baseline, amaps)
     timer.times["baseline_reused"] = base_info["reused"]
-    ctx, base = _context(cfg, inp, variables, data, base_info)
+    ctx, policy, base = _context(cfg, inp, variables, data, base_info)
 
     # 1-2. Resilience analysis and map.
     amounts, _ = resilience.amount_axis(cfg.retrain_epochs, cfg.eval_every, ctx.steps_per_epoch)
     with timer.phase("analysis"):
         analysis = resilience.analyze(ctx, amaps, amounts, keys.analysis_data, store)
-    rmap, choice = _resilience_map(cfg, ctx, analysis, amaps, weights)
+    rmap, choice = _resilience_map(cfg, ctx, policy, analysis, amaps, weights)
     study = None
     if cfg.predictor_chips > 0:
         with timer.phase("predictor"):
-            study = _predictor_study(cfg, ctx, rmap, keys, store)
+            study = _predictor_study(cfg, ctx, policy, rmap, keys, store)
 
     # 3. Per-chip amounts; 4-5. retraining, verification and top-ups of every chip alone.
     maps = _chip_fault_maps(cfg, keys.chips)
     assignment = resilience.assign(rmap, maps)
     with timer.phase("retrain"):
         singles = [[i] for i in range(len(maps))]
-        units = retraining.Units.of_groups(maps, singles, assignment.budgets, assignment.ok)
-        per_chip = retraining.retrain(ctx, units, maps, keys.retrain, store)
+        units = retraining.Units.of_groups(singles, assignment.budgets, assignment.ok)
+        per_chip = retraining.retrain(ctx, policy, units, maps, keys.retrain, store)
 
     # Grouped runs (eFAT): chips whose fused maps need less retraining share one.
     grouped = None
     if cfg.grouping != "none":
         with timer.phase("grouped_retrain"):
-            grouped = _grouped(cfg, ctx, maps, assignment, rmap, per_chip, keys.grouped, store)
+            grouped = _grouped(
+                cfg, ctx, policy, maps, assignment, rmap, per_chip, keys.grouped, store
+            )
 
     # 6. Cost, and Reduce against the policies a user would follow without it.
     chips = cost_lib.chip_results(
-        assignment, per_chip, ctx.target, grouped, test_target=ctx.reported_target
+        assignment, per_chip, policy.decision_target, grouped, test_target=policy.test_target
     )
     fixed = cfg.fixed_epochs if cfg.fixed_epochs is not None else amounts.max()
     analysis_epochs = len(cfg.fault_rates) * cfg.maps_per_rate * amounts.max()
     cost = cost_lib.summarize(chips, fixed, analysis_epochs, ctx.steps_per_epoch, grouped)
     with timer.phase("policies"):
         outcomes = _Outcomes(analysis, chips, grouped, study)
-        comparison = _compare(cfg, ctx, maps, outcomes, fixed, keys.policies, store)
+        comparison = _compare(cfg, ctx, policy, maps, outcomes, fixed, keys.policies, store)
     timer.times["wall_s"] = timer.total()
     summary = Summary(
-        config=cfg, overwrite=overwrite, baseline=base, target=ctx.reported_target,
-        validation_target=ctx.target,
+        config=cfg, overwrite=overwrite, baseline=base, test_target=policy.test_target,
+        decision_target=policy.decision_target,
         steps_per_epoch=ctx.steps_per_epoch, analysis=analysis, rmap=rmap,
         assignment=assignment, chips=chips, grouped=grouped, cost=cost, predictor=study,
         policies=comparison, calibration=choice,
@@ -147,8 +149,8 @@ def run(
     return summary
 
 
-def _resilience_map(cfg, ctx, analysis, amaps, weights):
-    """The map under the target; with ``auto``, its statistic and interpolation are chosen
+def _resilience_map(cfg, ctx, policy, analysis, amaps, weights):
+    """The map under the decision target; with ``auto``, its statistic and interpolation are chosen
     by cross-validation on the analysis (``calibration.choose``; else the choice is None)."""
     statistic, interpolation, choice = cfg.statistic, cfg.interpolation, None
     if resilience.AUTO in (statistic, interpolation):
@@ -156,7 +158,8 @@ def _resilience_map(cfg, ctx, analysis, amaps, weights):
         flat = amaps.reshape(-1, *amaps.shape[2:])
         rates = systolic.chip_rates(weights, flat)[cfg.rate_measure].reshape(amaps.shape[:2])
         choice = calibration.choose(
-            ctx,
+            policy,
+            ctx.steps_per_epoch,
             analysis,
             rates,
             grid,
@@ -171,7 +174,7 @@ def _resilience_map(cfg, ctx, analysis, amaps, weights):
             choice.chips,
         )
     rmap = resilience.resilience_map(
-        analysis, amaps, weights, ctx.target, statistic, cfg.rate_measure,
+        analysis, amaps, weights, policy.decision_target, statistic, cfg.rate_measure,
         ctx.steps_per_epoch, interpolation,
     )  # fmt: skip
     return rmap, choice
@@ -255,7 +258,9 @@ def _baseline(cfg: ReduceConfig, inp: inputs_lib.Inputs, key: jax.Array, amaps: 
 
 
 def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_info: dict):
-    """The run's ``population.Context`` and its ``Baseline`` (accuracy measured here)."""
+    """The run's engine context (``population.Context``), its policy
+    (``retraining.Verification``: targets and top-ups) and its ``Baseline`` (accuracy
+    measured here)."""
     trainer = train.make_trainer(
         inp.model,
         train.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
@@ -270,35 +275,38 @@ def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_in
     accuracy, test_accuracy = (
         float(trainer.evaluate(one_chip, ones, *data.split(s))[0]) for s in ("val", "test")
     )
-    target = (
+    test_target = (
         cfg.target_accuracy if cfg.target_accuracy is not None else accuracy - cfg.max_accuracy_drop
     )
+    decision_target = test_target + cfg.validation_margin
     logging.info(
         "baseline accuracy %.4f (validation; test %.4f), target %.4f (decisions on the "
         "validation split require %.4f), %d steps per epoch",
         accuracy,
         test_accuracy,
-        target,
-        target + cfg.validation_margin,
+        test_target,
+        decision_target,
         spe,
     )
-    if target + cfg.validation_margin > 1:
+    if decision_target > 1:
         logging.warning(
             "the target %.4f plus --validation_margin=%g is above 1: no chip can meet it",
-            target,
+            test_target,
             cfg.validation_margin,
         )
     ctx = population.Context(
         trainer=trainer,
         variables=variables,
         data=data,
-        target=target + cfg.validation_margin,
-        test_target=target,
         steps_per_epoch=spe,
         chips_per_batch=cfg.chips_per_batch,
-        topup_pool_chunks=cfg.topup_pool_chunks,
+    )
+    policy = retraining.Verification(
+        decision_target=decision_target,
+        test_target=test_target,
         topup_steps=int(train.epochs_to_steps(cfg.topup_epochs, spe)),
         max_topup_steps=int(train.epochs_to_steps(cfg.max_topup_epochs, spe)),
+        topup_pool_chunks=cfg.topup_pool_chunks,
     )
     base = Baseline(
         accuracy=accuracy,
@@ -308,7 +316,7 @@ def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_in
         reused=base_info["reused"],
         source=base_info["source"],
     )
-    return ctx, base
+    return ctx, policy, base
 
 
 def _chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
@@ -324,7 +332,7 @@ def _chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
     return faults.load_fault_maps(cfg.chip_fault_maps, cfg.array_rows, cfg.array_cols)
 
 
-def _predictor_study(cfg, ctx, rmap, keys: Keys, store) -> predictor.PredictorStudy:
+def _predictor_study(cfg, ctx, policy, rmap, keys: Keys, store) -> predictor.PredictorStudy:
     """Validation chips of ``--fault_model`` with (mean) rates spread evenly over
     ``[0, max(--fault_rates)]``, retrained over the amount grid (``predictor.run_study``)."""
     rates = np.linspace(0.0, max(cfg.fault_rates), cfg.predictor_chips)
@@ -335,16 +343,16 @@ def _predictor_study(cfg, ctx, rmap, keys: Keys, store) -> predictor.PredictorSt
             "taken from --chip_fault_maps",
             cfg.fault_model,
         )
-    return predictor.run_study(ctx, maps, rates, rmap, keys.predictor_data, store)
+    return predictor.run_study(ctx, policy, maps, rates, rmap, keys.predictor_data, store)
 
 
-def _grouped(cfg, ctx, maps, assignment, rmap, per_chip, key, store):
+def _grouped(cfg, ctx, policy, maps, assignment, rmap, per_chip, key, store):
     """Plans the groups on the map and retrains them (``grouping.run_grouped``)."""
     amount = grouping.amount_fn(rmap.measured_rates, rmap.required_steps, rmap.interpolation)
     w = rmap.weights[cfg.rate_measure]
     levels = rmap.required_steps
     plan = grouping.plan_groups(maps, assignment.ok, w, amount, levels, cfg.max_group_size)
-    return grouping.run_grouped(ctx, maps, plan, per_chip, rmap, key, store)
+    return grouping.run_grouped(ctx, policy, maps, plan, per_chip, rmap, key, store)
 
 
 class _Outcomes(NamedTuple):
@@ -356,10 +364,12 @@ class _Outcomes(NamedTuple):
     study: predictor.PredictorStudy | None
 
 
-def _compare(cfg, ctx, maps, outcomes: _Outcomes, fixed_epochs, key, store) -> policies.Comparison:
+def _compare(
+    cfg, ctx, policy, maps, outcomes: _Outcomes, fixed_epochs, key, store
+) -> policies.Comparison:
     """Every policy's cost and result (``policies``); ``fixed`` and ``adaptive`` from one
     trajectory per chip (with ``--compare_policies``)."""
-    inc = ctx.topup_steps
+    inc = policy.topup_steps
     found = {"reduce": policies.reduce_policy(outcomes.chips, inc)}
     if cfg.compare_policies:
         spe = ctx.steps_per_epoch
@@ -368,13 +378,13 @@ def _compare(cfg, ctx, maps, outcomes: _Outcomes, fixed_epochs, key, store) -> p
         cap_steps = int(train.epochs_to_steps(cap, spe))
         points = policies.trajectory_points(inc, cap_steps, fixed_steps, spe)
         traj = policies.run_trajectory(ctx, maps, points, key, store)
-        targets = (ctx.target, ctx.reported_target)
+        targets = (policy.decision_target, policy.test_target)
         found["fixed"] = policies.fixed_policy(traj, fixed_steps, *targets)
         found["adaptive"] = policies.adaptive_policy(traj, cap_steps, *targets)
     if outcomes.grouped is not None:
         found["grouped"] = policies.grouped_policy(outcomes.grouped, outcomes.chips, inc)
     if outcomes.study is not None:
-        found["oracle"] = policies.oracle_policy(outcomes.study, ctx.reported_target)
+        found["oracle"] = policies.oracle_policy(outcomes.study, policy.test_target)
     ordered = {name: found[name] for name in policies.POLICIES if name in found}
     compute = policies.measure_compute(ctx, cfg.batch_size, cfg.eval_batch_size)
     return policies.compare(ordered, outcomes.analysis, compute)

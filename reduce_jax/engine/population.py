@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -219,7 +219,7 @@ def evaluate(
 def init_chunk(
     trainer: train.Trainer, variables: PyTree, fault_maps: np.ndarray, budgets: np.ndarray
 ) -> tuple[train.ChipState, PyTree]:
-    """States and masks of a chunk of chips (pad it first with ``pad_chunk``).
+    """States and masks of a chunk of chips (padded by ``drive``, or with ``pad``).
 
     Args:
       variables: the baseline's ``{"params", "batch_stats"}``; every chip starts from them.
@@ -238,78 +238,87 @@ def init_chunk(
 
 
 class Context(NamedTuple):
-    """What every stage of a run reads, passed as one value.
+    """What the engine needs to retrain and evaluate chips, passed to every stage as one value.
+
+    Reduce's policy (the targets and the top-ups) is not here: it is
+    ``retraining.Verification``.
 
     Attributes:
       trainer: the jitted functions of the model and the retraining optimizer.
       variables: the fault-free baseline, ``{"params", "batch_stats"}`` (replicated over the
         devices; ``batch_stats`` is ``{}`` for models without BatchNorm).
-      data: the train and test sets on the device.
-      target: the accuracy every decision on the validation split requires (absolute:
-        the target plus ``--validation_margin``).
+      data: the train, validation and test sets on the device.
       steps_per_epoch: training steps in one epoch (amounts in epochs -> steps).
       chips_per_batch: most chips computed together (bounds memory).
-      topup_steps: top-up increment for a retrained chip below the target (steps).
-      max_topup_steps: cap on a chip's top-ups (steps).
-      topup_pool_chunks: chunks whose chips below the target are topped up together
-        (``retraining.retrain``).
-      test_target: the target the test set is judged against (None: ``target``).
     """
 
     trainer: train.Trainer
     variables: PyTree
     data: DeviceData
-    target: float
     steps_per_epoch: int
     chips_per_batch: int
-    topup_steps: int
-    max_topup_steps: int
-    topup_pool_chunks: int = 1
-    test_target: float | None = None
-
-    @property
-    def reported_target(self) -> float:
-        """The target that the test set is judged against (``test_target`` or ``target``)."""
-        return self.target if self.test_target is None else self.test_target
 
 
-# A stage's work on one chunk: ``(ids int[m], inputs)`` -> arrays with leading axis ``m`` (or
-# the padded chunk size). ``inputs`` holds the stage's per-chip arrays for the chunk, padded
-# to the chunk size with zeros (fault-free, budget 0); the first ``m`` rows are chips ``ids``.
-ChunkFn = Callable[[np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
+# A chunk of a population: a NamedTuple of numpy arrays (or None for a field not computed),
+# every array with the chips as its leading axis. Stages define their own, for what they
+# hand the driver and for what they get back.
+Chunk = TypeVar("Chunk", bound=tuple)
+Result = TypeVar("Result", bound=tuple)
+
+
+def pad(chunk: Chunk, size: int) -> Chunk:
+    """Every array of ``chunk`` padded with zeros (``False``) along its leading axis to
+    ``size`` rows: padding chips are fault-free, with budget 0, so every chunk of a stage has
+    one shape and compiles once."""
+    return jax.tree.map(lambda x: _pad(np.asarray(x), size), chunk)
+
+
+def _rows(chunk: Chunk, index) -> Chunk:
+    """Rows ``index`` (an index array or slice) of every array of ``chunk``, as numpy."""
+    return jax.tree.map(lambda x: np.asarray(x)[index], chunk)
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
 
 
 def drive(
-    inputs: dict[str, np.ndarray],
-    compute: ChunkFn,
-    chips_per_batch: int,
+    inputs: Chunk,
+    compute: Callable[[np.ndarray, Chunk], Result],
+    result: type[Result],
+    size: int,
     order: np.ndarray | None = None,
     store: ProgressStore | None = None,
     stage: str = "stage",
-) -> dict[str, np.ndarray]:
+) -> Result:
     """Runs a stage over a population in chunks; the one loop of every stage.
 
-    The driver owns the population bookkeeping: the processing order, the chunk size (at
-    most ``chips_per_batch``, a multiple of the device count), padding every chunk to that
-    size so one shape is compiled, resuming (chunk ``i`` is computed only if ``store`` has
-    no result for it; each computed chunk is saved at once), progress, and scattering the
-    results back to chip order.
+    The driver owns the population bookkeeping: the processing order, padding every chunk
+    to ``size`` chips (``pad``) so one shape is compiled, resuming (chunk ``i`` is computed
+    only if ``store`` has no result for it; each computed chunk is saved at once), progress,
+    and scattering the results back to chip order.
 
     Args:
-      inputs: per-chip arrays, every one with leading axis ``n`` (at least one).
-      compute: the stage's work on one chunk (``ChunkFn``).
-      chips_per_batch: most chips per chunk.
+      inputs: the stage's per-chip arrays (a NamedTuple), every one with leading axis ``n``
+        (at least one).
+      compute: the stage's work on one chunk, ``compute(ids int[m], chunk) -> result``:
+        ``chunk`` is ``inputs`` of chips ``ids`` padded to ``size`` rows (the first ``m``
+        rows are chips ``ids``); every array of the result has leading axis ``m`` or more
+        (rows past ``m`` are dropped).
+      result: the NamedTuple class ``compute`` returns (to read saved chunks back).
+      size: chips per chunk, a multiple of the device count (``chunk_size``).
       order: ``int[n]`` processing order (a permutation of ``0..n-1``); default ``0..n-1``.
       store: where finished chunks are saved and found again (``None``: not saved).
       stage: the stage's name in ``store`` and in the progress log.
 
     Returns:
-      Every key of ``compute``'s results: an array with leading axis ``n``, in chip order.
+      A ``result`` whose every array has leading axis ``n``, in chip order.
     """
-    n = len(next(iter(inputs.values())))
+    n = len(jax.tree.leaves(inputs)[0])
     order = np.arange(n) if order is None else np.asarray(order)
-    size = chunk_size(n, chips_per_batch)
-    done = store.done(stage) if store is not None else {}
+    done = store.done(stage, result) if store is not None else {}
     meter = Meter(stage, n, unit="chips")
     results = []
     for ci, lo in enumerate(range(0, n, size)):
@@ -318,35 +327,17 @@ def drive(
             meter.resumed(len(ids))
             results.append(done[ci])
             continue
-        chunk = {k: _pad(np.asarray(v)[ids], size) for k, v in inputs.items()}
-        out = compute(ids, chunk)
-        done[ci] = {k: np.asarray(v)[: len(ids)] for k, v in out.items()}
+        out = compute(ids, pad(_rows(inputs, ids), size))
+        done[ci] = _rows(out, slice(0, len(ids)))
         if store is not None:
             store.put(stage, ci, done[ci])
         meter(len(ids))
         results.append(done[ci])
-    out = {}
-    for key in results[0]:
-        values = np.concatenate([r[key] for r in results])
-        out[key] = np.empty_like(values)
-        out[key][order] = values
-    return out
 
+    def in_chip_order(*parts: np.ndarray) -> np.ndarray:
+        values = np.concatenate(parts)
+        scattered = np.empty_like(values)
+        scattered[order] = values
+        return scattered
 
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    """``x`` padded with zeros (``False``) along its leading axis to ``size`` rows."""
-    if len(x) == size:
-        return x
-    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
-
-
-def pad_chunk(fault_maps: np.ndarray, budgets: np.ndarray, size: int):
-    """Pads a chunk to ``size`` chips (fault-free, budget 0) so every chunk has one shape."""
-    n = len(fault_maps)
-    if n == size:
-        return fault_maps, budgets
-    pad_maps = np.zeros((size - n, *fault_maps.shape[1:]), bool)
-    return (
-        np.concatenate([fault_maps, pad_maps]),
-        np.concatenate([budgets, np.zeros(size - n, budgets.dtype)]),
-    )
+    return jax.tree.map(in_chip_order, *results)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import time
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -17,6 +18,8 @@ from reduce_jax.errors import ConfigError
 PROGRESS_FILE = "progress.json"
 # Settings that do not change results: a resumed run may differ in these.
 _NOT_RESULT_KEYS = ("workdir", "summary_chips")
+# A chunk's result: a NamedTuple of numpy arrays (``population.drive``).
+Result = TypeVar("Result", bound=tuple)
 
 
 class ProgressStore:
@@ -43,14 +46,19 @@ class ProgressStore:
                 self.state = saved
                 logging.info("resuming from %s", self.path)
 
-    def done(self, phase: str) -> dict[int, dict[str, np.ndarray]]:
-        """Saved chunks of ``phase``: chunk index -> arrays, as ``put`` was given them."""
+    def done(self, phase: str, result: type[Result]) -> dict[int, Result]:
+        """Saved chunks of ``phase``: chunk index -> the ``result`` (a NamedTuple of arrays)
+        that ``put`` was given (a field saved as None is None)."""
         saved = self.state["phases"].get(phase, {})
-        return {int(i): {k: _decode(v) for k, v in r.items()} for i, r in saved.items()}
+        return {
+            int(i): result(**{f: _decode(r[f]) if f in r else None for f in result._fields})
+            for i, r in saved.items()
+        }
 
-    def put(self, phase: str, index: int, result: dict[str, np.ndarray]) -> None:
-        """Saves chunk ``index`` of ``phase`` (arrays; NaN and inf are kept) atomically."""
-        encoded = {k: _encode(np.asarray(v)) for k, v in result.items()}
+    def put(self, phase: str, index: int, result: tuple) -> None:
+        """Saves chunk ``index`` of ``phase`` (a NamedTuple of arrays or None; NaN and inf
+        are kept) atomically."""
+        encoded = {k: _encode(np.asarray(v)) for k, v in result._asdict().items() if v is not None}
         self.state["phases"].setdefault(phase, {})[str(index)] = encoded
         if self.path and jax.process_index() == 0:
             files.write_json_atomic(self.path, self.state)

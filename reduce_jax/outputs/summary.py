@@ -46,9 +46,9 @@ class Summary:
 
     Attributes:
       config: the run's settings; overwrite: the run discarded saved progress.
-      baseline: the fault-free baseline; target: the accuracy target (the test set is
-        judged against it); validation_target: what decisions on the validation split
-        required (the target plus ``--validation_margin``).
+      baseline: the fault-free baseline; test_target: the accuracy target the test set is
+        judged against; decision_target: what decisions on the validation split required
+        (the target plus ``--validation_margin``).
       steps_per_epoch: training steps in one epoch.
       analysis: the resilience analysis; rmap: the resilience map.
       assignment: every chip's rates and amount; chips: every chip's result.
@@ -64,8 +64,8 @@ class Summary:
     config: ReduceConfig
     overwrite: bool
     baseline: Baseline
-    target: float
-    validation_target: float
+    test_target: float
+    decision_target: float
     steps_per_epoch: int
     analysis: resilience.Analysis
     rmap: resilience.ResilienceMap
@@ -88,8 +88,8 @@ class Summary:
             dict(
                 baseline_accuracy=self.baseline.accuracy,
                 baseline_test_accuracy=self.baseline.test_accuracy,
-                target_accuracy=float(self.target),
-                validation_target_accuracy=float(self.validation_target),
+                target_accuracy=float(self.test_target),
+                validation_target_accuracy=float(self.decision_target),
                 baseline=dict(
                     steps=self.baseline.steps,
                     steps_per_epoch=self.steps_per_epoch,
@@ -140,12 +140,12 @@ class Summary:
             else ""
         )
         margin = (
-            f" ({self.validation_target:.4f} on validation)"
-            if self.validation_target != self.target
+            f" ({self.decision_target:.4f} on validation)"
+            if self.decision_target != self.test_target
             else ""
         )
         return (
-            f"baseline {self.baseline.accuracy:.4f}, target {self.target:.4f}{margin}; "
+            f"baseline {self.baseline.accuracy:.4f}, target {self.test_target:.4f}{margin}; "
             f"Reduce {c.reduce_epochs:.2f} epochs vs fixed {c.fixed_epochs:.2f} "
             f"({100 * c.savings_fraction:.1f}% saved); {grouped}"
             f"{c.chips_meeting_target}/{len(self.chips.status)} chips meet the target, "

@@ -22,8 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from reduce_jax.engine import population
-from reduce_jax.stages import resilience
+from reduce_jax.stages import resilience, retraining
 
 # From the strictest to the loosest: with top-ups at a fine increment, a statistic above the
 # median (an amount that only some of the K maps of a rate had met) can cost least in all.
@@ -91,7 +90,7 @@ class Choice(NamedTuple):
 
 
 def _held_out(
-    ctx: population.Context,
+    policy: retraining.Verification,
     analysis: resilience.Analysis,
     rates: np.ndarray,
     grid: np.ndarray,
@@ -108,7 +107,7 @@ def _held_out(
     for f in range(1, len(grid) - 1):
         keep = np.arange(len(grid)) != f
         required, _ = resilience.required_amounts(
-            analysis.accuracy[keep], steps, ctx.target, statistic
+            analysis.accuracy[keep], steps, policy.decision_target, statistic
         )
         selected, _ = resilience.retraining_amount(grid[keep], required, rates[f], interpolation)
         curves = analysis.accuracy[f].T  # [K, A]
@@ -116,9 +115,9 @@ def _held_out(
             curves,
             analysis.amount_steps,
             np.asarray(selected, np.float64),
-            ctx.target,
-            ctx.topup_steps,
-            ctx.max_topup_steps,
+            policy.decision_target,
+            policy.topup_steps,
+            policy.max_topup_steps,
         )
         total += float(spent.sum())
         missed += int((~met).sum())
@@ -126,7 +125,8 @@ def _held_out(
 
 
 def choose(
-    ctx: population.Context,
+    policy: retraining.Verification,
+    steps_per_epoch: int,
     analysis: resilience.Analysis,
     rates: np.ndarray,
     grid: np.ndarray,
@@ -137,7 +137,8 @@ def choose(
     module docstring); ``REFERENCE`` is always scored.
 
     Args:
-      ctx: the run's context (target, top-up increment and cap, steps per epoch).
+      policy: the decision target, top-up increment and cap.
+      steps_per_epoch: training steps in one epoch (totals are reported in epochs).
       analysis: the resilience analysis.
       rates: ``float[F, K]`` its chips' rates in the map's measure.
       grid: ``float[F]`` the grid's measured rates in that measure.
@@ -148,12 +149,12 @@ def choose(
         candidates.insert(0, REFERENCE)
     scores = []
     for s, i in candidates:
-        total, missed = _held_out(ctx, analysis, rates, grid, s, i)
+        total, missed = _held_out(policy, analysis, rates, grid, s, i)
         scores.append(
             dict(
                 statistic=s,
                 interpolation=i,
-                total_epochs=total / ctx.steps_per_epoch,
+                total_epochs=total / steps_per_epoch,
                 missed=missed,
             )
         )

@@ -51,7 +51,7 @@ class ChipResults(NamedTuple):
 def chip_results(
     assignment: resilience.Assignment,
     outcome: retraining.ChipOutcome,
-    target: float,
+    decision_target: float,
     grouped: grouping.GroupedOutcome | None = None,
     *,
     test_target: float | None = None,
@@ -61,15 +61,15 @@ def chip_results(
     Args:
       assignment: the chips' amounts.
       outcome: the per-chip retraining (one unit per chip, in chip order).
-      target: the accuracy the validation split requires (``--validation_margin``
+      decision_target: the accuracy the validation split requires (``--validation_margin``
         included).
       grouped: the grouped retraining, in grouped runs.
-      test_target: the target the test set is judged against (None: ``target``).
+      test_target: the target the test set is judged against (None: ``decision_target``).
     """
-    test_target = target if test_target is None else test_target
+    test_target = decision_target if test_target is None else test_target
     selected = assignment.ok
     diverged = outcome.diverged
-    meets = (outcome.accuracy_after >= target) & ~diverged
+    meets = (outcome.accuracy_after >= decision_target) & ~diverged
     names = np.array([resilience.STATUS_NAMES[int(s)] for s in assignment.status], object)
     status = np.where(selected, np.where(meets, "ok", "missed_target"), names)
     status = np.where(diverged, "diverged", status)
@@ -89,7 +89,9 @@ def chip_results(
     return results._replace(
         group=group,
         grouped_accuracy_after=np.where(group >= 0, grouped.accuracy_after, np.nan),
-        grouped_meets_target=(group >= 0) & (grouped.accuracy_after >= target) & ~grouped.diverged,
+        grouped_meets_target=(
+            (group >= 0) & (grouped.accuracy_after >= decision_target) & ~grouped.diverged
+        ),
     )
 
 

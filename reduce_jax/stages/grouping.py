@@ -241,6 +241,7 @@ class GroupedOutcome(NamedTuple):
 
 def run_grouped(
     ctx: population.Context,
+    policy: retraining.Verification,
     chip_maps: np.ndarray,
     plan: GroupPlan,
     per_chip: retraining.ChipOutcome,
@@ -252,7 +253,8 @@ def run_grouped(
     and serves each chip by its group, or by its own per-chip retraining.
 
     Args:
-      ctx: the run's context.
+      ctx: the engine's context.
+      policy: the targets a group is verified against and its top-ups.
       chip_maps: ``bool[chips, R, C]``.
       plan: from ``plan_groups``.
       per_chip: the per-chip retraining of every chip (``retraining.retrain``).
@@ -261,8 +263,8 @@ def run_grouped(
       store: saves finished chunks under ``grouped`` (resume).
     """
     if plan.groups:
-        units = retraining.Units.of_groups(chip_maps, plan.groups, plan.steps, True)
-        groups = retraining.retrain(ctx, units, chip_maps, key, store, stage="grouped")
+        units = retraining.Units.of_groups(plan.groups, plan.steps, True)
+        groups = retraining.retrain(ctx, policy, units, chip_maps, key, store, stage="grouped")
     else:
         groups = per_chip.take(np.zeros(0, np.int64))
     split = groups.retrained & ~groups.meets_target

@@ -20,7 +20,7 @@ from scipy import stats
 from reduce_jax.engine import population
 from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.hardware import systolic
-from reduce_jax.stages import calibration, resilience
+from reduce_jax.stages import calibration, resilience, retraining
 
 
 def needed_steps(accuracy: np.ndarray, amount_steps: np.ndarray, target: float) -> np.ndarray:
@@ -87,7 +87,8 @@ def score_measure(
 
 
 def reduce_vs_oracle(
-    ctx: population.Context,
+    policy: retraining.Verification,
+    steps_per_epoch: int,
     analysis: resilience.Analysis,
     selected: np.ndarray,
     needed: np.ndarray,
@@ -96,7 +97,8 @@ def reduce_vs_oracle(
     amount each one needed), from the chips' own accuracy curves.
 
     Args:
-      ctx: the run's context (target, top-up increment and cap).
+      policy: the decision target, top-up increment and cap.
+      steps_per_epoch: training steps in one epoch (results are in epochs).
       analysis: the chips' accuracies (``K = 1``).
       selected: ``float[n]`` the amount the map selects for each (``inf``: not served).
       needed: ``float[n]`` the oracle's amount (``inf``: no evaluated amount met the target).
@@ -112,17 +114,17 @@ def reduce_vs_oracle(
         analysis.accuracy[:, :, 0],
         analysis.amount_steps,
         selected,
-        ctx.target,
-        ctx.topup_steps,
-        ctx.max_topup_steps,
+        policy.decision_target,
+        policy.topup_steps,
+        policy.max_topup_steps,
     )
     oracle = np.isfinite(needed)
     both = oracle & np.isfinite(selected)
     reduce_steps, oracle_steps = float(spent[both].sum()), float(needed[both].sum())
     return dict(
         reduce_over_oracle=reduce_steps / oracle_steps if oracle_steps > 0 else None,
-        reduce_epochs=reduce_steps / ctx.steps_per_epoch,
-        oracle_epochs=oracle_steps / ctx.steps_per_epoch,
+        reduce_epochs=reduce_steps / steps_per_epoch,
+        oracle_epochs=oracle_steps / steps_per_epoch,
         compared_chips=int(both.sum()),
         reduce_missed=int((both & ~met).sum()),
         reduce_flagged=int((oracle & ~np.isfinite(selected)).sum()),
@@ -194,6 +196,7 @@ class PredictorStudy(NamedTuple):
 
 def run_study(
     ctx: population.Context,
+    policy: retraining.Verification,
     fault_maps: np.ndarray,
     requested_rates: np.ndarray,
     rmap: resilience.ResilienceMap,
@@ -203,7 +206,8 @@ def run_study(
     """Retrains validation chips over the amount grid and scores every rate measure.
 
     Args:
-      ctx: the run's context.
+      ctx: the engine's context.
+      policy: the decision target (a chip's need), top-up increment and cap.
       fault_maps: ``bool[n, R, C]`` the validation chips.
       requested_rates: ``float[n]`` the rates they were sampled at.
       rmap: the resilience map (its measures' weights and grid rates, required steps, and
@@ -214,7 +218,7 @@ def run_study(
     analysis = resilience.analyze(
         ctx, fault_maps[:, None], rmap.amount_epochs, key, store, "predictor", with_test=True
     )
-    needed = needed_steps(analysis.accuracy[:, :, 0], analysis.amount_steps, ctx.target)
+    needed = needed_steps(analysis.accuracy[:, :, 0], analysis.amount_steps, policy.decision_target)
     scores = study(
         systolic.chip_rates(rmap.weights, fault_maps),
         rmap.grid_rates,
@@ -227,7 +231,11 @@ def run_study(
     selected, _ = resilience.retraining_amount(
         rmap.measured_rates, rmap.required_steps, rates, rmap.interpolation
     )
-    scores.update(reduce_vs_oracle(ctx, analysis, np.asarray(selected, np.float64), needed))
+    scores.update(
+        reduce_vs_oracle(
+            policy, ctx.steps_per_epoch, analysis, np.asarray(selected, np.float64), needed
+        )
+    )
     logging.info(
         "predictor study: rank correlation of rate and needed retraining: %s",
         ", ".join(

@@ -130,8 +130,8 @@ def analyze(
     flat_maps = np.asarray(fault_maps).reshape(num_f * k, *fault_maps.shape[2:])
     meter = Meter(f"{stage} training", len(flat_maps) * int(steps.max()))
 
-    def compute(ids: np.ndarray, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        maps = chunk["maps"]
+    def compute(ids: np.ndarray, chunk: _Chips) -> _Measured:
+        maps = chunk.maps
         real = np.arange(len(maps)) < len(ids)
         budgets = np.where(real, steps.max(), 0)
         states, masks = population.init_chunk(ctx.trainer, ctx.variables, maps, budgets)
@@ -162,19 +162,38 @@ def analyze(
                 stage,
                 chip,
             )
-        return dict(diverged=div_now, **{s: np.stack(a, 1) for s, a in chunk_acc.items()})
+        return _Measured(
+            diverged=div_now,
+            val=np.stack(chunk_acc["val"], 1),
+            test=np.stack(chunk_acc["test"], 1) if with_test else None,
+        )
 
-    out = population.drive(
-        dict(maps=flat_maps), compute, ctx.chips_per_batch, store=store, stage=stage
-    )
+    size = population.chunk_size(len(flat_maps), ctx.chips_per_batch)
+    out = population.drive(_Chips(flat_maps), compute, _Measured, size, store=store, stage=stage)
     by_rate = lambda acc: acc.reshape(num_f, k, -1).transpose(0, 2, 1)  # noqa: E731
     return Analysis(
-        accuracy=by_rate(out["val"]),
-        diverged=out["diverged"].reshape(num_f, k),
+        accuracy=by_rate(out.val),
+        diverged=out.diverged.reshape(num_f, k),
         amount_epochs=epochs,
         amount_steps=steps,
-        test_accuracy=by_rate(out["test"]) if with_test else None,
+        test_accuracy=by_rate(out.test) if with_test else None,
     )
+
+
+class _Chips(NamedTuple):
+    """The analysis' chips, as ``population.drive`` chunks them: ``maps bool[n, R, C]``."""
+
+    maps: np.ndarray
+
+
+class _Measured(NamedTuple):
+    """What the analysis measures on chips ``[n]``: ``diverged bool[n]``, and the accuracy
+    ``float64[n, A]`` at every amount on the validation (``val``) and test (``test``, None
+    where not measured) sets."""
+
+    diverged: np.ndarray
+    val: np.ndarray
+    test: np.ndarray | None
 
 
 class ResilienceMap(NamedTuple):

@@ -20,30 +20,52 @@ from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import Meter, ProgressStore
 
 
-class Units(NamedTuple):
-    """What to retrain.
+class Verification(NamedTuple):
+    """Reduce's policy for a retrained chip: what it is verified against and how it is
+    topped up.
 
     Attributes:
-      maps: ``bool[U, R, C]`` every unit's (fused) fault map.
+      decision_target: the accuracy every decision on the validation split requires (the
+        target plus ``--validation_margin``): the map, verification, top-ups.
+      test_target: the accuracy the test set is judged against (reported only).
+      topup_steps: top-up increment for a retrained chip below ``decision_target`` (steps;
+        0: no top-ups).
+      max_topup_steps: cap on a chip's top-ups (steps).
+      topup_pool_chunks: chunks whose chips below the target are topped up together
+        (``retrain``; results do not depend on it).
+    """
+
+    decision_target: float
+    test_target: float
+    topup_steps: int
+    max_topup_steps: int
+    topup_pool_chunks: int = 1
+
+
+class Units(NamedTuple):
+    """What to retrain (leading axis: units).
+
+    A unit's fault map is the union of its members' maps (``fused_maps``).
+
+    Attributes:
+      members: ``int64[U, W]`` the member chips of each unit, ``-1`` past its last member
+        (``W`` = the most members of a unit).
       steps: ``int64[U]`` every unit's budget (0 where it is not retrained).
       retrain: ``bool[U]`` which units to retrain (the others, chips the map cannot serve,
         are only evaluated).
-      members: ``int64[U, W]`` the member chips of each unit, ``-1`` past its last member
-        (``W`` = the most members of a unit).
     """
 
-    maps: np.ndarray
+    members: np.ndarray
     steps: np.ndarray
     retrain: np.ndarray
-    members: np.ndarray
 
     @classmethod
-    def of_groups(cls, chip_maps: np.ndarray, groups: list[list[int]], steps, retrain) -> Units:
-        """Units of groups of chips (lists of chip ids), each on the union of its maps.
+    def of_groups(cls, groups: list[list[int]], steps, retrain) -> Units:
+        """Units of groups of chips (lists of chip ids).
 
         Args:
-          chip_maps: ``bool[chips, R, C]``; groups: chip ids per unit; steps: ``int[U]``
-            budgets; retrain: ``bool[U]`` (or one value for every unit).
+          groups: chip ids per unit; steps: ``int[U]`` budgets; retrain: ``bool[U]`` (or one
+            value for every unit).
         """
         width = max(len(g) for g in groups)
         members = np.full((len(groups), width), -1, np.int64)
@@ -51,11 +73,18 @@ class Units(NamedTuple):
             members[i, : len(g)] = g
         retrain = np.broadcast_to(np.asarray(retrain, bool), (len(groups),)).copy()
         return cls(
-            maps=np.stack([chip_maps[g].any(0) for g in groups]),
-            steps=np.where(retrain, steps, 0).astype(np.int64),
-            retrain=retrain,
-            members=members,
+            members=members, steps=np.where(retrain, steps, 0).astype(np.int64), retrain=retrain
         )
+
+
+def fused_maps(chip_maps: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """``bool[U, R, C]`` every unit's map: the union of its members' maps ``chip_maps[c]``
+    (``bool[chips, R, C]``) over ``members int[U, W]`` (``-1``: none; a unit without
+    members is fault-free)."""
+    out = np.zeros((len(members), *chip_maps.shape[1:]), bool)
+    for slot in members.T:
+        out |= chip_maps[np.maximum(slot, 0)] & (slot >= 0)[:, None, None]
+    return out
 
 
 class ChipOutcome(NamedTuple):
@@ -104,6 +133,7 @@ class ChipOutcome(NamedTuple):
 
 def retrain(
     ctx: population.Context,
+    policy: Verification,
     units: Units,
     chip_maps: np.ndarray,
     key: jax.Array,
@@ -114,14 +144,16 @@ def retrain(
 
     Units are processed in order of their budget (a chunk holds similar budgets), by the
     population driver (``population.drive``: chunking, padding, resume). The driver's chunk
-    is a *pool* of ``ctx.topup_pool_chunks`` chunks of ``ctx.chips_per_batch`` units: each
-    chunk is retrained for its budgets, then the pool's units still below the target are
-    topped up together (``top_up``), so the few misses of each chunk fill whole batches.
+    is a *pool* of ``policy.topup_pool_chunks`` chunks of ``ctx.chips_per_batch`` units:
+    each chunk is retrained for its budgets, then the pool's units still below the target
+    are topped up together (``top_up``), so the few misses of each chunk fill whole batches.
 
     Args:
-      ctx: the run's context (target, top-up increments and pool included).
+      ctx: the engine's context.
+      policy: the targets and the top-ups.
       units: what to retrain.
-      chip_maps: ``bool[chips, R, C]`` the chips' own maps (``units.members`` index it).
+      chip_maps: ``bool[chips, R, C]`` the chips' own maps (``units.members`` index it; a
+        unit is retrained on the union of its members' maps and verified on each of them).
       key: key of the batch order of the retraining and of the top-ups.
       store: saves finished pools under ``stage`` (resume).
       stage: the stage's name.
@@ -129,62 +161,92 @@ def retrain(
     Returns:
       ``ChipOutcome`` over units.
     """
-    steps = np.where(units.retrain, units.steps, 0).astype(np.int64)
+    units = units._replace(steps=np.where(units.retrain, units.steps, 0).astype(np.int64))
     keys = jax.random.split(key)
-    meter = Meter(f"{stage} training", int(steps.sum()))
-    size = population.chunk_size(len(steps), ctx.chips_per_batch)
+    meter = Meter(f"{stage} training", int(units.steps.sum()))
+    size = population.chunk_size(len(units.steps), ctx.chips_per_batch)
+    chunks = -(-len(units.steps) // size)
+    # A pool is whole chunks, so the driver's padding is the padding of every chunk.
+    pool_size = size * min(max(1, policy.topup_pool_chunks), chunks)
 
-    def compute(ids: np.ndarray, pool: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pool = {k: v[: len(ids)] for k, v in pool.items()}
-        out = _retrain_pool(ctx, pool, size, keys, meter)
-        out["member_accuracy"] = _verify_members(
-            ctx, out.pop("variables"), pool["members"], chip_maps, out["after"], size
+    def compute(ids: np.ndarray, pool: Units) -> _Retrained:
+        real = np.arange(len(pool.steps)) < len(ids)
+        # Padding units have no members: fault-free, budget 0.
+        maps = fused_maps(chip_maps, np.where(real[:, None], pool.members, -1))
+        out, variables = _retrain_pool(ctx, policy, pool, maps, len(ids), size, keys, meter)
+        member_accuracy = _verify_members(
+            ctx, variables, pool.members[: len(ids)], chip_maps, out.after, size
         )
-        for unit in ids[out["diverged"][: len(ids)]]:
+        for unit in ids[out.diverged[: len(ids)]]:
             logging.warning(
                 "%s: unit %d: loss or weights became non-finite; stopped, reported as diverged",
                 stage,
                 unit,
             )
-        return out
+        return out._replace(member_accuracy=member_accuracy)
 
-    inputs = dict(maps=units.maps, steps=steps, retrain=units.retrain, members=units.members)
-    order = np.argsort(steps, kind="stable")
-    pool_size = size * max(1, ctx.topup_pool_chunks)
-    out = population.drive(inputs, compute, pool_size, order, store, stage)
-    member_acc = np.where(units.members >= 0, out["member_accuracy"], np.nan)
-    ok = np.where(units.members >= 0, member_acc >= ctx.target, True).all(1)
+    order = np.argsort(units.steps, kind="stable")
+    out = population.drive(units, compute, _Retrained, pool_size, order, store, stage)
+    member_acc = np.where(units.members >= 0, out.member_accuracy, np.nan)
+    ok = np.where(units.members >= 0, member_acc >= policy.decision_target, True).all(1)
     return ChipOutcome(
         members=units.members,
-        steps=steps,
+        steps=units.steps,
         retrained=np.asarray(units.retrain, bool),
-        accuracy_before=out["before"],
-        accuracy_after=out["after"],
-        test_accuracy_after=out["test_after"],
-        topup_steps=out["topup"],
-        diverged=out["diverged"],
+        accuracy_before=out.before,
+        accuracy_after=out.after,
+        test_accuracy_after=out.test_after,
+        topup_steps=out.topup,
+        diverged=out.diverged,
         member_accuracy=member_acc,
-        meets_target=ok & ~out["diverged"],
+        meets_target=ok & ~out.diverged,
     )
+
+
+class _Retrained(NamedTuple):
+    """What ``retrain`` measures on a pool of units ``[m]`` (arrays may have padding rows
+    past ``m``): validation accuracy ``before`` and ``after`` (``float64``), ``test_after``,
+    ``topup`` steps (``int64``), ``diverged`` (``bool``), and ``member_accuracy``
+    (``float64[m, W]``)."""
+
+    before: np.ndarray
+    after: np.ndarray
+    test_after: np.ndarray
+    topup: np.ndarray
+    diverged: np.ndarray
+    member_accuracy: np.ndarray | None = None
 
 
 def _retrain_pool(
     ctx: population.Context,
-    pool: dict[str, np.ndarray],
+    policy: Verification,
+    pool: Units,
+    maps: np.ndarray,
+    m: int,
     size: int,
     keys: jax.Array,
     meter: Meter,
-) -> dict:
-    """One pool of ``m`` units, in chunks of ``size`` (the last one padded): retrain each chunk
-    for its budgets and evaluate it, then top up the pool's misses together and evaluate
-    every unit on the test set. Results have ``ceil(m / size) * size`` rows (padding last)."""
-    n = -(-len(pool["steps"]) // size) * size
+) -> tuple[_Retrained, train.PyTree]:
+    """One pool of ``m`` units, in chunks of ``size``: retrain each chunk for its budgets
+    and evaluate it, then top up the pool's misses together and evaluate every unit on the
+    test set.
+
+    Args:
+      pool: the pool's units, padded (``population.drive``) to a whole number of chunks.
+      maps: ``bool[len(pool), R, C]`` their fused maps.
+      m: the pool's real units (the rest is padding).
+
+    Returns:
+      ``(results, variables)``: results of ``ceil(m / size) * size`` rows (padding last;
+      no ``member_accuracy``), and the trained variables of those rows.
+    """
+    n = -(-m // size) * size  # the chunks that hold real units
     before, after = np.zeros(n), np.zeros(n)
     for lo in range(0, n, size):
-        maps, steps = population.pad_chunk(
-            pool["maps"][lo : lo + size], pool["steps"][lo : lo + size], size
+        steps = pool.steps[lo : lo + size]
+        part, part_masks = population.init_chunk(
+            ctx.trainer, ctx.variables, maps[lo : lo + size], steps
         )
-        part, part_masks = population.init_chunk(ctx.trainer, ctx.variables, maps, steps)
         before[lo : lo + size] = population.evaluate(ctx.trainer, part, part_masks, ctx.data)
         part = population.run_phase(
             ctx.trainer, part, part_masks, ctx.data, keys[0], steps, on_progress=meter
@@ -202,8 +264,9 @@ def _retrain_pool(
                 states, masks = population.zeros((part, part_masks), n)
             chips = np.arange(lo, lo + size)
             states, masks = population.put((states, masks), chips, (part, part_masks))
-    retrained = population.pad_chunk(pool["retrain"], pool["retrain"], n)[0]
-    states, after, topup = top_up(ctx, states, masks, after, retrained, keys[1], size)
+    states, after, topup = top_up(
+        ctx, policy, states, masks, after, pool.retrain[:n], keys[1], size
+    )
     test_after = np.concatenate(
         [
             population.evaluate(
@@ -212,18 +275,19 @@ def _retrain_pool(
             for lo in range(0, n, size)
         ]
     )
-    return dict(
+    out = _Retrained(
         before=before,
         after=after,
         test_after=test_after,
         topup=topup,
         diverged=sharding.to_host(states.diverged),
-        variables=states.variables,
     )
+    return out, states.variables
 
 
 def top_up(
     ctx: population.Context,
+    policy: Verification,
     states: train.ChipState,
     masks,
     after: np.ndarray,
@@ -231,13 +295,13 @@ def top_up(
     key: jax.Array,
     size: int | None = None,
 ) -> tuple[train.ChipState, np.ndarray, np.ndarray]:
-    """Tops up retrained chips below the target, ``ctx.topup_steps`` at a time.
+    """Tops up retrained chips below the decision target, ``policy.topup_steps`` at a time.
 
     Round ``r`` gives one increment to every chip still below the target, on the batches of
     ``fold_in(key, r)`` (a chip's top-ups do not depend on which chips it is pooled with),
     computed ``size`` chips at a time (the last batch a power-of-4 bucket, as in
     ``population.run_phase``). A chip stops at the first increment after which it meets the
-    target, when it has had ``ctx.max_topup_steps``, or when it diverges (more steps cannot
+    target, when it has had ``policy.max_topup_steps``, or when it diverges (more steps cannot
     help a frozen chip); after each increment only the chips just topped up are evaluated.
 
     Args:
@@ -253,14 +317,14 @@ def top_up(
     size = n if size is None else size
     topup = np.zeros(n, np.int64)
     after = np.array(after, np.float64)
-    missing = np.asarray(retrained, bool) & (after < ctx.target)
+    missing = np.asarray(retrained, bool) & (after < policy.decision_target)
     missing &= ~sharding.to_host(states.diverged)
     rnd = 0
-    while missing.any() and ctx.topup_steps > 0:
-        left = ctx.max_topup_steps - rnd * ctx.topup_steps
+    while missing.any() and policy.topup_steps > 0:
+        left = policy.max_topup_steps - rnd * policy.topup_steps
         if left <= 0:
             break
-        inc = min(ctx.topup_steps, left)
+        inc = min(policy.topup_steps, left)
         below = np.flatnonzero(missing)
         phase_key = jax.random.fold_in(key, rnd)
         for lo in range(0, len(below), size):
@@ -268,7 +332,7 @@ def top_up(
             states, acc, diverged = _top_up_once(ctx, states, masks, ids, inc, size, phase_key)
             topup[ids] += inc
             after[ids] = acc
-            missing[ids] &= (acc < ctx.target) & ~diverged
+            missing[ids] &= (acc < policy.decision_target) & ~diverged
         rnd += 1
     return states, after, topup
 
@@ -316,7 +380,7 @@ def _verify_members(
     unit, slot = np.nonzero(((members >= 0).sum(1) > 1)[:, None] & (members >= 0))
     for lo in range(0, len(unit), size):
         u, j = unit[lo : lo + size], slot[lo : lo + size]
-        maps, idx = population.pad_chunk(chip_maps[members[u, j]], u, size)
+        maps, idx = population.pad((chip_maps[members[u, j]], u), size)
         maps = sharding.shard_chips(jnp.asarray(maps))
         masks = population.population_masks(ctx.variables["params"], maps)
         acc = ctx.trainer.evaluate(population.take(variables, idx), masks, *ctx.data.split("val"))

@@ -1,5 +1,7 @@
 """Chunked population retraining: compaction of finished chips changes nothing but the work."""
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 import pytest
@@ -17,10 +19,24 @@ def test_bucket_size(n, cap, expected):
     assert population.bucket_size(n, cap) == expected
 
 
-def test_pad_chunk():
+class _Chips(NamedTuple):
+    chip: np.ndarray
+    rate: np.ndarray
+
+
+class _Out(NamedTuple):
+    value: np.ndarray
+    flag: np.ndarray
+    rate: np.ndarray
+    extra: np.ndarray | None = None
+
+
+def test_pad_pads_every_array_with_zeros_and_keeps_none():
     maps = np.ones((3, 2, 2), bool)
-    pm, pb = population.pad_chunk(maps, np.array([5, 6, 7]), 5)
-    assert pm.shape == (5, 2, 2) and not pm[3:].any() and pb.tolist() == [5, 6, 7, 0, 0]
+    padded = population.pad(_Out(maps, np.array([5, 6, 7]), np.ones(3, np.float32)), 5)
+    assert padded.value.shape == (5, 2, 2) and padded.value[:3].all()
+    assert not padded.value[3:].any() and padded.flag.tolist() == [5, 6, 7, 0, 0]
+    assert padded.rate.dtype == np.float32 and padded.extra is None
 
 
 def test_compacted_phase_equals_gated_phase(digits_device, tiny_mlp, tiny_mlp_variables):
@@ -67,30 +83,31 @@ def test_phase_from_nonzero_start_continues_the_batch_order(
 def _compute(calls):
     """A chunk function recording its calls: value = 10 * chip id, flag = even id."""
 
-    def compute(ids, chunk):
-        calls.append((ids.tolist(), chunk["chip"].tolist()))
-        return dict(value=chunk["chip"] * 10, flag=chunk["chip"] % 2 == 0, rate=chunk["rate"])
+    def compute(ids, chunk: _Chips) -> _Out:
+        calls.append((ids.tolist(), chunk.chip.tolist()))
+        return _Out(value=chunk.chip * 10, flag=chunk.chip % 2 == 0, rate=chunk.rate)
 
     return compute
 
 
 def test_drive_orders_pads_and_scatters_back_by_chip_id():
     order = np.array([4, 0, 3, 1, 2])  # processing order
-    inputs = dict(chip=np.arange(5), rate=np.array([0.5, np.inf, np.nan, 0.1, 0.2]))
+    inputs = _Chips(chip=np.arange(5), rate=np.array([0.5, np.inf, np.nan, 0.1, 0.2]))
     calls = []
-    out = population.drive(inputs, _compute(calls), 2, order)
+    out = population.drive(inputs, _compute(calls), _Out, 2, order)
     # Chunks of 2 in processing order; the last one padded with zeros to the chunk size.
     assert calls == [([4, 0], [4, 0]), ([3, 1], [3, 1]), ([2], [2, 0])]
-    assert out["value"].tolist() == [0, 10, 20, 30, 40]
-    assert out["flag"].dtype == bool and out["flag"].tolist() == [True, False, True, False, True]
-    np.testing.assert_array_equal(out["rate"], inputs["rate"])
+    assert isinstance(out, _Out) and out.extra is None
+    assert out.value.tolist() == [0, 10, 20, 30, 40]
+    assert out.flag.dtype == bool and out.flag.tolist() == [True, False, True, False, True]
+    np.testing.assert_array_equal(out.rate, inputs.rate)
 
 
 def test_resumed_drive_computes_only_the_missing_chunks(tmp_path):
     """A reopened store hands back the saved chunks (arrays, NaN and inf kept), and the
     driver computes only the chunks that are missing."""
     workdir = str(tmp_path)
-    inputs = dict(chip=np.arange(5), rate=np.array([0.5, np.inf, np.nan, 0.1, 0.2]))
+    inputs = _Chips(chip=np.arange(5), rate=np.array([0.5, np.inf, np.nan, 0.1, 0.2]))
     first = []
 
     def interrupted(ids, chunk):
@@ -100,28 +117,33 @@ def test_resumed_drive_computes_only_the_missing_chunks(tmp_path):
 
     store = progress.ProgressStore(workdir, dict(a=1), overwrite=False)
     with pytest.raises(KeyboardInterrupt):
-        population.drive(inputs, interrupted, 2, store=store, stage="s")
+        population.drive(inputs, interrupted, _Out, 2, store=store, stage="s")
     reopened = progress.ProgressStore(workdir, dict(a=1), overwrite=False)
-    saved = reopened.done("s")
+    saved = reopened.done("s", _Out)
     assert sorted(saved) == [0, 1]
-    assert saved[0]["value"].tolist() == [0, 10] and saved[0]["flag"].dtype == bool
-    np.testing.assert_array_equal(saved[0]["rate"], [0.5, np.inf])
-    np.testing.assert_array_equal(saved[1]["rate"], [np.nan, 0.1])
+    assert saved[0].value.tolist() == [0, 10] and saved[0].flag.dtype == bool
+    assert saved[0].extra is None  # a field computed as None is read back as None
+    np.testing.assert_array_equal(saved[0].rate, [0.5, np.inf])
+    np.testing.assert_array_equal(saved[1].rate, [np.nan, 0.1])
     second = []
-    out = population.drive(inputs, _compute(second), 2, store=reopened, stage="s")
+    out = population.drive(inputs, _compute(second), _Out, 2, store=reopened, stage="s")
     assert [ids for ids, _ in second] == [[4]]  # only the missing chunk
-    assert out["value"].tolist() == [0, 10, 20, 30, 40]
-    np.testing.assert_array_equal(out["rate"], inputs["rate"])
-    assert sorted(progress.ProgressStore(workdir, dict(a=1), False).done("s")) == [0, 1, 2]
+    assert out.value.tolist() == [0, 10, 20, 30, 40]
+    np.testing.assert_array_equal(out.rate, inputs.rate)
+    assert sorted(progress.ProgressStore(workdir, dict(a=1), False).done("s", _Out)) == [0, 1, 2]
+
+
+class _X(NamedTuple):
+    x: np.ndarray
 
 
 def test_progress_store_refuses_other_settings(tmp_path):
     store = progress.ProgressStore(str(tmp_path), dict(a=1, b=2), overwrite=False)
-    store.put("s", 0, dict(x=np.zeros(2)))
+    store.put("s", 0, _X(np.zeros(2)))
     with pytest.raises(ConfigError, match="differs in: b"):
         progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=False)
     fresh = progress.ProgressStore(str(tmp_path), dict(a=1, b=3), overwrite=True)
-    assert fresh.done("s") == {}
+    assert fresh.done("s", _X) == {}
 
 
 def test_meter_counts_resumed_work_as_done_but_not_in_the_rate(monkeypatch, caplog):
@@ -138,9 +160,11 @@ def test_meter_counts_resumed_work_as_done_but_not_in_the_rate(monkeypatch, capl
 
 def test_progress_store_resumes_across_settings_that_do_not_change_results(tmp_path):
     saved = dict(a=1, workdir="x", summary_chips=True)
-    progress.ProgressStore(str(tmp_path), saved, overwrite=False).put("s", 0, dict(x=np.ones(2)))
+    progress.ProgressStore(str(tmp_path), saved, overwrite=False).put("s", 0, _X(np.ones(2)))
     other = dict(a=1, workdir="y", summary_chips=False)
-    assert sorted(progress.ProgressStore(str(tmp_path), other, overwrite=False).done("s")) == [0]
+    assert sorted(progress.ProgressStore(str(tmp_path), other, overwrite=False).done("s", _X)) == [
+        0
+    ]
 
 
 def test_evaluating_some_chips_equals_evaluating_all(digits, tiny_mlp, tiny_mlp_variables):

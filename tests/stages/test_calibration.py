@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from reduce_jax.engine import population
-from reduce_jax.stages import calibration, resilience
+from reduce_jax.stages import calibration, resilience, retraining
 
 STEPS = np.array([0, 2, 4, 6, 8, 10, 12])
 
@@ -27,8 +26,8 @@ def test_reduce_totals_add_the_top_ups_each_chip_needs():
     np.testing.assert_array_equal(met, [False, False, True, False])
 
 
-def _context(topup=2, cap=4):
-    return population.Context(None, None, None, 0.9, 10, 8, topup, cap)
+def _policy(topup=2, cap=4):
+    return retraining.Verification(0.9, 0.9, topup, cap)
 
 
 def _analysis(curves_per_rate):
@@ -53,7 +52,9 @@ def test_choose_prefers_a_looser_statistic_when_one_chip_drives_min():
     analysis = _analysis([slow(0, 0), slow(2, 6), slow(4, 8), slow(6, 10), slow(8, 12)])
     rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4])[:, None], 4, 1)
     grid = rates[:, 0]
-    choice = calibration.choose(_context(), analysis, rates, grid, interpolations=("conservative",))
+    choice = calibration.choose(
+        _policy(), 10, analysis, rates, grid, interpolations=("conservative",)
+    )
     by = {c["statistic"]: c for c in choice.scores}
     assert by["quantile:0.5"]["total_epochs"] < by["min"]["total_epochs"]
     assert by["quantile:0.5"]["missed"] == by["min"]["missed"] == 0
@@ -66,7 +67,7 @@ def test_choose_keeps_min_when_a_looser_statistic_would_miss():
     slow = lambda a, b: [_curve(a), _curve(a), _curve(a), _curve(b)]  # noqa: E731
     analysis = _analysis([slow(0, 0), slow(2, 8), slow(4, 10), slow(6, 12), slow(8, 12)])
     rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4])[:, None], 4, 1)
-    choice = calibration.choose(_context(topup=2, cap=0), analysis, rates, rates[:, 0])
+    choice = calibration.choose(_policy(topup=2, cap=0), 10, analysis, rates, rates[:, 0])
     assert (choice.statistic, choice.interpolation)[0] == "min"
     missed = {(c["statistic"], c["interpolation"]): c["missed"] for c in choice.scores}
     assert missed[("quantile:0.5", "conservative")] > missed[("min", "conservative")]
@@ -81,7 +82,7 @@ def test_choose_takes_an_upper_quantile_when_fine_top_ups_serve_the_slow_chips()
     analysis = _analysis([fast(0), fast(2), fast(4), fast(6), fast(8)])
     rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4])[:, None], 4, 1)
     choice = calibration.choose(
-        _context(topup=2, cap=4), analysis, rates, rates[:, 0], interpolations=("conservative",)
+        _policy(topup=2, cap=4), 10, analysis, rates, rates[:, 0], interpolations=("conservative",)
     )
     by = {c["statistic"]: c for c in choice.scores}
     assert by["quantile:0.75"]["missed"] == by["quantile:0.5"]["missed"] == 0

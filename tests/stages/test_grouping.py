@@ -205,7 +205,7 @@ def run_grouped_with(monkeypatch, groups, group_outcome, per_chip, num_chips):
     """``grouping.run_grouped`` with the groups' retraining replaced by ``group_outcome``."""
     calls = []
 
-    def retrain(ctx, units, chip_maps, key, store=None, stage="retrain"):
+    def retrain(ctx, policy, units, chip_maps, key, store=None, stage="retrain"):
         calls.append((units.members.tolist(), units.steps.tolist(), stage))
         return group_outcome
 
@@ -213,7 +213,7 @@ def run_grouped_with(monkeypatch, groups, group_outcome, per_chip, num_chips):
     plan = grouping.GroupPlan(groups, np.array([6, 5][: len(groups)]))
     maps = np.zeros((num_chips, ROWS, COLS), bool)
     rmap = resilience.ResilienceMap({"pe": W_PE}, {}, "pe", None, None, None, None, None)
-    out = grouping.run_grouped(None, maps, plan, per_chip, rmap, None)
+    out = grouping.run_grouped(None, None, maps, plan, per_chip, rmap, None)
     return out, calls
 
 

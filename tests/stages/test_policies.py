@@ -105,7 +105,7 @@ def test_break_even_against_adaptive_is_the_least_population_that_pays(
 def test_measured_compute_matches_the_model_arithmetic(tiny_mlp, tiny_mlp_variables, digits_device):
     """MLP 64-16-10: a forward pass is about 2 * (64*16 + 16*10) flops per image."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 1e-3), 32)
-    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 0.9, 41, 8, 1, 4)
+    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 41, 8)
     c = policies.measure_compute(ctx, 32, 100)
     forward = 2 * (64 * 16 + 16 * 10)
     n_val = 200  # 144 images, in two batches of 100
@@ -120,7 +120,7 @@ def test_a_chip_stopped_where_adaptive_stops_equals_its_trajectory(
     """The trajectory stands in for every policy because a chip's trajectory does not depend
     on when it is stopped: retraining it alone to a point gives the trajectory's accuracy."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
-    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 0.9, 41, 4, 3, 12)
+    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 41, 4)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(5), 3, 8, 8, 0.3))
     key = jax.random.key(9)
     traj = policies.run_trajectory(ctx, maps, np.array([0, 3, 6, 9]) / 41, key)
@@ -143,17 +143,17 @@ def test_a_validation_margin_raises_what_decisions_require_and_not_the_test_targ
         cfg = small_run_config(str(tmp_path / f"m{margin}"), validation_margin=margin)
         runs[margin] = pipeline.run(cfg)
     plain, strict = runs[0.0], runs[0.03]
-    assert strict.target == plain.target and plain.validation_target == plain.target
-    assert strict.validation_target == pytest.approx(strict.target + 0.03)
+    assert strict.test_target == plain.test_target and plain.decision_target == plain.test_target
+    assert strict.decision_target == pytest.approx(strict.test_target + 0.03)
     np.testing.assert_array_equal(strict.analysis.accuracy, plain.analysis.accuracy)
     assert np.all(strict.rmap.required_steps >= plain.rmap.required_steps)
     served = strict.assignment.ok & plain.assignment.ok
     assert np.all(strict.assignment.steps[served] >= plain.assignment.steps[served])
     ch = strict.chips
     ok = ch.status == "ok"
-    assert np.all(ch.accuracy_after[ok] >= strict.validation_target)
-    assert np.array_equal(ch.meets_target, (ch.accuracy_after >= strict.validation_target))
-    assert np.array_equal(ch.meets_target_test, (ch.test_accuracy_after >= strict.target))
+    assert np.all(ch.accuracy_after[ok] >= strict.decision_target)
+    assert np.array_equal(ch.meets_target, (ch.accuracy_after >= strict.decision_target))
+    assert np.array_equal(ch.meets_target_test, (ch.test_accuracy_after >= strict.test_target))
     # Adaptive follows each chip's same trajectory and stops no earlier with the margin.
     adaptive = {m: r.policies.policies["adaptive"] for m, r in runs.items()}
     assert adaptive[0.03].train_steps >= adaptive[0.0].train_steps

@@ -54,11 +54,12 @@ def test_top_ups_stop_at_the_first_increment_that_meets_the_target(monkeypatch, 
         budget=jnp.zeros(n, jnp.int32),
         diverged=jnp.zeros(n, bool),
     )
-    ctx = population.Context(None, None, None, 0.9, 10, n, topup_steps=2, max_topup_steps=7)
+    ctx = population.Context(None, None, None, 10, n)
+    policy = retraining.Verification(0.9, 0.9, topup_steps=2, max_topup_steps=7)
     after = np.array([0.5, 0.5, 0.5, 0.95, 0.5, 0.5])
     retrained = np.array([True, True, True, True, False, True])
     key = jax.random.key(0)
-    states, after, topup = retraining.top_up(ctx, states, None, after, retrained, key, size)
+    states, after, topup = retraining.top_up(ctx, policy, states, None, after, retrained, key, size)
     assert runs == calls
     assert topup.tolist() == [2, 6, 7, 0, 0, 2]
     assert after.tolist() == [0.95, 0.95, 0.5, 0.95, 0.5, 0.5]
@@ -95,9 +96,12 @@ def test_top_ups_of_a_trained_chip_stop_once_it_meets_the_target(
     maps, acc = _topup_setup(trainer, tiny_mlp_variables, data, 3, inc)
     assert acc[2] > acc[1] > acc[0], acc  # training helps, so a target fits in between
     for target, rounds in [((acc[1] + acc[2]) / 2, 2), ((acc[0] + acc[1]) / 2, 1), (1.01, 3)]:
-        ctx = population.Context(trainer, tiny_mlp_variables, data, target, 45, 1, inc, 3 * inc)
+        ctx = population.Context(trainer, tiny_mlp_variables, data, 45, 1)
+        policy = retraining.Verification(target, target, inc, 3 * inc)
         states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, np.zeros(1))
-        states, after, topup = retraining.top_up(ctx, states, masks, acc[:1], np.array([True]), KEY)
+        states, after, topup = retraining.top_up(
+            ctx, policy, states, masks, acc[:1], np.array([True]), KEY
+        )
         assert topup.tolist() == [rounds * inc], (target, acc)
         np.testing.assert_allclose(after, acc[rounds], atol=1e-9)
         np.testing.assert_array_equal(states.step, rounds * inc)
@@ -109,11 +113,12 @@ def test_retrain_evaluates_chips_without_steps_once(digits, tiny_mlp, tiny_mlp_v
     data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(8), 5, 8, 8, 0.3))
-    ctx = population.Context(trainer, tiny_mlp_variables, data, 0.0, 45, 5, 4, 0)
+    ctx = population.Context(trainer, tiny_mlp_variables, data, 45, 5)
+    policy = retraining.Verification(0.0, 0.0, 4, 0)
     steps = np.array([0, 6, 0, 3, 6])
     retrain = np.array([True, True, False, True, True])
-    units = retraining.Units.of_groups(maps, [[i] for i in range(5)], steps, retrain)
-    out = retraining.retrain(ctx, units, maps, KEY)
+    units = retraining.Units.of_groups([[i] for i in range(5)], steps, retrain)
+    out = retraining.retrain(ctx, policy, units, maps, KEY)
     idle = units.steps == 0
     np.testing.assert_array_equal(out.accuracy_after[idle], out.accuracy_before[idle])
     states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps, units.steps)
@@ -131,16 +136,29 @@ def test_pooled_top_ups_equal_top_ups_chunk_by_chunk(digits, tiny_mlp, tiny_mlp_
     data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(9), 6, 8, 8, 0.3))
-    units = retraining.Units.of_groups(maps, [[i] for i in range(6)], np.full(6, 2), True)
+    units = retraining.Units.of_groups([[i] for i in range(6)], np.full(6, 2), True)
 
     def run(target, pool):
-        ctx = population.Context(trainer, tiny_mlp_variables, data, target, 45, 2, 2, 8, pool)
-        return retraining.retrain(ctx, units, maps, KEY)
+        ctx = population.Context(trainer, tiny_mlp_variables, data, 45, 2)
+        policy = retraining.Verification(target, target, 2, 8, pool)
+        return retraining.retrain(ctx, policy, units, maps, KEY)
 
     # A target between the chips' accuracies after their 2 steps: some need top-ups.
     target = float(np.median(run(0.0, 1).accuracy_after)) + 1e-9
-    chunked, pooled = run(target, 1), run(target, 3)
+    chunked = run(target, 1)
     assert 0 < (chunked.topup_steps > 0).sum() < 6, chunked.topup_steps
-    np.testing.assert_array_equal(pooled.topup_steps, chunked.topup_steps)
-    np.testing.assert_array_equal(pooled.accuracy_after, chunked.accuracy_after)
-    np.testing.assert_array_equal(pooled.test_accuracy_after, chunked.test_accuracy_after)
+    # One pool of 3 chunks; pools of 2 chunks (the second one padded to whole chunks).
+    for pooled in (run(target, 3), run(target, 2)):
+        np.testing.assert_array_equal(pooled.topup_steps, chunked.topup_steps)
+        np.testing.assert_array_equal(pooled.accuracy_after, chunked.accuracy_after)
+        np.testing.assert_array_equal(pooled.test_accuracy_after, chunked.test_accuracy_after)
+
+
+def test_fused_maps_are_the_union_of_the_members_maps():
+    chip_maps = np.zeros((3, 2, 2), bool)
+    chip_maps[0, 0, 0] = chip_maps[1, 1, 1] = chip_maps[2, 0, 1] = True
+    members = np.array([[0, 1], [2, -1], [-1, -1]])
+    fused = retraining.fused_maps(chip_maps, members)
+    np.testing.assert_array_equal(fused[0], chip_maps[0] | chip_maps[1])
+    np.testing.assert_array_equal(fused[1], chip_maps[2])
+    assert not fused[2].any()  # no members: fault-free (a padding unit)
