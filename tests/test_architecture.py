@@ -206,3 +206,9 @@ def test_import_reduce_jax_is_light():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"orbax": False, "matplotlib": False}
+
+
+if __name__ == "__main__":  # prints the import graph, one module a line
+    for _module, _deps in sorted(GRAPH.items()):
+        _short = sorted(d.removeprefix(PACKAGE + ".") for d in _deps)
+        print(f"{_module.removeprefix(PACKAGE + '.') or PACKAGE} -> {', '.join(_short)}")

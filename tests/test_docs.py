@@ -192,3 +192,39 @@ def test_a_save_that_does_not_wait_is_caught(tmp_path):
     except Exception:  # caught: the failure is seen, or the checkpoint does not restore
         return
     pytest.skip("orbax finished the save before the interpreter shut down: nothing was lost")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_and_paths_point_to_what_exists():
+    """Every relative link (and its #anchor) of README.md and docs/ names a file (a heading)
+    that exists, and every module, test or benchmark path the text names is there."""
+    missing = []
+    for page in PAGES:
+        with open(os.path.join(ROOT, page)) as f:
+            text = f.read()
+        folder = os.path.dirname(os.path.join(ROOT, page))
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            full = (
+                os.path.normpath(os.path.join(folder, path)) if path else os.path.join(ROOT, page)
+            )
+            if not os.path.exists(full):
+                missing.append(f"{page}: link {target}")
+            elif anchor and full.endswith(".md"):
+                with open(full) as f:
+                    slugs = {_slug(h) for h in re.findall(r"^#+ (.*)$", f.read(), flags=re.M)}
+                if anchor not in slugs:
+                    missing.append(f"{page}: anchor {target}")
+        for path in re.findall(
+            r"\b((?:reduce_jax|tests|benchmarks|experiments)/[\w/.]+\.\w+)", text
+        ):
+            if not os.path.exists(os.path.join(ROOT, path)):
+                missing.append(f"{page}: path {path}")
+    assert not missing, missing
