@@ -135,7 +135,7 @@ def run_phase(
     data: DeviceData,
     phase_key: jax.Array,
     phase_steps: np.ndarray,
-    on_progress=None,
+    on_progress: Callable[[int], None] | None = None,
     start: int = 0,
 ) -> train.ChipState:
     """Runs chip ``i`` for ``phase_steps[i]`` steps of a phase, from the phase's step ``start``.
@@ -201,7 +201,7 @@ def evaluate(
     split: str = "val",
     ids: np.ndarray | None = None,
     size: int | None = None,
-):
+) -> np.ndarray:
     """Accuracy ``float64[chips]`` (numpy) of every chip on the ``val`` or ``test`` split, or
     ``float64[len(ids)]`` of chips ``ids`` only (computed on a power-of-4 bucket of them, as
     ``run_phase`` does, so a few chips cost a few chips' evaluations, not the chunk's; at

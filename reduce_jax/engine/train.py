@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
@@ -111,12 +112,12 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
-def epochs_to_steps(epochs, spe: int):
+def epochs_to_steps(epochs: float | np.ndarray, spe: int) -> np.ndarray:
     """``ceil(epochs * steps_per_epoch)``, elementwise for arrays (numpy or python)."""
     return np.ceil(np.round(np.asarray(epochs, np.float64) * spe, 9)).astype(np.int64)
 
 
-def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch_size: int):
+def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
     """Indices ``int32[batch_size]`` of the batch at ``step`` of a phase.
 
     Every epoch is a fresh permutation (``fold_in(key, epoch)``); the last batch of an epoch
@@ -230,14 +231,35 @@ def chip_correct(
     return jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
 
 
-class Trainer(NamedTuple):
-    """Jitted functions of one model and optimizer (see ``make_trainer``)."""
+# The jitted functions of a ``Trainer`` (``make_trainer`` documents each one).
+Masks = PyTree  # 0/1 masks shaped like ``params`` (with a leading ``chips`` axis for many chips)
+InitPopulation = Callable[[PyTree, Masks, jax.Array], ChipState]
+Step = Callable[[ChipState, Masks, jax.Array, jax.Array], tuple[ChipState, jax.Array]]
+Run = Callable[
+    [ChipState, Masks, jax.Array, jax.Array, jax.Array, int | jax.Array, int | jax.Array],
+    ChipState,
+]
+Evaluate = Callable[[PyTree, Masks, jax.Array, jax.Array], jax.Array]
 
-    init_population: Any
-    step: Any
-    population_step: Any
-    run: Any
-    evaluate: Any
+
+class Trainer(NamedTuple):
+    """Jitted functions of one model and optimizer (see ``make_trainer``).
+
+    Attributes:
+      init_population: ``(variables, masks[chips], budgets int32[chips]) -> ChipState[chips]``.
+      step: ``(state, mask, images, labels) -> (state, loss)``: one chip, one step.
+      population_step: the same over ``[chips]`` (``loss float32[chips]``).
+      run: ``(states, masks, train_images, train_labels, phase_key, start, num_steps) ->
+        states``: phase steps ``start .. start + num_steps - 1``; donates ``states``.
+      evaluate: ``(variables[chips], masks[chips], images, labels) -> float32[chips]``.
+      tx: the retraining optimizer.
+    """
+
+    init_population: InitPopulation
+    step: Step
+    population_step: Step
+    run: Run
+    evaluate: Evaluate
     tx: optax.GradientTransformation
 
 
@@ -277,10 +299,18 @@ def make_trainer(
     step = functools.partial(chip_step, model, tx)
     population_step = over_chips(step, chip_batching)
 
-    def init_population(variables, masks, budgets):
+    def init_population(variables: PyTree, masks: Masks, budgets: jax.Array) -> ChipState:
         return jax.vmap(lambda m, b: init_chip(variables, m, tx, b))(masks, budgets)
 
-    def run(states, masks, images, labels, phase_key, start, num_steps):
+    def run(
+        states: ChipState,
+        masks: Masks,
+        images: jax.Array,
+        labels: jax.Array,
+        phase_key: jax.Array,
+        start: int | jax.Array,
+        num_steps: int | jax.Array,
+    ) -> ChipState:
         def body(t, states):
             idx = batch_indices(phase_key, t, images.shape[0], batch_size)
             batch = images[idx]
@@ -291,7 +321,7 @@ def make_trainer(
 
         return jax.lax.fori_loop(start, start + num_steps, body, states)
 
-    def evaluate(variables, masks, images, labels):
+    def evaluate(variables: PyTree, masks: Masks, images: jax.Array, labels: jax.Array):
         n = images.shape[0]
         bs = min(eval_batch_size, n)
         num_batches = -(-n // bs)
@@ -322,7 +352,7 @@ def make_trainer(
     )
 
 
-def over_chips(fn, chip_batching: str = "vmap"):
+def over_chips(fn: Callable[..., Any], chip_batching: str = "vmap") -> Callable[..., Any]:
     """``fn(chip_a, chip_b, x, y)`` of one chip -> the same over a leading ``chips`` axis of
     its first two arguments (``x`` and ``y`` are shared by every chip).
 
