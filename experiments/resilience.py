@@ -4,11 +4,12 @@
 
 Flags are validated before any compute; a bad value exits with a one-line message (exit code
 2). SIGTERM or SIGINT (Ctrl-C) stops the run with exit code 130; rerunning the same command
-resumes from the finished work saved in --workdir.
+resumes from the finished work saved in --workdir (the message says whether any was saved).
 """
 
 from __future__ import annotations
 
+import glob
 import logging as py_logging
 import os
 import signal
@@ -58,6 +59,30 @@ OVERWRITE = flags.DEFINE_boolean(
 # at INFO; on a machine without that platform this is noise. Its warnings still show.
 _QUIET_LOGGERS = ("jax._src.xla_bridge",)
 EXIT_INTERRUPTED = 130
+# Files whose presence in a workdir means finished work a rerun resumes from.
+_SAVED_WORK = ("progress.json", "baseline.json")
+# absl's help flags (they exit with code 1; asking for help is no error).
+_HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _saved_work(workdir: str) -> bool:
+    """Whether ``workdir`` (or a seed's directory in it) holds finished work to resume."""
+    dirs = [workdir, *glob.glob(os.path.join(glob.escape(workdir), "seed_*"))]
+    return any(os.path.isfile(os.path.join(d, n)) for d in dirs for n in _SAVED_WORK)
+
+
+def _stop_hint(signum: int, workdir: str | None) -> str:
+    """What a stop leaves: saved work to resume from, or nothing yet."""
+    name = signal.Signals(signum).name
+    if workdir and _saved_work(workdir):
+        return (
+            f"interrupted ({name}); finished work is saved in {workdir}: run the same command "
+            "to resume"
+        )
+    where = f" in {workdir}" if workdir else ""
+    return (
+        f"interrupted ({name}) before any work was saved{where}: run the same command to start over"
+    )
 
 
 def _stop(signum: int, frame) -> None:
@@ -75,9 +100,7 @@ def _stop(signum: int, frame) -> None:
             stream.flush()
         except (OSError, RuntimeError, ValueError):  # e.g. the signal came inside a write
             pass
-    workdir = flags.FLAGS["workdir"].value
-    saved = f"; finished work is saved in {workdir}" if workdir else ""
-    hint = f"interrupted ({signal.Signals(signum).name}){saved}: run the same command to resume\n"
+    hint = _stop_hint(signum, flags.FLAGS["workdir"].value) + "\n"
     try:
         os.write(2, hint.encode())
     except OSError:
@@ -196,13 +219,65 @@ def _end_process(e: Exception) -> None:
     os._exit(code)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with a one-line message and exit code 2 for a bad or unknown flag."""
+def _flagfile_lines(path: str, stack: tuple[str, ...] = ()) -> None:
+    """Checks that ``path`` (and the flagfiles it includes) holds flags only, as absl reads
+    it: blank lines, comments (``#``, ``//``) and one ``--flag=value`` per line.
+
+    Raises:
+      ConfigError: naming the file and its first line that is not a flag. A file that
+        cannot be opened is left to absl's own message.
+    """
+    if path in stack:
+        return
     try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    except UnicodeDecodeError:
+        raise config_lib.ConfigError(
+            f"--flagfile={path} is not a flagfile (not text); a flagfile holds one "
+            "--flag=value per line, and # comments"
+        ) from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith(("#", "//")):
+            continue
+        text = line.strip()
+        if not text.startswith("-"):
+            raise config_lib.ConfigError(
+                f"--flagfile={path} is not a flagfile: line {number} ({text[:40]!r}) is not a "
+                "flag; a flagfile holds one --flag=value per line, and # comments"
+            )
+        for prefix in ("--flagfile=", "-flagfile="):
+            if text.startswith(prefix):
+                _flagfile_lines(text[len(prefix) :], (*stack, path))
+
+
+def _check_flagfiles(argv: list[str]) -> None:
+    """Every ``--flagfile`` on the command line is a flagfile (``_flagfile_lines``)."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        for prefix in ("--flagfile=", "-flagfile="):
+            if arg.startswith(prefix):
+                _flagfile_lines(arg[len(prefix) :])
+        if arg in ("--flagfile", "-flagfile") and i + 1 < len(argv):
+            _flagfile_lines(argv[i + 1])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a one-line message and exit code 2 for a bad or unknown flag or a
+    file that is not a flagfile; ``--help`` exits with code 0."""
+    try:
+        _check_flagfiles(argv)
         return flags.FLAGS(argv)
-    except flags.Error as e:
+    except (flags.Error, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:  # absl's --help prints the help, then exits with code 1
+        if e.code == 1 and any(a in _HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 if __name__ == "__main__":

@@ -48,9 +48,10 @@ class ReduceConfig:
     dataset: str = _setting("mnist5k", f"Dataset: {_choices(data_lib.DATASETS)}.")
     data_dir: str | None = _setting(
         None,
-        "Folder with the dataset files (mnist: IDX files; cifar10/cifar100: the archive); "
-        "npz: the .npz file (x_train, y_train, x_test, y_test; NHWC uint8 or float images, "
-        "integer labels).",
+        "Folder with the dataset files (mnist: IDX files; cifar10/cifar100: the archive; "
+        "refused for mnist5k and digits, which read none); npz: the .npz file (x_train, "
+        "y_train, x_test, y_test, and optionally your own validation split x_val, y_val; "
+        "uint8 or float images [N, H, W, C] or [N, H, W], integer labels).",
     )
     validation_fraction: float = _setting(
         0.1,
@@ -67,7 +68,9 @@ class ReduceConfig:
     init_checkpoint: str | None = _setting(
         None,
         "Orbax checkpoint of the trained model's variables (like a run's baseline/): the "
-        "baseline is measured, not trained.",
+        "baseline is measured, not trained (refused at chance accuracy). Weights trained on "
+        "the training set read high on a split held out of it: give --dataset=npz with "
+        "x_val, y_val.",
     )
     array_rows: int = _setting(16, "Rows R of the systolic array (PEs).")
     array_cols: int = _setting(16, "Columns C of the systolic array (PEs).")
@@ -170,7 +173,9 @@ class ReduceConfig:
         0.25, "Top-up increment (epochs) for a retrained chip still below the target (> 0)."
     )
     max_topup_epochs: float = _setting(1.0, "Most top-up epochs per chip (>= 0; 0 = no top-up).")
-    batch_size: int = _setting(128, "Training batch size (baseline and retraining).")
+    batch_size: int = _setting(
+        128, "Training batch size (baseline and retraining), at most the training split."
+    )
     augment: str = _setting(
         "auto",
         f"Random crop (pad {augment_lib.PAD}) and horizontal flip of training batches, the "

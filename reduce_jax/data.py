@@ -9,10 +9,11 @@ Supported names (``DATASETS``):
 * ``cifar10`` / ``cifar100``: the python-version archives (``.tar.gz``) or their extracted
   folders in ``data_dir``.
 * ``npz``: your own arrays, one ``.npz`` file (``data_dir`` is its path) holding ``x_train``,
-  ``y_train``, ``x_test``, ``y_test`` (``Dataset.from_arrays``).
+  ``y_train``, ``x_test``, ``y_test`` and optionally your own validation split ``x_val``,
+  ``y_val`` (``Dataset.from_arrays``).
 
 A ``Dataset`` can also be built from arrays in memory: ``Dataset.from_arrays(x_train, y_train,
-x_test, y_test)``.
+x_test, y_test, x_val=..., y_val=...)`` (the validation split is optional).
 
 Every problem with the inputs raises ``DatasetError`` with a one-line message that names the
 dataset or file and what was expected. Nothing is downloaded at run time.
@@ -34,6 +35,13 @@ import numpy as np
 
 DATASETS = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "npz")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_VAL_KEYS = ("x_val", "y_val")  # optional: the user's own validation split
+# Images ``Dataset.from_arrays`` takes (and an npz file may hold), for messages.
+IMAGES_ALLOWED = (
+    "uint8 (scaled to [0, 1]) or float images [N, H, W, C], or [N, H, W] (one channel added)"
+)
+# Datasets that ship with their Python package: no files, so no --data_dir.
+PACKAGED = ("mnist5k", "digits")
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -99,14 +107,27 @@ class Dataset:
 
     @classmethod
     def from_arrays(
-        cls, x_train, y_train, x_test, y_test, *, num_classes: int | None = None, name="arrays"
+        cls,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        *,
+        x_val=None,
+        y_val=None,
+        num_classes: int | None = None,
+        name="arrays",
     ) -> Dataset:
-        """A dataset from NHWC images and integer labels.
+        """A dataset from images and integer labels, optionally with its validation split.
 
         Args:
-            x_train, x_test: images ``[N, H, W, C]``: uint8 (scaled to [0, 1]) or float
-                (kept as they are, as float32).
+            x_train, x_test: images ``[N, H, W, C]`` or ``[N, H, W]`` (a channel axis of 1
+                is added): uint8 (scaled to [0, 1]) or float (kept as they are, as float32).
             y_train, y_test: integer labels ``[N]`` in ``[0, num_classes)``.
+            x_val, y_val: your own validation split (images and labels as above), on which
+                every decision of a run is taken; without them a run holds
+                ``--validation_fraction`` of ``x_train`` out. Give them when the weights you
+                pass were trained on ``x_train``: a split drawn from it reads too high.
             num_classes: default: the largest label + 1.
             name: recorded in the run's outputs.
 
@@ -116,16 +137,23 @@ class Dataset:
         Raises:
             DatasetError: naming the array (``x_train``, ...) and what is expected.
         """
+        if (x_val is None) != (y_val is None):
+            raise DatasetError("give both x_val and y_val (your validation split) or neither")
         arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+        if x_val is not None:
+            arrays.update(x_val=x_val, y_val=y_val)
         arrays = {
             k: _as_images(k, v) if k[0] == "x" else _as_labels(k, v) for k, v in arrays.items()
         }
         if num_classes is None:
             num_classes = 1 + max(
-                (int(arrays[k].max()) for k in ("y_train", "y_test") if arrays[k].size), default=0
+                (int(v.max()) for k, v in arrays.items() if k[0] == "y" and v.size), default=0
             )
         _check_arrays(arrays, num_classes, "")
-        return cls(*arrays.values(), num_classes=num_classes, name=name)
+        fields = {
+            f"{key[2:]}_{'images' if key[0] == 'x' else 'labels'}": v for key, v in arrays.items()
+        }
+        return cls(**fields, num_classes=num_classes, name=name)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -139,12 +167,16 @@ def _describe(a: np.ndarray) -> str:
 
 
 def _as_images(key: str, x) -> np.ndarray:
-    """float32 images from uint8 (scaled by 1/255) or float ``[N, H, W, C]``."""
+    """float32[N, H, W, C] images from uint8 (scaled by 1/255) or float ``[N, H, W, C]``, or
+    ``[N, H, W]`` (one channel)."""
     x = np.asarray(x)
+    numeric = x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)
+    if not numeric or x.ndim not in (3, 4):
+        raise DatasetError(f"{key} must be {IMAGES_ALLOWED}; got {_describe(x)}")
+    if x.ndim == 3:
+        x = x[..., None]
     if x.dtype == np.uint8:
         return _to_float(x, 255.0)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DatasetError(f"{key} must be uint8 or float images [N, H, W, C], got {_describe(x)}")
     return x.astype(np.float32, copy=False)
 
 
@@ -170,7 +202,8 @@ def _check_arrays(arrays: dict[str, np.ndarray], num_classes: int, where: str) -
     for (iname, images), (lname, labels) in pairs:
         if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
             raise DatasetError(
-                f"{where}{iname} must be float images [N, H, W, C], got {_describe(images)}"
+                f"{where}{iname} must be float images [N, H, W, C], got {_describe(images)} "
+                f"(Dataset.from_arrays takes {IMAGES_ALLOWED})"
             )
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise DatasetError(
@@ -278,6 +311,7 @@ def validate_dataset_files(name: str, data_dir: str | None = None) -> None:
             and ``digits``.
     """
     _check_name(name)
+    _check_no_files(name, data_dir)
     if name == "npz":
         _npz_files(data_dir)
     elif name == "mnist":
@@ -288,9 +322,21 @@ def validate_dataset_files(name: str, data_dir: str | None = None) -> None:
         _cifar_source(name, _require_dir(name, data_dir))
 
 
+def _check_no_files(name: str, data_dir: str | None) -> None:
+    """A packaged dataset reads no files: a ``data_dir`` given with it is a mistake."""
+    if name in PACKAGED and data_dir is not None:
+        readers = ", ".join(n for n in DATASETS if n not in PACKAGED)
+        raise DatasetError(
+            f"--data_dir={data_dir} is given but --dataset={name} reads no files (it ships "
+            f"with its Python package); drop --data_dir, or pass a dataset read from files: "
+            f"{readers}"
+        )
+
+
 def _npz_files(path: str | None) -> list[str]:
     """The array names of the npz dataset file ``path``; raises ``DatasetError`` if it is
-    missing, unreadable or lacks one of ``NPZ_KEYS`` (its arrays are not read)."""
+    missing, unreadable, lacks one of ``NPZ_KEYS`` or holds only one of ``NPZ_VAL_KEYS``
+    (its arrays are not read)."""
     if path is None:
         raise DatasetError("dataset 'npz' is read from a file: pass --data_dir=FILE.npz")
     if not os.path.isfile(path):
@@ -304,21 +350,28 @@ def _npz_files(path: str | None) -> list[str]:
         if key not in files:
             raise DatasetError(
                 f"{path}: missing array {key!r} (has {', '.join(files) or 'none'}); an npz "
-                f"dataset holds {', '.join(NPZ_KEYS)}"
+                f"dataset holds {', '.join(NPZ_KEYS)} (and optionally {', '.join(NPZ_VAL_KEYS)})"
             )
+    if sum(key in files for key in NPZ_VAL_KEYS) == 1:
+        raise DatasetError(
+            f"{path}: holds only one of {', '.join(NPZ_VAL_KEYS)}; give both (your validation "
+            "split) or neither"
+        )
     return files
 
 
 def _load_npz(path: str | None) -> Dataset:
-    """``Dataset.from_arrays`` of the npz file's ``NPZ_KEYS`` arrays, named ``npz``."""
-    _npz_files(path)
+    """``Dataset.from_arrays`` of the npz file's ``NPZ_KEYS`` arrays (and ``NPZ_VAL_KEYS``
+    when it holds them), named ``npz``."""
+    names = _npz_files(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = [f[key] for key in NPZ_KEYS]
+            val = {key: f[key] for key in NPZ_VAL_KEYS if key in names}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DatasetError(f"{path}: cannot read its arrays ({type(e).__name__}: {e})") from e
     try:
-        return Dataset.from_arrays(*arrays, name="npz")
+        return Dataset.from_arrays(*arrays, **val, name="npz")
     except DatasetError as e:
         raise DatasetError(f"{path}: {e}") from None
 
@@ -537,19 +590,23 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     Args:
         name: One of ``DATASETS``.
         data_dir: Directory with the dataset files; required for ``mnist``, ``cifar10`` and
-            ``cifar100``, ignored for ``mnist5k`` and ``digits``; for ``npz``, the ``.npz``
-            file (arrays ``NPZ_KEYS``: NHWC uint8 or float images, integer labels).
+            ``cifar100``, refused for ``mnist5k`` and ``digits`` (they read no files); for
+            ``npz``, the ``.npz`` file (arrays ``NPZ_KEYS``, optionally ``NPZ_VAL_KEYS``:
+            uint8 or float images ``[N, H, W, C]`` or ``[N, H, W]``, integer labels).
 
     Returns:
         A ``Dataset`` with float32[N, H, W, C] images in [0, 1] and int32[N] labels:
         mnist5k 4000/1000 x (28, 28, 1); digits 1437/360 x (8, 8, 1); mnist 60000/10000 x
         (28, 28, 1); cifar10 and cifar100 50000/10000 x (32, 32, 3); npz: the file's arrays
-        (uint8 images scaled to [0, 1]; ``num_classes``: the largest label + 1).
+        (uint8 images scaled to [0, 1]; ``num_classes``: the largest label + 1; with its own
+        validation split when it holds ``x_val`` and ``y_val``).
 
     Raises:
-        DatasetError: Unknown name, missing ``data_dir``, or a missing or malformed file.
+        DatasetError: Unknown name, a missing or needless ``data_dir``, or a missing or
+            malformed file.
     """
     _check_name(name)
+    _check_no_files(name, data_dir)
     if name == "npz":
         return _load_npz(data_dir)
     if name == "mnist5k":

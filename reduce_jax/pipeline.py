@@ -96,6 +96,9 @@ def run(
         variables, weights, base_info = _baseline(cfg, inp, keys.baseline, amaps)
     timer.times["baseline_reused"] = base_info["reused"]
     ctx, policy, base = _context(cfg, inp, variables, data, base_info)
+    # A target at chance: for a trained baseline known only now (given ones: in resolve).
+    inputs_lib.check_target(cfg, base.accuracy, None, inp.dataset)
+    warnings = inputs_lib.baseline_warnings(inp, base.accuracy, base.test_accuracy)
 
     # 1-2. Resilience analysis and map.
     amounts, _ = resilience.amount_axis(cfg.retrain_epochs, cfg.eval_every, ctx.steps_per_epoch)
@@ -142,7 +145,7 @@ def run(
         policies=comparison, calibration=choice,
         mapping=systolic.describe_mapping(variables["params"], cfg.array_rows, cfg.array_cols),
         inputs=inp.describe(),
-        timing=timer.times,
+        timing=timer.times, warnings=warnings,
     )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
         report.write_outputs(summary.to_json(), cfg.workdir, chips_in_json=cfg.summary_chips)

@@ -275,6 +275,19 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
         (["--num_processes=2"], "--coordinator_address"),
         (["--compilation_cache_dir={tmp}/maps.csv/xla"], "--compilation_cache_dir"),
         (["--chip_batching=loop"], "--chip_batching"),
+        (  # the smoke study's digits: 1,293 training images once 10% are held out
+            ["--batch_size=100000"],
+            "--batch_size=100000 is larger than the training split (1293 images after holding "
+            "out --validation_fraction=0.1); use at most 1293",
+        ),
+        (["--data_dir={tmp}"], "--data_dir={tmp} is given but --dataset=digits reads no files"),
+        (["--flagfile={tmp}/notes.md"], "--flagfile={tmp}/notes.md is not a flagfile: line 2"),
+        (  # 144 validation images of 10 classes: chance reads up to 0.1 + 3 * 0.025
+            ["--target_accuracy=0.15"],
+            "the target accuracy 0.1500 (--target_accuracy=0.15) is at or below chance on 144 "
+            "validation images of 10 classes (1/10 = 0.1000, plus 3 binomial standard "
+            "deviations: 0.1750)",
+        ),
     ],
 )
 def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
@@ -284,9 +297,11 @@ def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
     (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03trunc")
     np.savez(tmp_path / "float_maps.npz", fault_maps=np.full((2, 8, 8), 0.5))
     (tmp_path / "maps.csv").write_text("chip,row,col\n0,9,1\n")  # row 9 on an 8x8 array
+    # Prose with a flag in it (absl would read the prose as arguments, then the flag).
+    (tmp_path / "notes.md").write_text("# Notes\nRun it so:\n\n--seed=1\n")
     args = [a.format(tmp=tmp_path) for a in args]
     proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
-    one_line_error(proc, flag)
+    one_line_error(proc, flag.format(tmp=tmp_path))
     assert not (tmp_path / "w").exists()  # nothing computed or written
 
 
@@ -351,7 +366,16 @@ def test_init_checkpoint_of_a_run_and_npz_data_reproduce_it_without_training(
         data_dir=str(user_files / "digits.npz"),
     )
     assert second["config"] == dict(first["config"], **changed)
-    same = set(first) - {"baseline", "inputs", "config", "timing"}
+    # Given weights judged on a split held out of the training set: said, though this
+    # checkpoint was trained with that same split held out.
+    assert first["warnings"] == []
+    (warning,) = second["warnings"]
+    assert warning.startswith(
+        f"the baseline is given (--init_checkpoint={first_dir}/baseline) but the validation "
+        "split is held out of the training set"
+    )
+    assert warning in proc.stderr  # logged too
+    same = set(first) - {"baseline", "inputs", "config", "timing", "warnings"}
     assert {k: second[k] for k in same} == {k: first[k] for k in same}
 
 
@@ -360,6 +384,14 @@ def test_init_checkpoint_of_a_run_and_npz_data_reproduce_it_without_training(
     [
         (["--dataset=npz", "--data_dir={d}/no_y_test.npz"], ["no_y_test.npz", "'y_test'"]),
         (["--init_checkpoint={d}/small_ckpt"], ["small_ckpt", "params/fc2/bias"]),
+        (  # untrained weights of the smoke study's model
+            ["--init_checkpoint={d}/mlp_ckpt"],
+            [
+                "--init_checkpoint={d}/mlp_ckpt: the baseline's validation accuracy",
+                "is at or near chance on 144 validation images of 10 classes",
+                "give trained weights",
+            ],
+        ),
         (
             ["--dataset=npz", "--data_dir={d}/big.npz", "--init_checkpoint={d}/mlp_ckpt"],
             ["mlp_ckpt", "params/fc1/kernel", "[64, 256]", "[256, 256]", "big.npz"],
@@ -372,7 +404,7 @@ def test_bad_checkpoint_or_npz_gives_one_line_naming_file_and_key(
     args = [a.format(d=user_files) for a in args]
     proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
     for needle in needles:
-        one_line_error(proc, needle)
+        one_line_error(proc, needle.format(d=user_files))
     assert not (tmp_path / "w").exists()  # checked before the workdir is touched
 
 
@@ -386,6 +418,7 @@ def test_empty_workdir_is_refused_and_nothing_is_written(tmp_path, workdir):
 
 def test_help_lists_every_setting_and_not_other_modules_flags():
     proc = run_cli("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     for f in dataclasses.fields(config_lib.ReduceConfig):
         name = f"[no]{f.name}" if isinstance(f.default, bool) else f.name
@@ -594,7 +627,8 @@ def test_stopped_ten_times_with_sigterm_or_sigint_then_resumed_equals_uninterrup
         run.proc.send_signal(signum)
         rc, err = run.finish()
         assert rc == 130, f"{where}: exit code {rc}\n{err[-3000:]}"
-        assert RESUME_HINT in err and "Fatal Python error" not in err, f"{where}\n{err[-3000:]}"
+        hint = RESUME_HINT in err or "run the same command to start over" in err
+        assert hint and "Fatal Python error" not in err, f"{where}\n{err[-3000:]}"
         if os.path.exists(os.path.join(workdir, "progress.json")):
             with open(os.path.join(workdir, "progress.json")) as f:
                 json.load(f)

@@ -384,8 +384,22 @@ def test_from_arrays_scales_uint8_keeps_float_and_infers_classes():
 @pytest.mark.parametrize(
     "change, needle",
     [
-        (dict(x_train=np.zeros((6, 4, 4, 1), np.int16)), "x_train must be uint8 or float"),
-        (dict(x_test=np.zeros((4, 4, 4), np.float32)), "x_test must be float images [N, H, W, C]"),
+        (
+            dict(x_train=np.zeros((6, 4, 4, 1), np.int16)),
+            "x_train must be uint8 (scaled to [0, 1]) or float images [N, H, W, C], or "
+            "[N, H, W] (one channel added); got int16[6, 4, 4, 1]",
+        ),
+        (dict(x_test=np.zeros((4, 16), np.float32)), "x_test must be uint8"),
+        (dict(x_test=np.zeros((4, 4, 4, 1, 1), np.uint8)), "got uint8[4, 4, 4, 1, 1]"),
+        (dict(x_val=np.zeros((3, 4, 4, 1), np.uint8)), "give both x_val and y_val"),
+        (
+            dict(x_val=np.zeros((3, 4, 4, 1), np.uint8), y_val=np.arange(2)),
+            "x_val has 3 images and y_val 2 labels",
+        ),
+        (
+            dict(x_val=np.zeros((3, 5, 4, 1), np.uint8), y_val=np.arange(3)),
+            "x_train images are [4, 4, 1] but x_val images are [5, 4, 1]",
+        ),
         (dict(y_train=np.zeros(6, np.float32)), "y_train must be integer labels"),
         (dict(y_test=np.zeros((4, 1), int)), "y_test must be integer labels [N]"),
         (dict(y_train=np.zeros(5, int)), "x_train has 6 images and y_train 5 labels"),
@@ -400,7 +414,42 @@ def test_from_arrays_scales_uint8_keeps_float_and_infers_classes():
 def test_from_arrays_names_the_bad_array(change, needle):
     a = _arrays()
     num_classes = change.pop("num_classes", None)
-    _raises(needle, lambda: Dataset.from_arrays(*{**a, **change}.values(), num_classes=num_classes))
+    val = {k: change.pop(k) for k in ("x_val", "y_val") if k in change}
+    arrays = {**a, **change}.values()
+    _raises(needle, lambda: Dataset.from_arrays(*arrays, **val, num_classes=num_classes))
+
+
+def test_from_arrays_adds_a_channel_to_images_without_one():
+    a = _arrays(shape=(4, 4, 1))
+    flat = {k: v[..., 0] if k[0] == "x" else v for k, v in a.items()}  # uint8[N, 4, 4]
+    ds = Dataset.from_arrays(*flat.values())
+    assert ds.image_shape == (4, 4, 1) and ds.train_images.dtype == np.float32
+    np.testing.assert_array_equal(ds.train_images, a["x_train"].astype(np.float32) / 255)
+    floats = Dataset.from_arrays(
+        *{k: v / 255.0 if k[0] == "x" else v for k, v in flat.items()}.values()
+    )
+    np.testing.assert_allclose(floats.test_images, ds.test_images, atol=1e-6)
+
+
+def test_from_arrays_keeps_a_given_validation_split():
+    a = _arrays(classes=4)
+    x_val, y_val = a["x_train"][:3, ..., 0], np.array([3, 0, 1])  # [N, H, W] uint8 too
+    ds = Dataset.from_arrays(*a.values(), x_val=x_val, y_val=y_val)
+    assert ds.num_classes == 4 and ds.val_images.shape == (3, 4, 4, 1)
+    np.testing.assert_array_equal(ds.val_images[..., 0], x_val.astype(np.float32) / 255)
+    np.testing.assert_array_equal(ds.val_labels, y_val)
+    assert len(ds.train_labels) == 6  # nothing held out of the training set
+    with pytest.raises(ValueError, match="already has a validation split"):
+        data.split_validation(ds, 0.1)
+
+
+def test_packaged_datasets_refuse_a_data_dir(tmp_path):
+    for name in data.PACKAGED:
+        for fn in (validate_dataset_files, load_dataset):
+            message = _raises(
+                f"--data_dir={tmp_path} is given but --dataset={name}", fn, name, str(tmp_path)
+            )
+            assert "reads no files" in message and "npz" in message
 
 
 def test_constructor_validates_dtypes_and_labels():
@@ -430,3 +479,21 @@ def test_npz_dataset_loads_and_names_file_and_key(tmp_path):
     )
     _raises("--data_dir=FILE.npz", validate_dataset_files, "npz", None)
     _raises("is not a file", validate_dataset_files, "npz", str(tmp_path))
+
+
+def test_npz_dataset_with_uint8_images_without_channels_and_its_own_validation_split(tmp_path):
+    a = _arrays(n=8, classes=4)
+    flat = {k: v[..., 0] if k[0] == "x" else v for k, v in a.items()}
+    np.savez(tmp_path / "hw.npz", **flat)
+    ds = load_dataset("npz", str(tmp_path / "hw.npz"))
+    assert ds.image_shape == (4, 4, 1) and ds.val_images is None
+    np.testing.assert_array_equal(ds.train_images, a["x_train"].astype(np.float32) / 255)
+    np.savez(tmp_path / "val.npz", **flat, x_val=flat["x_test"][:2], y_val=np.array([1, 3]))
+    validate_dataset_files("npz", str(tmp_path / "val.npz"))
+    ds = load_dataset("npz", str(tmp_path / "val.npz"))
+    assert ds.val_images.shape == (2, 4, 4, 1) and list(ds.val_labels) == [1, 3]
+    np.savez(tmp_path / "half.npz", **flat, y_val=np.array([1, 3]))
+    for fn in (validate_dataset_files, load_dataset):
+        _raises("half.npz: holds only one of x_val, y_val", fn, "npz", str(tmp_path / "half.npz"))
+    np.savez(tmp_path / "int.npz", **dict(flat, x_train=flat["x_train"].astype(np.int32)))
+    _raises("int.npz: x_train must be uint8", load_dataset, "npz", str(tmp_path / "int.npz"))

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -106,20 +105,33 @@ def test_grouped_run_killed_in_its_group_retraining_resumes_to_the_same_result(t
     assert strip(finish(workdir, *flags)) == strip(reference)
 
 
-@pytest.mark.slow
-def test_sigterm_stops_with_a_resume_hint(tmp_path):
-    workdir = str(tmp_path / "w")
-    proc = subprocess.Popen(
-        cli(workdir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+def stop_at(workdir, stop: str, *extra) -> subprocess.CompletedProcess:
+    """Runs the CLI until the code reaches ``stop`` (``SIGNAL@POINT``: the process sends
+    itself the signal there; tests/kill_after_chunk.py)."""
+    launcher = os.path.join(ROOT, "tests", "kill_after_chunk.py")
+    command = [sys.executable, launcher, stop, *cli(workdir, *extra)[3:]]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_a_stop_says_whether_any_work_was_saved(tmp_path):
+    workdir = tmp_path / "w"
+    # At startup: the workdir does not exist yet, and nothing is said to be saved in it.
+    proc = stop_at(workdir, "SIGINT@validate")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    hint = proc.stderr.strip().splitlines()[-1]
+    assert hint == (
+        f"interrupted (SIGINT) before any work was saved in {workdir}: run the same command "
+        "to start over"
     )
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(workdir, "baseline.json")):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130
-    assert "run the same command to resume" in err
+    assert not workdir.exists()
+    # Once the baseline is saved, a rerun resumes from it.
+    proc = stop_at(workdir, "SIGTERM@saved_baseline", "--baseline_epochs=1")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"interrupted (SIGTERM); finished work is saved in {workdir}: run the same command "
+        "to resume"
+    )
+    assert (workdir / "baseline.json").exists() and not (workdir / "progress.json").exists()
 
 
 @pytest.mark.slow

@@ -104,6 +104,10 @@ def test_own_strided_conv_model_trained_outside_is_measured_not_trained(
     assert s["baseline_test_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert s["baseline_accuracy"] == pytest.approx(expected_val, abs=1e-6)
     assert s["inputs"]["model"].startswith("StridedNet@sha256:")
+    # The weights were trained on all of the training set the validation split is drawn from.
+    assert s["inputs"]["validation_split"] == "held_out"
+    assert any(w.startswith("the baseline is given (variables)") for w in s["warnings"])
+    assert summary.warnings == s["warnings"]
     assert s["inputs"]["dataset"].startswith("my_digits@sha256:")
     assert {m["name"]: m["shape"] for m in s["mapping"]} == {
         "conv1/kernel": [3, 3, 1, 8],
@@ -274,3 +278,107 @@ def test_named_inputs_keep_their_names_and_given_ones_are_fingerprinted(
     # uint8 images are scaled to [0, 1]: the named dataset's images up to the rounding.
     assert user_digits.test_images.dtype == np.float32
     np.testing.assert_allclose(user_digits.test_images, digits.test_images, atol=0.5 / 255)
+
+
+# ------------------------------------------------- degenerate weights, the validation split
+
+
+@pytest.fixture(scope="module")
+def trained_strided(user_digits):
+    """StridedNet trained outside the tool on all of ``user_digits``' training images."""
+    model = StridedNet()
+    return model, train_outside(model, user_digits, jax.random.key(0))
+
+
+def test_given_weights_at_chance_are_refused_before_compute(
+    user_digits, small_run_config, tmp_path
+):
+    model = StridedNet()
+    v = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    # Equal logits for every class: always class 0, about 1 image in 10 right.
+    out = jax.tree.map(jnp.zeros_like, v["params"]["out"])
+    guessing = {**v, "params": {**v["params"], "out": out}}
+    workdir = tmp_path / "w"
+    with pytest.raises(ConfigError) as e:
+        reduce_jax.run(
+            small_run_config(str(workdir)), model=model, variables=guessing, dataset=user_digits
+        )
+    msg = str(e.value)
+    share = np.mean(data.split_validation(user_digits, 0.1).val_labels == 0)  # 14 of 144
+    assert msg.startswith(f"variables: the baseline's validation accuracy {share:.4f} is")
+    assert "\n" not in msg
+    assert "at or near chance on 144 validation images of 10 classes" in msg, msg
+    assert "give trained weights" in msg
+    assert not workdir.exists()
+
+
+def test_a_target_at_chance_is_refused(trained_strided, user_digits, small_run_config):
+    model, variables = trained_strided
+    cfg = small_run_config(None, max_accuracy_drop=0.85)
+    with pytest.raises(ConfigError, match="--max_accuracy_drop=0.85 below the baseline's 0.9"):
+        inputs.resolve(cfg, model, variables, user_digits)
+    # A baseline the tool trains is measured later: the same check on its accuracy.
+    ds = inputs.resolve(small_run_config(None)).dataset
+    level = inputs.chance_level(10, len(ds.val_labels))
+    assert level == pytest.approx(0.1 + 3 * (0.09 / 144) ** 0.5)
+    cfg = small_run_config(None, max_accuracy_drop=0.5)
+    inputs.check_target(cfg, level + 0.5 + 1e-6, None, ds)
+    with pytest.raises(ConfigError, match=r"target accuracy 0\.1750 .* at or below chance"):
+        inputs.check_target(cfg, level + 0.5 - 1e-6, None, ds)
+    with pytest.raises(ConfigError, match="--target_accuracy=0.17"):
+        inputs.check_target(
+            small_run_config(None, target_accuracy=0.17, max_accuracy_drop=None), 0.9, None, ds
+        )
+
+
+def test_batch_larger_than_the_training_split_is_refused(user_digits, small_run_config):
+    with pytest.raises(ConfigError, match=r"--batch_size=1294 is larger .*\(1293 images"):
+        inputs.resolve(small_run_config(None, batch_size=1294), dataset=user_digits)
+    inputs.resolve(small_run_config(None, batch_size=1293), dataset=user_digits)
+    own = data.split_validation(user_digits, 0.5)  # its own split: nothing more held out
+    with pytest.raises(ConfigError, match=r"\(718 images\); use at most 718"):
+        inputs.resolve(small_run_config(None, batch_size=719), dataset=own)
+
+
+def test_given_weights_warn_when_the_validation_split_is_drawn_from_the_training_set(
+    trained_strided, user_digits, small_run_config
+):
+    model, variables = trained_strided
+    cfg = small_run_config(None)
+    drawn = inputs.resolve(cfg, model, variables, user_digits)
+    assert (
+        drawn.validation_split == "held_out" and drawn.describe()["validation_split"] == "held_out"
+    )
+    (warning,) = drawn.warnings
+    assert warning.startswith(
+        "the baseline is given (variables) but the validation split is held out"
+    )
+    assert "x_val" in warning and "\n" not in warning
+    # The user's own validation split: used as it is, and nothing to warn about.
+    x_val, y_val = user_digits.test_images[:200], user_digits.test_labels[:200]
+    own = reduce_jax.Dataset.from_arrays(
+        user_digits.train_images, user_digits.train_labels,
+        user_digits.test_images[200:], user_digits.test_labels[200:],
+        x_val=x_val, y_val=y_val, name="mine",
+    )  # fmt: skip
+    given = inputs.resolve(cfg, model, variables, own)
+    assert given.validation_split == "given" and given.warnings == ()
+    np.testing.assert_array_equal(given.dataset.val_labels, y_val)
+    assert len(given.dataset.train_labels) == len(user_digits.train_labels)
+    # A baseline the tool trains: its split is held out of what trained it.
+    assert inputs.resolve(cfg).warnings == ()
+
+
+def test_validation_accuracy_far_above_test_accuracy_warns(small_run_config):
+    assert inputs.accuracy_gap_z(0.986, 1293, 0.950, 10000) > 5  # the case a user hit
+    assert inputs.accuracy_gap_z(0.955, 1293, 0.950, 10000) < 1
+    assert inputs.accuracy_gap_z(0.90, 144, 0.99, 360) < 0
+    assert inputs.accuracy_gap_z(1.0, 144, 1.0, 360) == 0
+    inp = inputs.resolve(small_run_config(None))  # 144 validation, 360 test images
+    assert inputs.baseline_warnings(inp, 0.95, 0.90) == []  # z = 1.9: noise
+    (warning,) = inputs.baseline_warnings(inp, 0.99, 0.90)  # z = 3.5
+    assert warning.startswith(
+        "the baseline's validation accuracy 0.9900 (144 images) is 3.5 standard errors above "
+        "its test accuracy 0.9000 (360 images)"
+    )
+    assert "x_val" in warning

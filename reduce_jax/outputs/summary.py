@@ -59,6 +59,7 @@ class Summary:
       mapping: ``systolic.describe_mapping`` of the network on the array.
       inputs: the model and data the run computed on (``inputs.Inputs.describe``).
       timing: seconds per phase.
+      warnings: what the run warns about its inputs and baseline (``inputs.baseline_warnings``).
     """
 
     config: ReduceConfig
@@ -79,6 +80,7 @@ class Summary:
     mapping: list[dict]
     inputs: dict
     timing: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         """``summary.json``: plain Python values only, ``None`` for inf and NaN."""
@@ -128,6 +130,7 @@ class Summary:
                     dict(m, shape=list(m["shape"]), matrix=list(m["matrix"])) for m in self.mapping
                 ],
                 inputs=self.inputs,
+                warnings=list(self.warnings),
             )
         )
 
