@@ -107,27 +107,43 @@ def tile_operands(x_q: jax.Array, w_q: jax.Array, rows: int) -> tuple[jax.Array,
     return x, w
 
 
+# Float32 holds every integer up to 2**24 exactly, and a sum of up to 1024 int8 x int8
+# products (each at most 2**14 in magnitude) stays within that range whatever the order of
+# the additions: a float32 matrix product over at most 1024 reduction rows is the exact
+# integer result. XLA:CPU runs it some 20 times faster than an int8 x int8 -> int32 dot.
+EXACT_FLOAT_ROWS = 2**24 // 2**14
+
+
 def int_matmul(x_q: jax.Array, w_q: jax.Array, array: tuple[int, int]) -> jax.Array:
     """The array's integer product of int8 activations and int8 weights, fault-free.
 
     Each tile of ``R`` reduction rows sums its int8 x int8 products in int32 inside the
     array; the tiles are added in int32 outside it. Integer addition modulo ``2**32`` is
-    associative, so without faults the result does not depend on the order; it is the
+    associative, so without faults the result does not depend on the order: it is the
     exact product, wrapped to int32 (``stuck_at.stuck_at_matmul`` follows the order of the
-    array exactly, which matters once a PE is faulty).
+    array, which matters once a PE is faulty). It is computed as float32 products over
+    chunks of at most ``EXACT_FLOAT_ROWS`` reduction rows, each exact, converted to int32
+    and added in int32.
 
     Args:
-      x_q: ``int8[B, K]``.
+      x_q: ``int8[B, K]`` (any integers of magnitude at most 128).
       w_q: ``int8[K, N]`` (a kernel's matrix view).
-      array: ``(R, C)``; columns need no tiling here (every output column is independent).
+      array: ``(R, C)``; the result does not depend on it (see above).
 
     Returns:
       ``int32[B, N]``.
     """
-    rows, _ = array
-    x, w = tile_operands(x_q, w_q, rows)
-    per_tile = jnp.einsum("btr,trn->btn", x, w, preferred_element_type=ACC_DTYPE)
-    return jnp.sum(per_tile, axis=1, dtype=ACC_DTYPE)
+    del array  # the order of integer additions does not change their sum
+    k = x_q.shape[-1]
+    chunks = -(-k // EXACT_FLOAT_ROWS)
+    x, w = tile_operands(x_q, w_q, -(-k // chunks))  # [B, G, k/G], [G, k/G, N]
+    partial = jnp.einsum(
+        "bgr,grn->bgn",
+        x.astype(jnp.float32),
+        w.astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    )
+    return jnp.sum(partial.astype(ACC_DTYPE), axis=1, dtype=ACC_DTYPE)
 
 
 # ------------------------------------------------------------------------- convolutions

@@ -143,11 +143,12 @@ def stuck_at_matmul(
         return quant.int_matmul(x_q, w_q, (rows, cols))
     x, w = quant.tile_operands(x_q, w_q, rows)  # [B, T, R], [T, R, N]
     col = np.arange(w_q.shape[1]) % cols
-    masks = tuple(m[site][:, col] for site in (PRODUCT, PSUM) for m in faults)  # 4 x [R, N]
+    # Row-major inputs; the carry is [T, N, B], the batch last (the long, vectorised axis).
+    masks = tuple(m[site][:, col, None] for site in (PRODUCT, PSUM) for m in faults)  # [R, N, 1]
 
     def row_step(s, inputs):
-        x_r, w_r, p_and, p_or, s_and, s_or = inputs  # [B, T], [T, N], 4 x [N]
-        p = x_r[:, :, None].astype(jnp.int32) * w_r[None].astype(jnp.int32)
+        x_r, w_r, p_and, p_or, s_and, s_or = inputs  # [T, 1, B], [T, N, 1], 4 x [N, 1]
+        p = x_r.astype(jnp.int32) * w_r.astype(jnp.int32)
         if "product" in sites:
             p = force_bits(p, p_and, p_or, SITE_BITS[PRODUCT])
         s = s + p
@@ -155,9 +156,11 @@ def stuck_at_matmul(
             s = force_bits(s, s_and, s_or, SITE_BITS[PSUM])
         return s, None
 
-    s0 = jnp.zeros((x.shape[0], x.shape[1], w.shape[-1]), jnp.int32)
-    s, _ = lax.scan(row_step, s0, (jnp.moveaxis(x, 2, 0), jnp.moveaxis(w, 1, 0), *masks))
-    return jnp.sum(s, axis=1, dtype=jnp.int32)
+    s0 = jnp.zeros((x.shape[1], w.shape[-1], x.shape[0]), jnp.int32)
+    xs = jnp.transpose(x, (2, 1, 0))[:, :, None, :]  # [R, T, 1, B]
+    ws = jnp.moveaxis(w, 1, 0)[..., None]  # [R, T, N, 1]
+    s, _ = lax.scan(row_step, s0, (xs, ws, *masks))
+    return jnp.sum(s, axis=0, dtype=jnp.int32).T
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -60,7 +60,8 @@ def test_dequantize_scales_by_both_scales():
 
 
 @pytest.mark.parametrize(
-    "b,k,n,rows,cols", [(3, 7, 5, 2, 3), (4, 33, 9, 8, 4), (1, 5, 2, 16, 16), (2, 16, 16, 4, 4)]
+    "b,k,n,rows,cols",
+    [(3, 7, 5, 2, 3), (4, 33, 9, 8, 4), (1, 5, 2, 16, 16), (2, 16, 16, 4, 4), (2, 3000, 3, 16, 16)],
 )
 def test_int_matmul_equals_numpy_integers_bit_for_bit(b, k, n, rows, cols):
     rng = np.random.default_rng(k * 100 + n)
@@ -78,6 +79,17 @@ def test_int_matmul_wraps_like_an_int32_adder():
     out = quant.int_matmul(x, w, (256, 256))
     exact = k * 2**14
     assert int(out[0, 0]) == (exact + 2**31) % 2**32 - 2**31
+
+
+def test_int_matmul_is_exact_past_float32_integers():
+    # 3000 products of 127 * 127 = 16129 (odd): sums past 2**24, where float32 no longer
+    # holds every integer.
+    x = np.full((1, 3000), 127, np.int8)
+    w = np.full((3000, 2), 127, np.int8)
+    w[::2, 1] = -127
+    out = quant.int_matmul(x, w, (16, 16))
+    np.testing.assert_array_equal(out, [[3000 * 16129, 0]])
+    assert 3000 * 16129 > 2**24
 
 
 @settings(max_examples=20, deadline=None)
