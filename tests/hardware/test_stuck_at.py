@@ -118,6 +118,29 @@ def test_unused_rows_of_an_edge_tile_still_carry_the_column():
     assert int(matmul(x, w, _masks([(1, 0, "weight", 0, 1)], 2, 1))[0, 0]) == 12
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    width=st.sampled_from([8, 16, 32]),
+    data=st.data(),
+)
+def test_force_bits_matches_the_python_register(width, data):
+    lo, hi = -(2 ** (width - 1)), 2 ** (width - 1) - 1
+    values = data.draw(st.lists(st.integers(lo, hi), min_size=1, max_size=8))
+    stuck = data.draw(
+        st.lists(
+            st.tuples(st.integers(0, width - 1), st.integers(0, 1)),
+            max_size=3,
+            unique_by=lambda t: t[0],
+        )
+    )
+    table = [(0, 0, 0, 2, b, v) for b, v in stuck]  # psum site: all 32 bits addressable
+    m = stuck_at.table_to_masks(table, 1, 1, 1)
+    out = stuck_at.force_bits(
+        jnp.asarray(values, jnp.int32), m.and_mask[0, 2, 0, 0], m.or_mask[0, 2, 0, 0], width
+    )
+    np.testing.assert_array_equal(out, [_force(v, width, stuck) for v in values])
+
+
 def test_weight_sign_bit_stuck_at_one_makes_int8_negative():
     w = np.array([[0, 5, -3]], np.int8)
     out = stuck_at.stuck_weights(w, _masks([(0, 0, "weight", 7, 1)], 1, 1))
