@@ -26,9 +26,11 @@ import os
 
 from absl import app, flags
 
+from benchmarks import device
 from reduce_jax.engine import train
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.", required=True)
+RESULTS_DIR = device.define_results_flag()
 BENCHMARK = flags.DEFINE_string(
     "benchmark", None, "File of benchmarks.population's JSON lines.", required=True
 )
@@ -101,7 +103,7 @@ def main(argv):
     # The run's own split sizes (also right for --dataset=npz and a user's Dataset).
     val, test = summary["inputs"]["val_images"], summary["inputs"]["test_images"]
     bench = benchmark_row(rows, summary["config"]["chips_per_batch"])
-    print(json.dumps(efficiency(summary, chips, bench, val, test)))
+    device.Results("efficiency", RESULTS_DIR.value)(efficiency(summary, chips, bench, val, test))
 
 
 if __name__ == "__main__":

@@ -157,6 +157,11 @@ else
         --steps=2 --loop_chips=16)
 fi
 
+# The population benchmark's lines go into OUTDIR's logs and the collected file only.
+for part in LENET VGG RESNET20 RESNET18; do
+    eval "$part+=(--results_dir=)"
+done
+
 PART_ARGS=()
 STATUS=0
 run_part() { # NAME LIMIT_S COMMAND...

@@ -5,6 +5,13 @@
   python -m benchmarks.population --quick         # seconds-long smoke mode (digits, mlp)
   python -m benchmarks.population --dataset=synthetic_cifar --model=vgg_small --chips=256
 
+The settings a Reduce run shares with it (``--dataset``, ``--model``, ``--model_width``,
+``--batch_size``, ``--chip_batching``, ``--array_rows``, ``--array_cols``, the retraining
+``--optimizer``, ``--learning_rate`` and ``--weight_decay``, ``--eval_batch_size``,
+``--seed``) are ``reduce_jax.config``'s flags, read into a ``ReduceConfig``; the flags below
+are the benchmark's own. Every line is also written into ``benchmarks/results/``
+(``--results_dir``; the path is printed on stderr).
+
 For each population size N: chip-steps/s of the population training step (all N chips;
 ``Trainer.run``, the path the pipeline uses, ``--steps`` steps per call; also one call per
 step of ``Trainer.population_step``) and of a Python loop that calls the jitted single-chip
@@ -16,7 +23,7 @@ compiled single-chip step, times N, / time; on a CPU it counts the zero channels
 ``conv.conv_single`` pads in) next to a float32 matmul's GFLOP/s measured in the same run.
 
 Memory. The N chips are computed in chunks of ``--chips_per_batch`` chips, one chunk after
-another, as the pipeline does. By default (0) the chunk is the largest divisor of N whose
+another, as the pipeline does. Unless the flag is given, the chunk is the largest divisor of N whose
 compiled programs (``compiled.memory_analysis()``), plus the other chips' states kept on the
 device, fit in ``--memory_fraction`` of the device's memory (host memory on a CPU). If not
 even one chip fits, or a chunk given with ``--chips_per_batch`` does not, the line for that N
@@ -38,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import resource
 import sys
 import time
@@ -51,8 +57,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import device
+from reduce_jax import config, sharding
 from reduce_jax import data as data_lib
-from reduce_jax import sharding
 from reduce_jax.engine import population, train
 from reduce_jax.hardware import faults
 from reduce_jax.nets import models
@@ -60,36 +66,13 @@ from reduce_jax.stages import policies
 
 CHIPS = flags.DEFINE_list("chips", ["1", "8", "32", "128"], "Population sizes N.")
 QUICK = flags.DEFINE_boolean("quick", False, "Smoke mode: digits, mlp, N=4, few repeats.")
-DATASET = flags.DEFINE_string(
-    "dataset", "mnist5k", "Dataset: one of the library's, or synthetic_cifar (random images)."
-)
-MODEL = flags.DEFINE_string(
-    "model",
-    "lenet5",
-    f"Model: {', '.join(models.MODELS)}, or lenet5_nnconv (LeNet-5 written with plain nn.Conv).",
-)
-MODEL_WIDTH = flags.DEFINE_float("model_width", 1.0, "Channel multiplier of the model (> 0).")
 NO_BN = flags.DEFINE_boolean(
     "no_bn",
     False,
     "The model without BatchNorm (vgg11_bn, resnet*: convolutions with biases, the folded "
     "form), to measure what BatchNorm costs.",
 )
-CHIP_BATCHING = flags.DEFINE_enum(
-    "chip_batching",
-    "vmap",
-    list(train.CHIP_BATCHING),
-    "How the population's programs compute the chips (train.make_trainer).",
-)
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
-ARRAY = flags.DEFINE_integer("array", 16, "Systolic array size (square).")
-CHIPS_PER_BATCH = flags.DEFINE_integer(
-    "chips_per_batch",
-    0,
-    "Chips computed together (chunks run one after another); 0: the largest divisor of N "
-    "that fits in the device's memory.",
-)
 LOOP_CHIPS = flags.DEFINE_integer(
     "loop_chips",
     0,
@@ -109,7 +92,7 @@ MEMORY_LIMIT_MB = flags.DEFINE_float(
 SYNTHETIC_SIZES = flags.DEFINE_list(
     "synthetic_sizes", ["10000", "1000"], "Train and test images of a synthetic dataset."
 )
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic dataset.")
+RESULTS_DIR = device.define_results_flag()
 
 # name -> (image shape, classes). Random inputs: for throughput only.
 SYNTHETIC = {"synthetic_cifar": ((32, 32, 3), 10)}
@@ -135,10 +118,12 @@ def synthetic_dataset(name: str, num_train: int, num_test: int, seed: int = 0):
     )
 
 
-def load_dataset(name: str, synthetic_sizes=(10000, 1000), seed: int = 0):
+def load_dataset(
+    name: str, synthetic_sizes=(10000, 1000), seed: int = 0, data_dir: str | None = None
+):
     if name in SYNTHETIC:
         return synthetic_dataset(name, *(int(s) for s in synthetic_sizes), seed=seed)
-    return data_lib.load_dataset(name)
+    return data_lib.load_dataset(name, data_dir)
 
 
 def _time(fn, repeats: int, trials: int = 3) -> float:
@@ -210,7 +195,7 @@ class Setup(NamedTuple):
     x: jax.Array
     y: jax.Array
     steps: int
-    array: int
+    array: tuple[int, int]  # (rows, cols)
 
 
 def _abstract_chunk(setup: Setup, c: int):
@@ -222,7 +207,7 @@ def _abstract_chunk(setup: Setup, c: int):
 
     shapes = jax.eval_shape(
         make,
-        jax.ShapeDtypeStruct((c, setup.array, setup.array), jnp.bool_),
+        jax.ShapeDtypeStruct((c, *setup.array), jnp.bool_),
         jax.ShapeDtypeStruct((c,), jnp.int32),
     )
     if sharding.num_shards() == 1:
@@ -328,13 +313,12 @@ def plan(
 
 def bench(
     n: int,
+    cfg: config.ReduceConfig,
     ds,
     model,
     variables,
     peak: float,
     steps: int,
-    array: int,
-    batch_size: int = 128,
     chips_per_batch: int = 0,
     loop_chips: int = 0,
     trials: int = 3,
@@ -342,24 +326,32 @@ def bench(
     memory_fraction: float = 0.9,
     cache: dict | None = None,
     extra: dict | None = None,
-    chip_batching: str = "vmap",
 ) -> dict:
     """One JSON-able row for a population of ``n`` chips (see the module docstring).
 
     Args:
+      cfg: the settings a run shares with the benchmark: the array (``array_rows``,
+        ``array_cols``), ``batch_size``, ``chip_batching``, the retraining optimizer and
+        ``eval_batch_size``.
+      chips_per_batch: chips computed together (0: the largest divisor of ``n`` that fits).
       memory_limit: bytes to plan with (None: ``device.memory_limit()``).
       cache: compiled programs by chunk size, shared between calls with the same model,
-        data, batch size, steps and array.
+        data, settings and steps.
       extra: keys added to the row.
-      chip_batching: how the population's programs compute the chips (``vmap`` or ``map``).
     """
     cache = {} if cache is None else cache
-    tx = train.make_optimizer("adam", 1e-3)
-    key = (id(model), id(ds), batch_size, steps, array, chip_batching)
+    batch_size, array = cfg.batch_size, (cfg.array_rows, cfg.array_cols)
+    key = (id(model), id(ds), cfg, steps)
     if cache.get("key") != key:
         cache.clear()
         cache["key"] = key
-        cache["trainer"] = train.make_trainer(model, tx, batch_size, chip_batching=chip_batching)
+        cache["trainer"] = train.make_trainer(
+            model,
+            train.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
+            batch_size,
+            cfg.eval_batch_size,
+            chip_batching=cfg.chip_batching,
+        )
         # The benchmark takes no decisions: its test images stand in for the validation split.
         held_out = dict(val_images=ds.test_images, val_labels=ds.test_labels)
         cache["data"] = population.DeviceData.from_dataset(dataclasses.replace(ds, **held_out))
@@ -390,7 +382,7 @@ def bench(
     prog: Programs = p["programs"]
     c = prog.chips
 
-    maps = np.asarray(faults.sample_fault_maps(jax.random.key(1), n, array, array, 0.1))
+    maps = np.asarray(faults.sample_fault_maps(jax.random.key(1), n, *array, 0.1))
     chunks = [
         population.init_chunk(trainer, variables, maps[lo : lo + c], np.full(c, 1 << 30))
         for lo in range(0, n, c)
@@ -485,14 +477,15 @@ def get_model(name: str, num_classes: int, width: float, batch_norm: bool) -> nn
 def main(argv):
     del argv
     trials = TRIALS.value
+    cfg = config.from_flags()
+    sizes, steps = [int(c) for c in CHIPS.value], STEPS.value
     if QUICK.value:
-        ds = data_lib.load_dataset("digits")
-        name, sizes, steps, array = "mlp", [4], 2, 8
-    else:
-        ds = load_dataset(DATASET.value, SYNTHETIC_SIZES.value, SEED.value)
-        name, steps, array = MODEL.value, STEPS.value, ARRAY.value
-        sizes = [int(c) for c in CHIPS.value]
-    model = get_model(name, ds.num_classes, MODEL_WIDTH.value, not NO_BN.value)
+        cfg = dataclasses.replace(cfg, dataset="digits", model="mlp", array_rows=8, array_cols=8)
+        sizes, steps = [4], 2
+    # The benchmark plans its chunk unless one is asked for.
+    chips_per_batch = cfg.chips_per_batch if flags.FLAGS["chips_per_batch"].present else 0
+    ds = load_dataset(cfg.dataset, SYNTHETIC_SIZES.value, cfg.seed, cfg.data_dir)
+    model = get_model(cfg.model, ds.num_classes, cfg.model_width, not NO_BN.value)
     # One compiled program, not one per operation.
     init = jax.jit(lambda k: models.init_variables(model, k, ds.image_shape))
     variables = init(jax.random.key(0))
@@ -504,12 +497,13 @@ def main(argv):
     highest = None if on_cpu else round(matmul_gflops(n_mm, 10, trials, "highest"), 2)
     precision = getattr(jax.config, "jax_default_matmul_precision", None)
     extra = dict(
-        model_name=name,
-        model_width=MODEL_WIDTH.value,
-        chip_batching=CHIP_BATCHING.value,
+        model_name=cfg.model,
+        model_width=cfg.model_width,
+        chip_batching=cfg.chip_batching,
         batch_norm=bool(jax.tree.leaves(variables["batch_stats"])),
         steps=steps,
-        array=array,
+        array=cfg.array_rows,
+        array_cols=cfg.array_cols,
         matmul_n=n_mm,
         matmul_dtype="float32",
         matmul_precision="default" if precision is None else str(precision),
@@ -517,30 +511,33 @@ def main(argv):
     )
     run = functools.partial(
         bench,
-        batch_size=BATCH_SIZE.value,
-        chips_per_batch=CHIPS_PER_BATCH.value,
+        chips_per_batch=chips_per_batch,
         loop_chips=LOOP_CHIPS.value,
         trials=trials,
         memory_limit=int(MEMORY_LIMIT_MB.value * MB) if MEMORY_LIMIT_MB.value > 0 else None,
         memory_fraction=MEMORY_FRACTION.value,
         cache={},
         extra=extra,
-        chip_batching=CHIP_BATCHING.value,
     )
+    results = device.Results("population", RESULTS_DIR.value)
     failed = False
     for n in sizes:
         try:
-            row = run(n, ds, model, variables, peak, steps, array)
+            row = run(n, cfg, ds, model, variables, peak, steps)
         except Exception as e:  # e.g. out of device memory: report it, go on with the next N
             failed = True
             msg = (str(e).strip().splitlines() or [""])[0][:500]
             row = dict(chips=n, error=f"{type(e).__name__}: {msg}", model=model.__class__.__name__)
             row.update(dataset=ds.name, **device.environment(), **extra)
             logging.exception("N=%d failed", n)
-        print(json.dumps(row), flush=True)
+        results(row)
     if failed:
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    # The config's flags belong to the command, not to the module: importing it (tests,
+    # other benchmarks) defines only the benchmark's own.
+    config.define_flags()
+    flags.adopt_module_key_flags(config)
     app.run(main)

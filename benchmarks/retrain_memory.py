@@ -11,7 +11,6 @@ after the first chunks instead of growing with the chips.
 
 from __future__ import annotations
 
-import json
 import logging as py_logging
 import resource
 
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks import device
 from reduce_jax import data
 from reduce_jax.engine import population, progress, train
 from reduce_jax.hardware import faults
@@ -27,6 +27,7 @@ from reduce_jax.stages import retraining
 
 CHIPS = flags.DEFINE_integer("chips", 480, "Chips to retrain.")
 CHIPS_PER_BATCH = flags.DEFINE_integer("chips_per_batch", 16, "Chips per chunk.")
+RESULTS_DIR = device.define_results_flag()
 
 
 class _CompileCounter(py_logging.Handler):
@@ -63,13 +64,15 @@ def main(argv):
     steps = np.random.default_rng(0).integers(0, 12, n)
     units = retraining.Units.of_groups([[i] for i in range(n)], steps, True)
 
+    results = device.Results("retrain_memory", RESULTS_DIR.value)
+
     class Meter(progress.Meter):
         def __call__(self, k: int) -> None:
             super().__call__(k)
             if self.unit == "chips":
                 current, peak = _rss_mb()
                 row = dict(chips_done=self.done, rss_mb=round(current), peak_rss_mb=round(peak))
-                print(json.dumps(dict(row, compiles=counter.count)), flush=True)
+                results(dict(row, compiles=counter.count))
 
     population.Meter = Meter  # the driver's per-chunk meter
     retraining.retrain(ctx, policy, units, maps, jax.random.key(3))

@@ -26,7 +26,6 @@ which other processes on a shared machine disturb less than the wall-clock time)
 
 from __future__ import annotations
 
-import json
 import time
 
 import flax.linen as nn
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks import device
 from reduce_jax.nets import conv
 
 CHIPS = flags.DEFINE_list("chips", ["8", "32"], "Population sizes N.")
@@ -48,6 +48,7 @@ CIN = flags.DEFINE_integer("cin", 16, "Input channels.")
 COUT = flags.DEFINE_integer("cout", 32, "Output channels.")
 STEPS = flags.DEFINE_integer("steps", 3, "Steps per timed call.")
 TRIALS = flags.DEFINE_integer("trials", 3, "Timings are the best of this many calls.")
+RESULTS_DIR = device.define_results_flag()
 
 STRIDES = (2, 2)
 
@@ -135,9 +136,10 @@ def _measure(name: str, n: int) -> dict:
 
 def main(argv):
     del argv
+    results = device.Results("strided_block", RESULTS_DIR.value)
     for n in map(int, CHIPS.value):
         for name in IMPLS.value:
-            print(json.dumps(_measure(name, n)), flush=True)
+            results(_measure(name, n))
 
 
 if __name__ == "__main__":

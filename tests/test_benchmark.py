@@ -26,9 +26,19 @@ KEYS = (
 
 
 @pytest.mark.slow
-def test_quick_benchmark_prints_every_key():
+def test_quick_benchmark_prints_every_key(tmp_path):
+    """The run's settings come from the config's flags (``--batch_size``); the lines printed
+    are also written into ``--results_dir``, whose path is printed."""
+    results = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.population", "--quick"],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.population",
+            "--quick",
+            "--batch_size=64",
+            f"--results_dir={results}",
+        ],
         cwd=ROOT,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
         capture_output=True,
@@ -41,6 +51,10 @@ def test_quick_benchmark_prints_every_key():
     row = lines[0]
     for key in KEYS:
         assert key in row
+    assert row["batch_size"] == 64 and row["array"] == row["array_cols"] == 8
+    (written,) = results.iterdir()
+    assert written.name.startswith("population-") and str(written) in proc.stderr
+    assert [json.loads(ln) for ln in written.read_text().splitlines()] == lines
     assert row["population_chip_steps_per_s"] > 0 and row["loop_chip_steps_per_s"] > 0
     assert row["speedup"] == pytest.approx(
         row["population_chip_steps_per_s"] / row["loop_chip_steps_per_s"], rel=0.02
@@ -87,10 +101,12 @@ def test_bench_chunks_to_fit_the_memory_and_skips_what_cannot_fit(
     digits, tiny_mlp, tiny_mlp_variables
 ):
     from benchmarks import population as bench
+    from reduce_jax import config
 
     cache = {}
-    kw = dict(batch_size=32, trials=1, memory_fraction=1.0, cache=cache)
-    args = (digits, tiny_mlp, tiny_mlp_variables, 1.0, 1, 8)
+    kw = dict(trials=1, memory_fraction=1.0, cache=cache)
+    cfg = config.ReduceConfig(batch_size=32, array_rows=8, array_cols=8)
+    args = (cfg, digits, tiny_mlp, tiny_mlp_variables, 1.0, 1)
     whole = bench.bench(4, *args, **kw)
     assert whole["chips_per_batch"] == 4 and whole["planned_mb"] > 0
     for key in KEYS + ("peak_device_mb", "jax_version", "backend", "device_kind"):
