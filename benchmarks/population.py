@@ -248,7 +248,7 @@ def chip_step_flops(setup: Setup) -> float:
     A population step does this arithmetic for each of its chips; its own compiled program
     is not counted instead, because XLA counts the body of a loop (``lax.map`` over chips
     in the CPU convolutions) once, not once per chip. On a CPU the count includes the zero
-    channels ``conv.conv_single`` pads in (LeNet-5 on 28x28 images: 40 of 482 MFLOP).
+    channels ``conv.conv_single`` pads in.
     """
     states, masks = jax.eval_shape(lambda t: train.slice_chips(t, 0), _abstract_chunk(setup, 1))
     return policies.xla_flops(setup.trainer.step.lower(states, masks, setup.x, setup.y).compile())

@@ -83,8 +83,8 @@ def bucket_size(n: int, cap: int) -> int:
     """Chips to compute for ``n`` active chips: the smallest power of 4 >= ``n`` (a multiple
     of the device count), at most ``cap``.
 
-    Every distinct size is compiled once (seconds on a CPU); powers of 4 bound the number of
-    sizes to ``log4(cap) + 1`` while never computing more than 4x the active chips.
+    Every distinct size is compiled once, and compiling is slow; powers of 4 bound the number
+    of sizes to ``log4(cap) + 1`` while never computing more than 4x the active chips.
     """
     size = 1
     while size < n:
@@ -93,8 +93,8 @@ def bucket_size(n: int, cap: int) -> int:
 
 
 # Gathers and scatters of chips are one compiled program per tree and number of chips (a
-# bucket size), not one small program per leaf and per count of active chips: those were
-# compiled anew for every count met, at a cost in time and in memory that grew with the run.
+# bucket size), not one small program per leaf and per count of active chips, so the
+# programs compiled, and the memory they hold, stay bounded by the few bucket sizes.
 @jax.jit
 def _gather(tree: PyTree, idx: jax.Array) -> PyTree:
     return jax.tree.map(lambda x: x[idx], tree)

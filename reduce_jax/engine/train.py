@@ -37,7 +37,7 @@ SCHEDULES = ("constant", "cosine")
 # all chips: the fast way for small networks and on accelerators); ``map`` runs the one-chip
 # computation for each chip in turn inside the same compiled program (``lax.map``; on a CPU,
 # faster for ResNets, whose per-chip convolutions and BatchNorm gain nothing from a chips
-# axis; see README, Performance).
+# axis; see docs/performance.md).
 CHIP_BATCHING = ("vmap", "map")
 
 

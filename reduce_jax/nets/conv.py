@@ -4,9 +4,9 @@
 kernel) for one chip; ``conv2d_pool`` adds 2x2 max pooling to a stride-1 convolution. A
 population vmaps them over a leading ``chips`` axis, and a plain ``vmap`` of a convolution
 with per-chip kernels becomes a *grouped* convolution, which XLA:CPU runs as a slow generic
-loop (LeNet-5's second layer, 8 chips, batch 128, 2 cores: 26 ms per chip forward and 257 ms
-per chip for the kernel gradient, against 2.5 ms and 2.1 ms for one plain convolution). So
-both have their own batching rule (``custom_vmap``) and gradient (``custom_vjp``, built from
+loop, an order of magnitude slower per chip than one plain convolution (the kernel gradient
+worse than the forward pass; figures in docs/performance.md). So both have their own
+batching rule (``custom_vmap``) and gradient (``custom_vjp``, built from
 batchable parts):
 
 * shared input, per-chip kernels (a first layer: every chip sees the same images): one
@@ -142,10 +142,9 @@ def conv_single(x: jax.Array, kernel: jax.Array, window: Window) -> jax.Array:
     """One chip: ``float[B, H, W, C]`` * ``float[kh, kw, C, O]`` -> ``float[B, H', W', O]``.
 
     On a CPU, 3 to 7 input channels into 8 or more output channels are padded with zeros to
-    8 input channels: XLA:CPU's convolution runs faster so (batch 128, 2 cores: LeNet-5's
-    second layer, 6 -> 8 channels, 1.7 ms against 2.4 ms; 32x32x3 into 32 channels, 3x3,
-    7.9 ms against 12.4 ms), but slower for 2, 12 or 20 channels. The result is the same,
-    since the padded channels meet zero kernel rows.
+    8 input channels: XLA:CPU's convolution runs faster so (LeNet-5's second layer, a CIFAR
+    image's first layer), but slower for 2, 12 or 20 channels. The result is the same, since
+    the padded channels meet zero kernel rows.
     """
     c, o = x.shape[-1], kernel.shape[-1]
     if 2 < c < _CHANNEL_MULTIPLE <= o and _on_cpu():
