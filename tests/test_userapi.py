@@ -325,10 +325,15 @@ def test_a_target_at_chance_is_refused(trained_strided, user_digits, small_run_c
     inputs.check_target(cfg, level + 0.5 + 1e-6, None, ds)
     with pytest.raises(ConfigError, match=r"target accuracy 0\.1750 .* at or below chance"):
         inputs.check_target(cfg, level + 0.5 - 1e-6, None, ds)
-    with pytest.raises(ConfigError, match="--target_accuracy=0.17"):
-        inputs.check_target(
-            small_run_config(None, target_accuracy=0.17, max_accuracy_drop=None), 0.9, None, ds
-        )
+    # An absolute target: refused as soon as the validation split's size is known.
+    absolute = small_run_config(None, target_accuracy=0.17, max_accuracy_drop=None)
+    with pytest.raises(ConfigError) as e:
+        inputs.resolve(absolute)
+    assert str(e.value).startswith(
+        "the target accuracy 0.1700 (--target_accuracy=0.17) is at or below chance on 144 "
+        "validation images of 10 classes (1/10 = 0.1000, plus 3 binomial standard "
+        "deviations: 0.1750): a chip that guesses would meet it"
+    )
 
 
 def test_batch_larger_than_the_training_split_is_refused(user_digits, small_run_config):
