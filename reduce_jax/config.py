@@ -161,8 +161,13 @@ class ReduceConfig:
     )
     compare_policies: bool = _setting(
         True,
-        "Also run the fixed and adaptive policies on the population (one retraining per chip "
-        "up to the larger of their amounts), to compare Reduce with them in one run.",
+        "Also run the fixed and adaptive policies on the population, to compare Reduce with "
+        "them in one run.",
+    )
+    fixed_policy_chips: int = _setting(
+        0,
+        "Chips whose outcome under the fixed policy is measured: a random sample of the "
+        "population (its cost still counts every chip), in [0, --num_chips]; 0 = every chip.",
     )
     adaptive_max_epochs: float | None = _setting(
         None,
@@ -394,6 +399,10 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
     _one_of(cfg, "interpolation", (*resilience.INTERPOLATIONS, resilience.AUTO))
     _one_of(cfg, "rate_measure", systolic.RATE_MEASURES)
     _in_range(cfg, "predictor_chips", 0, 1 << 20)
+    # With --chip_fault_maps the population's size is the file's: a larger sample is all of it.
+    _in_range(
+        cfg, "fixed_policy_chips", 0, cfg.num_chips if cfg.chip_fault_maps is None else 1 << 20
+    )
     _one_of(cfg, "grouping", grouping.GROUPINGS)
     _in_range(cfg, "max_group_size", 2, 1 << 20)
     if cfg.fixed_epochs is not None:

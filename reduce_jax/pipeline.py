@@ -370,8 +370,9 @@ class _Outcomes(NamedTuple):
 def _compare(
     cfg, ctx, policy, maps, outcomes: _Outcomes, fixed_epochs, key, store
 ) -> policies.Comparison:
-    """Every policy's cost and result (``policies``); ``fixed`` and ``adaptive`` from one
-    trajectory per chip (with ``--compare_policies``)."""
+    """Every policy's cost and result (``policies``); with ``--compare_policies``, ``fixed``
+    on ``--fixed_policy_chips`` sampled chips (paid for every chip) and ``adaptive`` on
+    every chip."""
     inc = policy.topup_steps
     found = {"reduce": policies.reduce_policy(outcomes.chips, inc)}
     if cfg.compare_policies:
@@ -379,11 +380,15 @@ def _compare(
         fixed_steps = int(train.epochs_to_steps(fixed_epochs, spe))
         cap = cfg.adaptive_max_epochs if cfg.adaptive_max_epochs is not None else fixed_epochs
         cap_steps = int(train.epochs_to_steps(cap, spe))
-        points = policies.trajectory_points(inc, cap_steps, fixed_steps, spe)
-        traj = policies.run_trajectory(ctx, maps, points, key, store)
         targets = (policy.decision_target, policy.test_target)
-        found["fixed"] = policies.fixed_policy(traj, fixed_steps, *targets)
-        found["adaptive"] = policies.adaptive_policy(traj, cap_steps, *targets)
+        # Both policies retrain a chip on the batches of ``key``: a chip's result does not
+        # depend on the policy's other chips, nor on which sample it is in.
+        sample_key = jax.random.fold_in(key, 0)
+        sample = policies.sample_chips(len(maps), cfg.fixed_policy_chips, sample_key)
+        fixed = policies.run_fixed(ctx, maps[sample], fixed_steps, key, store)
+        found["fixed"] = policies.fixed_policy(fixed, fixed_steps, *targets, chips=len(maps))
+        adaptive = policies.run_adaptive(ctx, maps, inc, cap_steps, targets[0], key, store)
+        found["adaptive"] = policies.adaptive_policy(adaptive, *targets)
     if outcomes.grouped is not None:
         found["grouped"] = policies.grouped_policy(outcomes.grouped, outcomes.chips, inc)
     if outcomes.study is not None:

@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 
 from reduce_jax import config as config_lib
+from reduce_jax.errors import ConfigError
 
 FIELDS = dataclasses.fields(config_lib.ReduceConfig)
 
@@ -44,6 +45,7 @@ DEFAULT_DICT = {
     "max_group_size": 8,
     "fixed_epochs": None,
     "compare_policies": True,
+    "fixed_policy_chips": 0,
     "adaptive_max_epochs": None,
     "topup_epochs": 0.25,
     "max_topup_epochs": 1.0,
@@ -160,3 +162,16 @@ def test_every_flagfile_parses_and_validates(flagfile):
     config_lib.define_flags(fv)
     fv(["prog", f"--flagfile={flagfile}", "--workdir=unused"])
     config_lib.validate(config_lib.from_flags(fv), dataset_files=False)
+
+
+@pytest.mark.parametrize("value", [0, 1, 8, 64])
+def test_fixed_policy_chips_is_every_chip_or_a_sample_of_the_population(value):
+    config_lib.validate(config_lib.ReduceConfig(dataset="digits", fixed_policy_chips=value))
+
+
+@pytest.mark.parametrize("value", [-1, 65])
+def test_fixed_policy_chips_outside_the_population_names_the_flag_and_range(value):
+    cfg = config_lib.ReduceConfig(dataset="digits", num_chips=64, fixed_policy_chips=value)
+    with pytest.raises(ConfigError) as e:
+        config_lib.validate(cfg)
+    assert str(e.value) == f"--fixed_policy_chips={value} is outside [0, 64]"

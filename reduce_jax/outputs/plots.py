@@ -4,10 +4,15 @@
   decision band around the target, with the full range beside it;
 * ``required_epochs.png``: the resilience map and every chip's selected amount;
 * ``chip_epochs_histogram.png``: per-chip amounts against the fixed policy;
-* ``cost.png``: cumulative cost of Reduce (with its analysis) and fixed retraining;
-* ``chip_accuracy.png``: every chip's accuracy before and after, against the target;
-* ``policies.png``: compute of every policy (training and evaluation) and its chips that
-  meet the target; cumulative compute over the population size;
+* ``cost.png``: cumulative cost of Reduce (with its analysis) and of the policies without it
+  that the run measured, with Reduce's break-even with the cheapest of them;
+* ``chip_accuracy.png``: every chip's accuracy before and after at its fault rate, against
+  the target;
+* ``policies.png``: cost of every policy (training and evaluation) and its chips that meet
+  the target on validation and test; cumulative cost over the population size;
+
+Every cost is in the comparison's one unit (``summary["policies"]["unit"]``: compute epochs,
+evaluation included), the unit of the headline's break-even too.
 * ``cost_grouping.png`` (grouped runs) and ``predictor.png`` (with a predictor study).
 """
 
@@ -82,7 +87,10 @@ def _plot_accuracy(summary: dict, fig) -> None:
     zoom.set_ylabel(f"validation accuracy ({res['statistic']} over samples)")
     zoom.set_title("Decision band (band: min..max over samples)", fontsize=9)
     full.set_title("Full range", fontsize=9)
-    full.legend(fontsize=7, loc="lower left")
+    # One legend for both panels, outside them to the right, where it hides neither.
+    fig.set_layout_engine("constrained")
+    handles, labels = full.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside right center")
 
 
 def _plot_required(summary: dict, ax) -> None:
@@ -143,28 +151,65 @@ def _plot_histogram(summary: dict, ax) -> None:
     ax.legend(fontsize=8, loc="best")
 
 
-def _plot_cost(summary: dict, ax) -> None:
-    """Cumulative cost for n = 0..N chips, extended to show the break-even point if beyond N."""
-    cost, n_chips = summary["cost"], len(summary["chips"])
-    be = cost.get("break_even_chips")
-    n_max = max(n_chips, 1, int(np.ceil(1.25 * be)) if be is not None else 0)
+def _unit(pol: dict) -> str:
+    """The axis label of the comparison's unit."""
+    if pol.get("unit") == "train_epochs":
+        return "training epochs (no flop count for evaluation)"
+    return "compute epochs (training + evaluation)"
+
+
+def _policy_cost(pol: dict, name: str) -> float:
+    """A policy's cost in the comparison's unit (``summary["policies"]["unit"]``)."""
+    p = pol[name]
+    if pol.get("unit") == "train_epochs" or p["compute_epochs"] is None:
+        return p["train_epochs"]
+    return p["compute_epochs"]
+
+
+def _cumulative(summary: dict, ax, names: list[str], break_even: int | None, label: str):
+    """Cumulative cost over the population size of ``names`` (Reduce with its analysis),
+    with Reduce's break-even with the cheapest policy without it marked; the x-axis reaches
+    past the break-even."""
+    pol = summary["policies"]
+    n_chips = max(pol["reduce"]["chips"], 1)
+    evens = [b for b in (pol.get(f"break_even_vs_{a}") for a in ("fixed", "adaptive")) if b]
+    n_max = max([n_chips] + [int(np.ceil(1.25 * b)) for b in evens])
     n = np.linspace(0, n_max, 200)
-    # reduce_epochs: the population's per-chip amounts plus top-ups, without the analysis.
-    per_chip = cost["reduce_epochs"] / n_chips if n_chips else 0.0
-    analysis, fixed = cost["analysis_epochs"], cost["fixed_epochs_per_chip"]
-    reduce_label = f"Reduce (analysis {analysis:g} + {per_chip:.3g}/chip)"
-    ax.plot(n, analysis + n * per_chip, "-", color="C0", lw=2, label=reduce_label)
-    ax.plot(n, n * fixed, "--", color="C3", lw=2, label=f"fixed ({fixed:g}/chip)")
+    analysis = _policy_cost(pol, "analysis")
+    for name in names:
+        per = _policy_cost(pol, name) / max(pol[name]["chips"], 1)
+        one_off = analysis if name in ("reduce", "grouped") else 0.0
+        text = f"{name} ({per:.3g}/chip)" + (f" + analysis {analysis:.4g}" if one_off else "")
+        ax.plot(n, one_off + n * per, color=_POLICY_COLORS[name], lw=2, label=text)
     if n_max > n_chips:
-        ax.axvline(
-            n_chips, color="k", ls="-", lw=0.8, alpha=0.5, label=f"this run: {n_chips} chips"
-        )
-    if be is not None:
-        ax.plot([be], [analysis + be * per_chip], "o", color="k", ms=6, label=f"break-even: {be}")
-    ax.set(xlabel="number of chips", ylabel="cumulative retraining cost (epochs)")
-    ax.set_title("Retraining cost: Reduce vs fixed")
+        ax.axvline(n_chips, color="k", lw=0.8, alpha=0.5, label=f"this run: {n_chips} chips")
+    if break_even is not None:
+        per = _policy_cost(pol, "reduce") / n_chips
+        ax.plot([break_even], [analysis + break_even * per], "o", color="k", ms=6, label=label)
+    else:
+        ax.plot([], [], " ", label=label)
+    ax.set(xlabel="number of chips", ylabel=f"cumulative cost, {_unit(pol)}")
     ax.set_xlim(0, n_max)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _plot_cost(summary: dict, ax) -> None:
+    """Cumulative cost of Reduce (with its analysis) and of every policy without it that the
+    run measured, in the comparison's one unit; Reduce's break-even with the cheapest."""
+    pol = summary.get("policies")
+    if not pol:
+        ax.set_title("Cost: no policies in this summary", fontsize=10)
+        return
+    cheapest = pol.get("cheapest_alternative")
+    names = ["reduce"] + [a for a in ("fixed", "adaptive") if pol.get(a)]
+    if cheapest is None:
+        _cumulative(summary, ax, names, None, "no other policy run")
+        ax.set_title("Cost of Reduce (no other policy run)", fontsize=10)
+        return
+    be = pol.get("break_even_vs_cheapest")
+    label = f"break-even with {cheapest}: " + ("never" if be is None else f"{be} chips")
+    _cumulative(summary, ax, names, be, label)
+    ax.set_title(f"Reduce vs {cheapest} (the cheapest policy without Reduce)", fontsize=10)
 
 
 def _plot_grouping(summary: dict, fig) -> None:
@@ -244,72 +289,87 @@ def _plot_predictor(summary: dict, fig) -> None:
 
 def _plot_chip_accuracy(summary: dict, ax) -> None:
     """Every chip's validation accuracy before and after retraining (and on the test set),
-    ordered by its fault rate, against the target."""
+    at its fault rate, against the target; chips Reduce does not serve are marked."""
     chips = summary["chips"]
     measure = summary["resilience_map"].get("rate_measure", "pe")
-    rate = _floats(c[f"{measure}_fault_rate"] for c in chips)
-    order = np.argsort(rate, kind="stable")
-    x = np.arange(len(chips))
-    get = lambda key: _floats(chips[i].get(key) for i in order)  # noqa: E731
+    x = _floats(c[f"{measure}_fault_rate"] for c in chips)
+    get = lambda key: _floats(c.get(key) for c in chips)  # noqa: E731
     before, after = get("accuracy_before"), get("accuracy_after")
-    ax.vlines(x, before, after, color="0.7", lw=1)
-    ax.plot(x, before, "v", color="C3", ms=4, label="before (validation)")
-    ax.plot(x, after, "^", color="C0", ms=4, label="after (validation)")
+    served = np.array([c.get("selected_epochs") is not None for c in chips], bool)
+    ax.vlines(x[served], before[served], after[served], color="0.7", lw=1)
+    ax.plot(x, before, "v", color="C3", ms=4, ls="none", label="before (validation)")
+    ax.plot(x[served], after[served], "^", color="C0", ms=4, ls="none", label="after (validation)")
     if all("test_accuracy_after" in c for c in chips):
-        ax.plot(x, get("test_accuracy_after"), ".", color="C2", ms=4, label="after (test)")
+        test = get("test_accuracy_after")
+        ax.plot(x[served], test[served], ".", color="C2", ms=4, ls="none", label="after (test)")
+    if (~served).any():
+        ax.plot(
+            x[~served], before[~served], "x", color="k", ms=6, ls="none",
+            label=f"not served ({int((~served).sum())}: above the grid or unrecoverable)",
+        )  # fmt: skip
     _target_lines(ax, summary)
-    ax.set(xlabel=f"chips, by {measure} fault rate", ylabel="accuracy")
+    ax.set(xlabel=f"chip fault rate ({measure})", ylabel="accuracy")
     ax.set_title("Per-chip accuracy before and after retraining", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
 
 
 _POLICY_COLORS = dict(fixed="C3", adaptive="C4", reduce="C0", grouped="C2", oracle="C7")
 
 
 def _plot_policies(summary: dict, fig) -> None:
-    """Compute of every policy (training + evaluation, in training epochs), annotated with
-    its chips meeting the target; and cumulative compute over the population size, Reduce
-    with its analysis."""
+    """Cost of every policy in the comparison's unit, annotated with its chips meeting the
+    target on the validation split and on the test set (the fixed policy's on its sample,
+    the oracle's on the predictor study's own chips); and the cumulative cost over the
+    population size, Reduce with its analysis, with the same break-even as the headline."""
     pol = summary["policies"]
     names = [n for n in _POLICY_COLORS if pol.get(n)]
     left, right = fig.subplots(1, 2)
     for i, name in enumerate(names):
         p = pol[name]
-        train, total = p["train_epochs"], p["compute_epochs"]
-        evals = (total - train) if total is not None else 0.0
-        left.bar(i, train, color=_POLICY_COLORS[name], alpha=0.85)
+        total, train = _policy_cost(pol, name), p["train_epochs"]
+        evals = max(total - train, 0.0)
+        other = name == "oracle"  # other chips than the population's
+        style = dict(hatch="//", edgecolor="k") if other else {}
+        left.bar(i, train, color=_POLICY_COLORS[name], alpha=0.85, **style)
         left.bar(i, evals, bottom=train, color="0.6", alpha=0.85)
-        left.annotate(
-            f"{p['chips_meeting_target']}/{p['chips']}",
-            (i, train + evals),
-            ha="center",
-            va="bottom",
-            fontsize=8,
+        test = p.get("chips_meeting_target_test")
+        of = p.get("chips_measured", p["chips"])
+        text = f"val {p['chips_meeting_target']}/{of}\ntest {'-' if test is None else test}/{of}"
+        left.annotate(text, (i, train + evals), ha="center", va="bottom", fontsize=7)
+    handles = [Patch(color="0.6", alpha=0.85, label="evaluation")]
+    if "oracle" in names:
+        handles.append(
+            Patch(facecolor="C7", hatch="//", edgecolor="k", label="other chips (predictor study)")
         )
-    left.legend(handles=[Patch(color="0.6", alpha=0.85, label="evaluation")], fontsize=7)
-    ticks = [f"{n}\n({pol[n]['chips']} chips)" if n == "oracle" else n for n in names]
-    left.set_xticks(range(len(names)), ticks)
-    left.set(ylabel="compute (training epochs)")
-    left.set_title("Per policy (label: chips meeting the target)", fontsize=9)
-    n_chips = max(pol["reduce"]["chips"], 1)
-    analysis = pol["analysis"]["compute_epochs"] or pol["analysis"]["train_epochs"]
-    be = pol.get("break_even_vs_adaptive")
-    evens = [b for b in (be, summary["cost"].get("break_even_chips")) if b]
-    n_max = max([n_chips] + [int(np.ceil(1.25 * b)) for b in evens])
-    n = np.linspace(0, n_max, 100)
-    for name in names:
-        if name == "oracle":
-            continue
+    left.legend(handles=handles, fontsize=7, loc="upper right")
+
+    def tick(name: str) -> str:
         p = pol[name]
-        per = (p["compute_epochs"] or p["train_epochs"]) / max(p["chips"], 1)
-        one_off = analysis if name in ("reduce", "grouped") else 0.0
-        right.plot(n, one_off + n * per, color=_POLICY_COLORS[name], lw=2, label=name)
-    if be:
-        right.axvline(be, color="k", lw=0.8, ls=":", label=f"Reduce = adaptive at {be}")
-    right.set(xlabel="number of chips", ylabel="cumulative compute (training epochs)")
+        if name == "oracle":
+            return f"oracle\n{p['chips']} other chips"
+        if p.get("sampled"):
+            return f"{name}\n{p['chips_measured']} of {p['chips']}\nsampled"
+        return f"{name}\n{p['chips']} chips"
+
+    left.set_xticks(range(len(names)), [tick(n) for n in names], fontsize=8)
+    left.set(ylabel=_unit(pol))
+    left.set_ylim(0, 1.22 * max([_policy_cost(pol, n) for n in names] + [1e-9]))
+    left.set_title(
+        "Per policy, whole population (label: chips meeting the target,\nvalidation and test)",
+        fontsize=9,
+    )
+    cheapest = pol.get("cheapest_alternative")
+    be = pol.get("break_even_vs_cheapest")
+    label = (
+        "no other policy run"
+        if cheapest is None
+        else f"Reduce = {cheapest} at {be} chips"
+        if be is not None
+        else f"Reduce never breaks even with {cheapest}"
+    )
+    curves = [n for n in names if n != "oracle"]
+    _cumulative(summary, right, curves, be if cheapest else None, label)
     right.set_title("Over the population (Reduce with its analysis)", fontsize=9)
-    right.set_xlim(0, n_max)
-    right.legend(fontsize=7, loc="upper left")
     for ax in (left, right):
         ax.grid(alpha=0.3)
 
@@ -340,7 +400,8 @@ def figures(summary: dict) -> list[tuple[str, plt.Figure]]:
             wide[name](summary, fig)
         else:
             continue
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # a plot may lay itself out (outside legends)
+            fig.tight_layout()
         out.append((name, fig))
     if summary.get("predictor_study"):
         fig = plt.figure(figsize=(4 * len(summary["predictor_study"]["measures"]), 4.0))

@@ -135,24 +135,47 @@ class Summary:
         )
 
     def headline(self) -> str:
-        """The run's result in one line (logged by the run, printed by the CLI)."""
-        c = self.cost
-        grouped = (
-            f"grouped {c.grouped_epochs:.2f} epochs in {c.groups} groups; "
-            if c.grouped_epochs is not None
-            else ""
-        )
+        """The run's result in one line (logged by the run, printed by the CLI): every
+        policy's cost in the comparison's one unit, the cheapest policy without Reduce and
+        Reduce's break-even with it, and the chips meeting the target on the validation split
+        and on the test set (a chip Reduce does not serve never counts)."""
+        c, cmp = self.cost, self.policies
         margin = (
             f" ({self.decision_target:.4f} on validation)"
             if self.decision_target != self.test_target
             else ""
         )
+        pol = cmp.policies
+        n = len(self.chips.status)
+        unit = UNIT_WORDS[cmp.unit]
+        shown = [name for name in ("reduce", "grouped", *policies.ALTERNATIVES) if name in pol]
+        costs = ", ".join(
+            f"Reduce {cmp.cost(pol[name]):.2f} + analysis {cmp.cost(cmp.analysis):.2f}"
+            if name == "reduce"
+            else f"{name} {cmp.cost(pol[name]):.2f}"
+            for name in shown
+        )
+        if cmp.cheapest is None:
+            verdict = "no other policy run (--compare_policies=false)"
+        else:
+            others = [a for a in policies.ALTERNATIVES if a in pol and a != cmp.cheapest]
+            rest = "".join(f" (with {a}: {_chips(cmp.break_even[a])})" for a in others)
+            be = cmp.break_even_vs_cheapest
+            verdict = f"cheapest without Reduce: {cmp.cheapest}; " + (
+                "Reduce never breaks even with it"
+                if be is None
+                else f"Reduce breaks even with it at {be} chips"
+            )
+            verdict += rest
+        meeting = ", ".join(
+            f"{'Reduce' if name == 'reduce' else name} {_meeting(pol[name])}" for name in shown
+        )
+        not_served = f"; {c.chips_unrecoverable} not served (above the grid or unrecoverable)"
         return (
             f"baseline {self.baseline.accuracy:.4f}, target {self.test_target:.4f}{margin}; "
-            f"Reduce {c.reduce_epochs:.2f} epochs vs fixed {c.fixed_epochs:.2f} "
-            f"({100 * c.savings_fraction:.1f}% saved); {grouped}"
-            f"{c.chips_meeting_target}/{len(self.chips.status)} chips meet the target, "
-            f"{c.chips_unrecoverable} unrecoverable; break-even at {c.break_even_chips} chips"
+            f"{n} chips in {unit}: {costs}; {verdict}; chips meeting the target "
+            f"(validation/test): {meeting}"
+            f"{not_served if c.chips_unrecoverable else ''}"
         )
 
     def _chip_records(self) -> list[dict]:
@@ -225,6 +248,8 @@ class Summary:
                 eval_passes=p.eval_passes,
                 compute_epochs=compute.epochs(p.train_steps, p.eval_passes),
                 flops=compute.flops(p.train_steps, p.eval_passes),
+                chips_measured=p.measured_chips,
+                sampled=p.sampled_chips is not None,
                 chips_meeting_target=p.chips_meeting_target,
                 chips_meeting_target_test=p.chips_meeting_target_test,
             )
@@ -232,7 +257,10 @@ class Summary:
         return dict(
             **{name: entry(p) for name, p in c.policies.items()},
             analysis=entry(c.analysis),
-            break_even_vs_adaptive=c.break_even_vs_adaptive,
+            unit=c.unit,
+            cheapest_alternative=c.cheapest,
+            break_even_vs_cheapest=c.break_even_vs_cheapest,
+            **{f"break_even_vs_{name}": c.break_even.get(name) for name in policies.ALTERNATIVES},
             step_flops=compute.step_flops,
             eval_pass_flops=compute.eval_flops,
         )
@@ -252,6 +280,24 @@ class Summary:
             epochs=float(len(p.requested_rates) * amounts.max()),
             **p.scores,
         )
+
+
+UNIT_WORDS = dict(
+    compute_epochs="compute epochs (training + evaluation)",
+    train_epochs="training epochs (no flop count for evaluation)",
+)
+
+
+def _chips(break_even: int | None) -> str:
+    """A break-even population in words."""
+    return "never" if break_even is None else f"at {break_even} chips"
+
+
+def _meeting(p: policies.Policy) -> str:
+    """``validation/test of chips``, ``of m sampled`` for a sample."""
+    test = "-" if p.chips_meeting_target_test is None else p.chips_meeting_target_test
+    of = f"{p.sampled_chips} sampled" if p.sampled_chips is not None else str(p.chips)
+    return f"{p.chips_meeting_target}/{test} of {of}"
 
 
 def _ints(x: np.ndarray) -> list[int | None]:

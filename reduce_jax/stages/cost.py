@@ -24,11 +24,13 @@ class ChipResults(NamedTuple):
       topup_steps: ``int64[chips]``.
       accuracy_before, accuracy_after: ``float64[chips]`` on the chip, before and after
         (validation split: the one decisions are taken on).
-      meets_target: ``bool[chips]`` on the validation split, against the target plus
-        ``--validation_margin`` (what the decisions required).
+      meets_target: ``bool[chips]`` served (retrained, not diverged) and at or above the
+        target plus ``--validation_margin`` on the validation split (what the decisions
+        required). A chip the map does not serve (``above_grid``, ``unrecoverable``) never
+        meets it, whatever its accuracy without retraining.
       test_accuracy_after: ``float64[chips]`` after, on the test set (reported only).
-      meets_target_test: ``bool[chips]`` not diverged and ``test_accuracy_after >= target``
-        (the target alone).
+      meets_target_test: ``bool[chips]`` served, not diverged, and ``test_accuracy_after >=
+        target`` (the target alone).
       group: ``int64[chips]`` grouped runs: the retraining that served the chip (``-1``:
         none); ``None`` in runs without grouping, like the two fields below.
       grouped_accuracy_after: ``float64[chips]`` the serving model on the chip (NaN: none).
@@ -69,7 +71,8 @@ def chip_results(
     test_target = decision_target if test_target is None else test_target
     selected = assignment.ok
     diverged = outcome.diverged
-    meets = (outcome.accuracy_after >= decision_target) & ~diverged
+    served = selected & ~diverged
+    meets = (outcome.accuracy_after >= decision_target) & served
     names = np.array([resilience.STATUS_NAMES[int(s)] for s in assignment.status], object)
     status = np.where(selected, np.where(meets, "ok", "missed_target"), names)
     status = np.where(diverged, "diverged", status)
@@ -81,7 +84,7 @@ def chip_results(
         accuracy_after=outcome.accuracy_after,
         meets_target=meets,
         test_accuracy_after=outcome.test_accuracy_after,
-        meets_target_test=(outcome.test_accuracy_after >= test_target) & ~diverged,
+        meets_target_test=(outcome.test_accuracy_after >= test_target) & served,
     )
     if grouped is None:
         return results
@@ -103,9 +106,9 @@ class Cost(NamedTuple):
     ``grouped_*`` (grouped runs; None otherwise) count every retraining of the grouped run:
     every group's amount and top-ups, split groups and their members' retraining included.
     ``*_recoverable`` compare on the chips Reduce retrains only, which is the fair
-    comparison when many chips are unrecoverable. ``break_even_chips`` is the population
-    size from which Reduce plus its one-off analysis costs less than the fixed policy, at
-    this run's mean cost per chip (None if Reduce saves nothing per chip).
+    comparison when many chips are unrecoverable. These count training only; the comparison
+    of policies with evaluation counted, and where Reduce breaks even, is
+    ``policies.compare``'s (one unit for every break-even the run reports).
     """
 
     reduce_epochs: float
@@ -134,7 +137,6 @@ class Cost(NamedTuple):
     chips_unrecoverable: int
     chips_missing_target: int
     chips_diverged: int
-    break_even_chips: int | None
     steps_per_epoch: int
 
 
@@ -194,9 +196,6 @@ def summarize(
         chips_unrecoverable=int(np.isin(chips.status, ("above_grid", "unrecoverable")).sum()),
         chips_missing_target=int((chips.status == "missed_target").sum()),
         chips_diverged=int((chips.status == "diverged").sum()),
-        break_even_chips=break_even_chips(
-            analysis_epochs, fixed_epochs_per_chip - reduce_epochs / n
-        ),
         steps_per_epoch=int(spe),
     )
 

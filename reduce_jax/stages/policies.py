@@ -2,23 +2,22 @@
 
 Policies, each giving every chip some retraining and verifying it on the validation split:
 
-* ``fixed``: every chip is retrained ``--fixed_epochs`` and verified once.
+* ``fixed``: every chip is retrained ``--fixed_epochs`` and verified once. Its cost counts
+  every chip; its outcome (chips meeting the target) is measured on every chip or, with
+  ``--fixed_policy_chips``, on a random sample of them (``Policy.sampled_chips``).
 * ``adaptive``: no analysis. Every chip is verified at 0 and topped up ``--topup_epochs`` at a
-  time until it meets the target or reaches ``--adaptive_max_epochs``.
+  time until it meets the target or reaches ``--adaptive_max_epochs`` (``run_adaptive``:
+  one continuous retraining per chip, stopped where the policy stops it).
 * ``reduce``: the amounts from the resilience map, top-ups, and the one-off analysis.
 * ``grouped``: grouped Reduce (eFAT), in grouped runs.
-* ``oracle``: on the predictor study's chips, the least evaluated amount each one needed
-  (known only in hindsight: the bound no policy can beat).
-
-``fixed`` and ``adaptive`` are read off one *trajectory* per chip: every chip of the
-population is retrained once, continuously, up to the largest amount either needs, and
-evaluated at every top-up increment (``resilience.analyze``). A chip's trajectory does not
-depend on when it is stopped (its budget only gates its steps), so stopping it where a
-policy stops gives that policy's result.
+* ``oracle``: on the predictor study's chips (other chips than the population's), the least
+  evaluated amount each one needed (known only in hindsight: the bound no policy can beat).
 
 Cost counts evaluation too. ``Compute`` holds XLA's flop count of one chip's training step
-and of one evaluation pass over the validation split; a policy's ``compute_epochs`` is its
+and of one evaluation pass over the validation split; a policy's *compute epochs* are its
 training plus its evaluation passes in epochs of training (flops of one training epoch).
+Every comparison (``compare``: the cheapest policy without Reduce, break-even populations)
+is in compute epochs, or in training epochs where the backend gives no flop count.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from reduce_jax import sharding
 from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.stages import cost as cost_lib
@@ -97,13 +97,16 @@ class Policy(NamedTuple):
     """What one policy costs and achieves.
 
     Attributes:
-      chips: chips the policy was applied to.
+      chips: chips the policy was applied to (and paid for).
       train_steps: training steps of all its chips.
       eval_passes: evaluation passes (one chip over the validation split each).
       chips_meeting_target: chips at or above the target on the validation split (the
-        target plus ``--validation_margin``: what the decisions required).
+        target plus ``--validation_margin``: what the decisions required), of
+        ``measured_chips``.
       chips_meeting_target_test: chips at or above the target (alone) on the test set
-        (reported only).
+        (reported only), of ``measured_chips``; None where not measured.
+      sampled_chips: where the outcome was measured on a random sample of the chips (the
+        fixed policy with ``--fixed_policy_chips``), the sample's size; None: every chip.
     """
 
     chips: int
@@ -111,79 +114,170 @@ class Policy(NamedTuple):
     eval_passes: int
     chips_meeting_target: int
     chips_meeting_target_test: int | None
+    sampled_chips: int | None = None
+
+    @property
+    def measured_chips(self) -> int:
+        """The chips the two ``chips_meeting_*`` counts are out of."""
+        return self.chips if self.sampled_chips is None else self.sampled_chips
 
 
 def _meets(acc: np.ndarray, target: float) -> int:
     return int(np.sum(np.asarray(acc) >= target))
 
 
-def trajectory_points(
-    topup_steps: int, cap_steps: int, fixed_steps: int, steps_per_epoch: int
-) -> np.ndarray:
-    """Amounts ``float64[P]`` in epochs at which the trajectory is evaluated: every top-up
-    increment up to the adaptive cap (the cap included), and the fixed amount."""
-    k = math.ceil(cap_steps / topup_steps) if topup_steps > 0 else 0
-    steps = np.minimum(np.arange(k + 1) * topup_steps, cap_steps)
-    steps = np.unique(np.concatenate([steps, [0, fixed_steps]]))
-    return steps / steps_per_epoch
+def sample_chips(num_chips: int, sample: int, key: jax.Array) -> np.ndarray:
+    """Chips ``int64[m]`` (increasing) whose fixed-policy outcome is measured: ``sample`` of
+    them drawn without replacement, or every chip when ``sample`` is 0 or at least
+    ``num_chips``."""
+    if sample <= 0 or sample >= num_chips:
+        return np.arange(num_chips, dtype=np.int64)
+    drawn = jax.random.choice(key, num_chips, (sample,), replace=False)
+    return np.sort(np.asarray(drawn, np.int64))
 
 
-def run_trajectory(
+def run_fixed(
     ctx: population.Context,
     chip_maps: np.ndarray,
-    points_epochs: np.ndarray,
+    fixed_steps: int,
     key: jax.Array,
     store: ProgressStore | None = None,
 ) -> resilience.Analysis:
-    """Every chip retrained once up to the last point and evaluated at each (validation and
-    test): an ``Analysis`` with ``F = chips`` and ``K = 1``."""
+    """Chips ``bool[m, R, C]`` retrained ``fixed_steps`` and evaluated there (validation and
+    test): an ``Analysis`` with ``F = m``, ``K = 1`` and one amount."""
     return resilience.analyze(
-        ctx, chip_maps[:, None], points_epochs, key, store, "policies", with_test=True
+        ctx,
+        chip_maps[:, None],
+        np.array([fixed_steps / ctx.steps_per_epoch]),
+        key,
+        store,
+        "fixed_policy",
+        with_test=True,
     )
 
 
 def fixed_policy(
-    traj: resilience.Analysis, fixed_steps: int, target: float, test_target: float
+    traj: resilience.Analysis,
+    fixed_steps: int,
+    target: float,
+    test_target: float,
+    chips: int | None = None,
 ) -> Policy:
     """Every chip retrained ``fixed_steps`` and verified once (``target`` on the validation
-    split, ``test_target`` on the test set)."""
+    split, ``test_target`` on the test set).
+
+    Args:
+      traj: the measured chips (``run_fixed``, or any analysis that evaluates them at
+        ``fixed_steps``).
+      chips: the population the policy is paid for (default: the measured chips); when
+        larger, the measured chips are a sample of it.
+    """
     j = int(np.searchsorted(traj.amount_steps, fixed_steps))
-    n = traj.accuracy.shape[0]
+    m = traj.accuracy.shape[0]
+    n = m if chips is None else int(chips)
+    if n < m:
+        raise ValueError(f"a sample of {m} chips from a population of {n}")
     return Policy(
         chips=n,
         train_steps=n * int(fixed_steps),
         eval_passes=n,
         chips_meeting_target=_meets(traj.accuracy[:, j, 0], target),
         chips_meeting_target_test=_meets(traj.test_accuracy[:, j, 0], test_target),
+        sampled_chips=m if n > m else None,
     )
 
 
-def adaptive_stops(val: np.ndarray, target: float) -> np.ndarray:
-    """Index ``int64[chips]`` of the first point at which each chip meets the target (the
-    last point, the cap, where none does).
+class AdaptiveOutcome(NamedTuple):
+    """Where the adaptive policy stopped every chip (arrays over chips).
 
-    Args:
-      val: ``float[chips, P]`` accuracy at every top-up increment, from 0 to the cap.
+    Attributes:
+      steps: ``int64[n]`` training steps at the stop.
+      eval_passes: ``int64[n]`` validation passes (at 0 and after every increment).
+      val: ``float64[n]`` validation accuracy at the stop (0 for a diverged chip).
+      test: ``float64[n]`` test accuracy at the stop (reported only).
+      diverged: ``bool[n]`` training became non-finite (stopped there).
     """
-    ok = np.asarray(val) >= target
-    return np.where(ok.any(1), np.argmax(ok, 1), val.shape[1] - 1).astype(np.int64)
+
+    steps: np.ndarray
+    eval_passes: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    diverged: np.ndarray
 
 
-def adaptive_policy(
-    traj: resilience.Analysis, cap_steps: int, target: float, test_target: float
-) -> Policy:
+class _Maps(NamedTuple):
+    """Chips as ``population.drive`` chunks them: ``maps bool[n, R, C]``."""
+
+    maps: np.ndarray
+
+
+def adaptive_points(topup_steps: int, cap_steps: int) -> np.ndarray:
+    """Steps ``int64[P]`` at which adaptive verifies a chip: 0, every increment, the cap."""
+    k = math.ceil(cap_steps / topup_steps) if topup_steps > 0 else 0
+    return np.unique(np.minimum(np.arange(k + 1) * topup_steps, cap_steps)).astype(np.int64)
+
+
+def run_adaptive(
+    ctx: population.Context,
+    chip_maps: np.ndarray,
+    topup_steps: int,
+    cap_steps: int,
+    target: float,
+    key: jax.Array,
+    store: ProgressStore | None = None,
+) -> AdaptiveOutcome:
+    """The adaptive policy on chips ``bool[n, R, C]``: each trained continuously on the
+    batches of ``key``, verified at 0 and after every ``topup_steps``, and stopped at the
+    first verification that meets ``target`` (validation), or at ``cap_steps``. A stopped
+    chip takes no more steps (its trajectory does not depend on when it is stopped), so the
+    policy costs what it spends, not the cap; only the chips still running are evaluated."""
+    points = adaptive_points(topup_steps, cap_steps)
+
+    def compute(ids: np.ndarray, chunk: _Maps) -> AdaptiveOutcome:
+        n = len(chunk.maps)
+        active = np.arange(n) < len(ids)
+        budgets = np.where(active, points[-1], 0)
+        states, masks = population.init_chunk(ctx.trainer, ctx.variables, chunk.maps, budgets)
+        stop, val = np.zeros(n, np.int64), np.zeros(n)
+        diverged, prev = np.zeros(n, bool), 0
+        for i, s in enumerate(points):
+            if i:
+                phase = np.where(active, s - prev, 0)
+                states = population.run_phase(
+                    ctx.trainer, states, masks, ctx.data, key, phase, start=prev
+                )
+            prev = int(s)
+            now = np.flatnonzero(active)
+            acc = population.evaluate(ctx.trainer, states, masks, ctx.data, "val", now)
+            div = sharding.to_host(states.diverged)[now]
+            val[now], diverged[now], stop[now] = np.where(div, 0.0, acc), div, i
+            active[now[(acc >= target) | div]] = False
+            if not active.any():
+                break
+        test = population.evaluate(ctx.trainer, states, masks, ctx.data, "test")
+        return AdaptiveOutcome(points[stop], stop + 1, val, test, diverged)
+
+    size = population.chunk_size(len(chip_maps), ctx.chips_per_batch)
+    return population.drive(
+        _Maps(np.asarray(chip_maps)),
+        compute,
+        AdaptiveOutcome,
+        size,
+        store=store,
+        stage="adaptive_policy",
+    )
+
+
+def adaptive_policy(outcome: AdaptiveOutcome, target: float, test_target: float) -> Policy:
     """Verify at 0; top up one increment at a time until ``target`` (validation) or the cap;
-    the test set is judged against ``test_target``."""
-    points = np.flatnonzero(traj.amount_steps <= cap_steps)
-    val, test = traj.accuracy[:, points, 0], traj.test_accuracy[:, points, 0]
-    stop = adaptive_stops(val, target)
-    rows = np.arange(len(stop))
+    the test set is judged against ``test_target``; a diverged chip meets neither."""
+    ok = ~np.asarray(outcome.diverged, bool)
     return Policy(
-        chips=len(stop),
-        train_steps=int(traj.amount_steps[points][stop].sum()),
-        eval_passes=int((stop + 1).sum()),
-        chips_meeting_target=_meets(val[rows, stop], target),
-        chips_meeting_target_test=_meets(test[rows, stop], test_target),
+        chips=len(ok),
+        train_steps=int(np.sum(outcome.steps)),
+        eval_passes=int(np.sum(outcome.eval_passes)),
+        chips_meeting_target=_meets(outcome.val[ok], target),
+        chips_meeting_target_test=_meets(outcome.test[ok], test_target),
     )
 
 
@@ -246,21 +340,48 @@ def oracle_policy(study: predictor.PredictorStudy, test_target: float) -> Policy
     )
 
 
+ALTERNATIVES = ("fixed", "adaptive")  # what a user would do without Reduce
+
+
 class Comparison(NamedTuple):
-    """Every policy of a run, and where Reduce breaks even with ``adaptive``.
+    """Every policy of a run, the cheapest one without Reduce, and where Reduce breaks even.
 
     Attributes:
       policies: name -> ``Policy`` (only the policies the run measured).
       analysis: the one-off resilience analysis, as a ``Policy`` of its ``F * K`` chips.
       compute: flops of a training step and of an evaluation pass.
-      break_even_vs_adaptive: least population from which Reduce, analysis included,
-        costs less compute than ``adaptive`` (None: Reduce costs more per chip).
+      unit: what every cost and break-even here is in: ``compute_epochs`` (training and
+        evaluation, in training epochs), or ``train_epochs`` where the backend gives no flop
+        count.
+      break_even: name -> least population from which Reduce, analysis included, costs less
+        than that policy (None: Reduce costs as much or more per chip, so never), for each
+        of ``ALTERNATIVES`` the run measured.
+      cheapest: the alternative that costs least per chip (None: none was measured).
     """
 
     policies: dict[str, Policy]
     analysis: Policy
     compute: Compute
-    break_even_vs_adaptive: int | None
+    unit: str
+    break_even: dict[str, int | None]
+    cheapest: str | None
+
+    @property
+    def break_even_vs_adaptive(self) -> int | None:
+        return self.break_even.get("adaptive")
+
+    @property
+    def break_even_vs_cheapest(self) -> int | None:
+        return None if self.cheapest is None else self.break_even[self.cheapest]
+
+    def cost(self, p: Policy) -> float:
+        """``p``'s cost in ``unit``."""
+        if self.unit == "compute_epochs":
+            return self.compute.epochs(p.train_steps, p.eval_passes)
+        return p.train_steps / self.compute.steps_per_epoch
+
+    def per_chip(self, p: Policy) -> float:
+        return self.cost(p) / max(p.chips, 1)
 
 
 def analysis_policy(analysis: resilience.Analysis) -> Policy:
@@ -279,12 +400,17 @@ def analysis_policy(analysis: resilience.Analysis) -> Policy:
 def compare(
     policies: dict[str, Policy], analysis: resilience.Analysis, compute: Compute
 ) -> Comparison:
-    """Collects the policies and Reduce's break-even population against ``adaptive``."""
+    """Collects the policies, the cheapest alternative and Reduce's break-even population
+    against each alternative, in one unit (``Comparison.unit``)."""
     one_off = analysis_policy(analysis)
-    cost = lambda p: compute.epochs(p.train_steps, p.eval_passes)  # noqa: E731
-    per_chip = lambda p: cost(p) / max(p.chips, 1)  # noqa: E731
-    even = None
-    if "adaptive" in policies and "reduce" in policies:
-        saving = per_chip(policies["adaptive"]) - per_chip(policies["reduce"])
-        even = cost_lib.break_even_chips(cost(one_off), saving)
-    return Comparison(policies, one_off, compute, even)
+    known = math.isfinite(compute.epochs(1, 1))
+    out = Comparison(
+        policies, one_off, compute, "compute_epochs" if known else "train_epochs", {}, None
+    )
+    measured = [name for name in ALTERNATIVES if name in policies]
+    if "reduce" in policies:
+        for name in measured:
+            saving = out.per_chip(policies[name]) - out.per_chip(policies["reduce"])
+            out.break_even[name] = cost_lib.break_even_chips(out.cost(one_off), saving)
+    cheapest = min(measured, key=lambda n: out.per_chip(policies[n]), default=None)
+    return out._replace(cheapest=cheapest)

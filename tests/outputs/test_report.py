@@ -80,20 +80,33 @@ def _summary() -> dict:
             "savings_fraction": 0.45,
             "chips_meeting_target": 4,
             "chips_unrecoverable": 1,
-            "break_even_chips": 14,
             "topup_epochs": 0.5,
         },
         "policies": {
             name: {
-                "chips": 5,
+                "chips": chips_paid,
+                "chips_measured": measured,
+                "sampled": measured < chips_paid,
                 "train_epochs": epochs,
                 "compute_epochs": epochs + 0.5,
-                "chips_meeting_target": 4,
+                "chips_meeting_target": 4 if measured == 5 else 2,
+                "chips_meeting_target_test": 3 if measured == 5 else 2,
             }
-            for name, epochs in (("fixed", 10.0), ("adaptive", 4.0), ("reduce", 5.5))
+            for name, chips_paid, measured, epochs in (
+                ("fixed", 5, 2, 10.0),
+                ("adaptive", 5, 5, 4.0),
+                ("reduce", 5, 5, 5.5),
+                ("oracle", 3, 3, 1.0),
+            )
         }
         | {"analysis": {"chips": 6, "train_epochs": 12.0, "compute_epochs": 14.0}}
-        | {"break_even_vs_adaptive": None},
+        | {
+            "unit": "compute_epochs",
+            "cheapest_alternative": "adaptive",
+            "break_even_vs_cheapest": None,
+            "break_even_vs_fixed": 3,
+            "break_even_vs_adaptive": None,
+        },
         "config": {"model": "mlp", "seed": 0},
         "timing": {"wall_s": 1.5},
     }
@@ -144,6 +157,67 @@ def test_write_outputs(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_MAGIC), name
     assert sorted(os.listdir(tmp_path)) == sorted(names)  # No temporary files left behind.
+
+
+def _texts(fig) -> str:
+    """Every title, axis label, tick label, legend entry and annotation of a figure."""
+    out = []
+    for ax in fig.axes:
+        out += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        out += [t.get_text() for t in ax.get_xticklabels() + ax.texts]
+        if ax.get_legend() is not None:
+            out += [t.get_text() for t in ax.get_legend().get_texts()]
+    for legend in fig.legends:
+        out += [t.get_text() for t in legend.get_texts()]
+    return "\n".join(out)
+
+
+def test_plots_name_the_cheapest_policy_the_unit_the_splits_and_the_oracles_chips():
+    figs = dict(plots.figures(_summary()))
+    try:
+        cost = _texts(figs["cost.png"])
+        assert "Reduce vs adaptive (the cheapest policy without Reduce)" in cost
+        assert "break-even with adaptive: never" in cost
+        assert "compute epochs (training + evaluation)" in cost
+        pol = _texts(figs["policies.png"])
+        assert "val 4/5\ntest 3/5" in pol and "val 2/2\ntest 2/2" in pol
+        assert "fixed\n2 of 5\nsampled" in pol
+        assert "oracle\n3 other chips" in pol and "other chips (predictor study)" in pol
+        assert "Reduce never breaks even with adaptive" in pol
+        assert "compute epochs (training + evaluation)" in pol
+        # chip_accuracy: the x-axis is the chips' fault rate, and the chip not served is shown.
+        acc_fig = figs["chip_accuracy.png"]
+        ax = acc_fig.axes[0]
+        assert ax.get_xlabel() == "chip fault rate (pe)"
+        lo, hi = ax.get_xlim()
+        assert lo <= 0.02 and hi >= 0.4  # the rates of the first and last chips
+        assert "not served (1: above the grid or unrecoverable)" in _texts(acc_fig)
+        # accuracy_vs_fault_rate: one legend for both panels, on the figure, outside them.
+        fig = figs["accuracy_vs_fault_rate.png"]
+        assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+        assert "target" in _texts(fig) and "2 epochs" in _texts(fig)
+    finally:
+        for f in figs.values():
+            plots.plt.close(f)
+
+
+def test_cost_plot_draws_the_break_even_in_the_policies_unit():
+    """The point drawn on cost.png is at the break-even of summary.json's policies."""
+    summary = _summary()
+    summary["policies"].update(
+        cheapest_alternative="fixed", break_even_vs_cheapest=3, break_even_vs_fixed=3
+    )
+    figs = dict(plots.figures(summary))
+    try:
+        assert "break-even with fixed: 3 chips" in _texts(figs["cost.png"])
+        ax = figs["cost.png"].axes[0]
+        points = [ln for ln in ax.get_lines() if ln.get_label().startswith("break-even")]
+        assert points[0].get_xdata()[0] == 3
+        # Reduce's curve there: analysis 14 + 3 chips * (6 / 5) compute epochs.
+        assert points[0].get_ydata()[0] == pytest.approx(14.0 + 3 * 6.0 / 5)
+    finally:
+        for f in figs.values():
+            plots.plt.close(f)
 
 
 def test_write_json_rejects_nan_with_key_path(tmp_path):

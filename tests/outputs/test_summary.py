@@ -1,5 +1,6 @@
 """``Summary.to_json``: the one place where results become plain JSON (inf/NaN -> null)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -160,7 +161,9 @@ def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
     assert s["policies"]["reduce"]["train_epochs"] == 1.5
     assert s["policies"]["reduce"]["compute_epochs"] is None
     assert s["policies"]["eval_pass_flops"] is None
-    assert s["policies"]["break_even_vs_adaptive"] is None
+    assert s["policies"]["break_even_vs_adaptive"] == 5  # in training epochs: no eval flops
+    assert s["policies"]["unit"] == "train_epochs"
+    assert "break_even_chips" not in s["cost"]
     assert s["resilience_map"]["calibration"]["statistic"] == "mean"
     assert s["baseline_test_accuracy"] == 0.89
     assert list(s) == [
@@ -180,11 +183,70 @@ def test_to_json_writes_null_for_unrecoverable_and_missing_values(tmp_path):
         "timing",
         "mapping",
         "inputs",
+        "warnings",
     ]
     assert s["baseline"]["source"] == "trained"
 
 
-def test_headline_is_one_line_with_the_cost():
+def test_headline_names_the_cheapest_policy_its_break_even_and_both_splits():
     line = _summary().headline()
-    assert "\n" not in line and "Reduce 1.50 epochs vs fixed 3.00" in line
-    assert "grouped 1.00 epochs in 1 groups" in line and "2/3 chips meet the target" in line
+    assert "\n" not in line
+    # No flop count for evaluation here: every figure is in training epochs, and says so.
+    assert "3 chips in training epochs (no flop count for evaluation)" in line
+    assert "Reduce 1.50 + analysis 4.00, adaptive 4.00" in line
+    # Per chip adaptive 4/3, Reduce 1.5/3: 0.83 saved a chip pays for 4 epochs at 5 chips.
+    assert "cheapest without Reduce: adaptive; Reduce breaks even with it at 5 chips" in line
+    assert "chips meeting the target (validation/test): Reduce 2/2 of 3, adaptive 3/2 of 3" in line
+    assert line.endswith("1 not served (above the grid or unrecoverable)")
+
+
+def _with_policies(summary: Summary, found: dict, eval_flops: float = 5.0) -> Summary:
+    compute = policies.Compute(step_flops=1.0, eval_flops=eval_flops, steps_per_epoch=SPE)
+    comparison = policies.compare(found, summary.analysis, compute)
+    return dataclasses.replace(summary, policies=comparison)
+
+
+def test_headline_says_never_and_the_fixed_sample_in_compute_epochs():
+    """Adaptive cheaper per chip than Reduce: Reduce never breaks even with it; the fixed
+    policy's counts are of its sample; the unit is compute epochs, evaluation included."""
+    s = _with_policies(
+        _summary(),
+        dict(
+            reduce=policies.Policy(3, 15, 3, 2, 2),
+            fixed=policies.Policy(3, 30, 3, 1, 1, sampled_chips=2),
+            adaptive=policies.Policy(3, 6, 5, 3, 3),
+        ),
+    )
+    line = s.headline()
+    # An evaluation is 5 steps' flops: Reduce (15 + 15) / 10, adaptive (6 + 25) / 10.
+    assert "3 chips in compute epochs (training + evaluation): Reduce 3.00 + analysis" in line
+    assert "adaptive 3.10" in line and "fixed 4.50" in line
+    assert "cheapest without Reduce: adaptive; Reduce breaks even with it at " in line
+    cheaper = _with_policies(
+        _summary(),
+        dict(
+            reduce=policies.Policy(3, 15, 3, 2, 2),
+            fixed=policies.Policy(3, 30, 3, 1, 1, sampled_chips=2),
+            adaptive=policies.Policy(3, 6, 3, 3, 3),
+        ),
+    )
+    line = cheaper.headline()
+    assert (
+        "cheapest without Reduce: adaptive; Reduce never breaks even with it (with fixed: at"
+        in line
+    )
+    assert "fixed 1/1 of 2 sampled" in line
+    pol = cheaper.to_json()["policies"]
+    assert pol["unit"] == "compute_epochs" and pol["cheapest_alternative"] == "adaptive"
+    assert pol["break_even_vs_cheapest"] is None and pol["break_even_vs_adaptive"] is None
+    assert pol["break_even_vs_fixed"] is not None
+    assert pol["fixed"]["chips"] == 3 and pol["fixed"]["chips_measured"] == 2
+    assert pol["fixed"]["sampled"] and not pol["adaptive"]["sampled"]
+    # The fixed policy's cost counts every chip, not its sample.
+    assert pol["fixed"]["train_steps"] == 30 and pol["fixed"]["eval_passes"] == 3
+
+
+def test_headline_without_other_policies_says_so():
+    s = _with_policies(_summary(), dict(reduce=policies.Policy(3, 15, 3, 2, 2)))
+    assert "no other policy run (--compare_policies=false)" in s.headline()
+    assert s.to_json()["policies"]["cheapest_alternative"] is None

@@ -103,15 +103,31 @@ def test_cost_summary_by_hand():
         c.chips_missing_target,
         c.chips_diverged,
     ) == (2, 2, 1, 1)
-    # per chip: 4 - 6/6 = 3 epochs saved; 30 / 3 = 10 chips to break even
-    assert c.break_even_chips == 10
+    # The break-even is the comparison's (policies.compare, in compute epochs), not a second
+    # figure in training epochs.
+    assert "break_even_chips" not in c._fields
 
 
-def test_no_break_even_when_reduce_saves_nothing():
-    c = cost.summarize(
-        results(), fixed_epochs_per_chip=0.5, analysis_epochs=30.0, steps_per_epoch=SPE
+def test_a_chip_not_served_never_meets_the_target_whatever_its_accuracy():
+    """Chips above the grid or unrecoverable are not retrained: even when their accuracy
+    without retraining reads at or above the target, they do not count as meeting it."""
+    status = [resilience.OK, resilience.ABOVE_GRID, resilience.UNRECOVERABLE]
+    out = outcome(
+        [0.95, 0.97, 0.96],
+        [0.95, 0.97, 0.96],
+        [0, 0, 0],
+        [False] * 3,
+        [0, 0, 0],
+        [True, False, False],
     )
-    assert c.savings < 0 and c.break_even_chips is None
+    a = assignment(status, np.zeros(3), np.array([0.0, 0.6, 0.3]))
+    r = cost.chip_results(a, out, 0.9)
+    assert r.status.tolist() == ["ok", "above_grid", "unrecoverable"]
+    assert r.meets_target.tolist() == [True, False, False]
+    assert r.meets_target_test.tolist() == [True, False, False]
+    c = cost.summarize(r, 4.0, 30.0, SPE)
+    assert c.chips_meeting_target + c.chips_unrecoverable == 3
+    assert c.chips_meeting_target_test == 1
 
 
 @given(

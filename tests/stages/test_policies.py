@@ -27,41 +27,57 @@ def trajectory(val, steps, test=None):
     )
 
 
-def test_trajectory_points_cover_every_increment_the_cap_and_the_fixed_amount():
-    points = policies.trajectory_points(
-        topup_steps=3, cap_steps=10, fixed_steps=8, steps_per_epoch=2
+def test_sample_chips_draws_distinct_chips_or_every_chip():
+    key = jax.random.key(3)
+    drawn = policies.sample_chips(64, 16, key)
+    assert len(drawn) == 16 and len(set(drawn.tolist())) == 16
+    assert np.all(np.diff(drawn) > 0) and drawn.min() >= 0 and drawn.max() < 64
+    np.testing.assert_array_equal(drawn, policies.sample_chips(64, 16, key))
+    for every in (0, 64, 100):
+        np.testing.assert_array_equal(policies.sample_chips(64, every, key), np.arange(64))
+
+
+def test_the_fixed_policy_on_a_sample_pays_for_every_chip_and_counts_the_sample():
+    steps = [15]
+    val = [[0.95], [0.5]]
+    test = [[0.95], [0.95]]
+    traj = trajectory(val, steps, test)
+    fixed = policies.fixed_policy(traj, 15, TARGET, TARGET, chips=64)
+    assert fixed == policies.Policy(64, 64 * 15, 64, 1, 2, sampled_chips=2)
+    assert fixed.measured_chips == 2
+    every = policies.fixed_policy(traj, 15, TARGET, TARGET)
+    assert every == policies.Policy(2, 30, 2, 1, 2) and every.measured_chips == 2
+    with pytest.raises(ValueError):
+        policies.fixed_policy(traj, 15, TARGET, TARGET, chips=1)
+
+
+def test_adaptive_verifies_at_0_every_increment_and_the_cap():
+    np.testing.assert_array_equal(policies.adaptive_points(3, 10), [0, 3, 6, 9, 10])
+    np.testing.assert_array_equal(policies.adaptive_points(5, 10), [0, 5, 10])
+    np.testing.assert_array_equal(policies.adaptive_points(0, 10), [0])
+
+
+def test_adaptive_counts_the_steps_and_evaluations_to_each_stop():
+    # Chip 0 meets at 0; chip 1 after one increment of 5; chip 2 reaches the cap 12 (points
+    # 0, 5, 10, 12) and misses; chip 3 diverged (stopped, counted as missing).
+    out = policies.AdaptiveOutcome(
+        steps=np.array([0, 5, 12, 5]),
+        eval_passes=np.array([1, 2, 4, 2]),
+        val=np.array([0.95, 0.91, 0.7, 0.0]),
+        test=np.array([0.95, 0.85, 0.7, 0.99]),
+        diverged=np.array([False, False, False, True]),
     )
-    np.testing.assert_array_equal(points * 2, [0, 3, 6, 8, 9, 10])
+    adaptive = policies.adaptive_policy(out, TARGET, TARGET)
+    assert adaptive == policies.Policy(4, 0 + 5 + 12 + 5, 1 + 2 + 4 + 2, 2, 1)
+    # A validation margin: decisions require 0.92, the test set keeps the target.
+    strict = policies.adaptive_policy(out, TARGET + 0.02, TARGET)
+    assert (strict.chips_meeting_target, strict.chips_meeting_target_test) == (1, 1)
 
 
-def test_adaptive_stops_at_the_first_increment_that_meets_the_target_or_at_the_cap():
-    val = np.array([[0.95, 0.5, 0.5], [0.5, 0.8, 0.92], [0.5, 0.6, 0.7], [0.1, 0.95, 0.5]])
-    np.testing.assert_array_equal(policies.adaptive_stops(val, TARGET), [0, 2, 2, 1])
-
-
-def test_fixed_and_adaptive_policies_count_training_evaluations_and_successes():
-    steps = [0, 5, 10, 15]
-    val = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.91, 0.92, 0.93], [0.5, 0.6, 0.7, 0.95]]
-    test = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.85, 0.92, 0.93], [0.5, 0.6, 0.7, 0.95]]
-    traj = trajectory(val, steps, test)
-    fixed = policies.fixed_policy(traj, 15, TARGET, TARGET)
-    assert fixed == policies.Policy(3, 45, 3, 3, 3)
-    # Adaptive with the cap at 10: chip 0 stops at 0, chip 1 at 5, chip 2 at the cap (missed).
-    adaptive = policies.adaptive_policy(traj, 10, TARGET, TARGET)
-    assert adaptive == policies.Policy(3, 0 + 5 + 10, 1 + 2 + 3, 2, 1)
-
-
-def test_a_validation_margin_moves_where_adaptive_stops_and_the_test_set_keeps_the_target():
-    steps = [0, 5, 10, 15]
-    val = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.91, 0.92, 0.93], [0.5, 0.6, 0.7, 0.95]]
-    test = [[0.95, 0.95, 0.95, 0.95], [0.5, 0.85, 0.905, 0.93], [0.5, 0.6, 0.7, 0.95]]
-    traj = trajectory(val, steps, test)
-    # Decisions require 0.915: chip 1 now stops at 10 (0.92), where its test accuracy 0.905
-    # meets the target 0.9 that the test set is judged against.
-    adaptive = policies.adaptive_policy(traj, 10, TARGET + 0.015, TARGET)
-    assert adaptive == policies.Policy(3, 0 + 10 + 10, 1 + 3 + 3, 2, 2)
-    fixed = policies.fixed_policy(traj, 5, TARGET + 0.015, TARGET)
-    assert fixed == policies.Policy(3, 15, 3, 1, 1)
+def test_a_validation_margin_moves_the_fixed_policys_validation_count_not_its_test_count():
+    traj = trajectory([[0.95, 0.95], [0.5, 0.91]], [0, 5], [[0.95, 0.95], [0.5, 0.905]])
+    assert policies.fixed_policy(traj, 5, TARGET + 0.015, TARGET) == policies.Policy(2, 10, 2, 1, 2)
+    assert policies.fixed_policy(traj, 5, TARGET, TARGET) == policies.Policy(2, 10, 2, 2, 2)
 
 
 def test_reduce_policy_verifies_served_chips_after_each_top_up_round():
@@ -98,14 +114,60 @@ def test_break_even_against_adaptive_is_the_least_population_that_pays(
     s = compute.epochs(extra, 0) / chips
     n = out.break_even_vs_adaptive
     assert n * s >= a * (1 - 1e-9) and (n - 1) * s < a
+    assert out.cheapest == "adaptive" and out.break_even_vs_cheapest == n
     worse = policies.compare(dict(adaptive=reduce_, reduce=adaptive), analysis, compute)
-    assert worse.break_even_vs_adaptive is None
+    assert worse.break_even_vs_adaptive is None and worse.break_even_vs_cheapest is None
+
+
+def _three_policies():
+    """Per chip: Reduce 10 steps + 1 evaluation, adaptive 12 steps + 3 evaluations, fixed 40
+    steps + 1 evaluation; an evaluation costs 10 steps' flops (an epoch is 10 steps)."""
+    n = 8
+    return dict(
+        reduce=policies.Policy(n, 10 * n, n, n, n),
+        fixed=policies.Policy(n, 40 * n, n, n, n, sampled_chips=2),
+        adaptive=policies.Policy(n, 12 * n, 3 * n, n, n),
+    )
+
+
+def test_the_cheapest_policy_and_the_break_even_are_in_compute_epochs_evaluation_included():
+    """Per chip in compute epochs: Reduce 2.0, adaptive 4.2, fixed 5.0; the analysis (one
+    chip to 10 steps, evaluated twice) 3.0. Training only, adaptive would save 0.2 epochs a
+    chip and break even at 5 chips; with evaluation it saves 2.2 and breaks even at 2."""
+    compute = policies.Compute(step_flops=1.0, eval_flops=10.0, steps_per_epoch=10)
+    analysis = trajectory(np.zeros((1, 2)), [0, 10])
+    out = policies.compare(_three_policies(), analysis, compute)
+    assert out.unit == "compute_epochs" and out.cheapest == "adaptive"
+    assert out.per_chip(out.policies["adaptive"]) == pytest.approx(4.2)
+    assert out.cost(out.analysis) == pytest.approx(3.0)
+    assert out.break_even == {"fixed": 1, "adaptive": 2}
+    assert out.break_even_vs_cheapest == 2
+    # Without a flop count for evaluation, every figure is in training epochs, named so.
+    blind = policies.compare(_three_policies(), analysis, compute._replace(eval_flops=float("nan")))
+    assert blind.unit == "train_epochs" and blind.cheapest == "adaptive"
+    assert blind.break_even == {"fixed": 1, "adaptive": 5}
+
+
+def test_fixed_is_the_cheapest_when_adaptive_costs_more_per_chip():
+    compute = policies.Compute(step_flops=1.0, eval_flops=10.0, steps_per_epoch=10)
+    found = _three_policies()
+    found["adaptive"] = found["adaptive"]._replace(train_steps=100 * 8)
+    out = policies.compare(found, trajectory(np.zeros((1, 2)), [0, 10]), compute)
+    assert out.cheapest == "fixed" and out.break_even_vs_cheapest == out.break_even["fixed"]
+    alone = policies.compare(
+        dict(reduce=found["reduce"]), trajectory(np.zeros((1, 2)), [0, 10]), compute
+    )
+    assert alone.cheapest is None and alone.break_even == {}
+
+
+def _context(trainer, variables, data, chips_per_batch=8):
+    return population.Context(trainer, variables, data, 41, chips_per_batch)
 
 
 def test_measured_compute_matches_the_model_arithmetic(tiny_mlp, tiny_mlp_variables, digits_device):
     """MLP 64-16-10: a forward pass is about 2 * (64*16 + 16*10) flops per image."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 1e-3), 32)
-    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 41, 8)
+    ctx = _context(trainer, tiny_mlp_variables, digits_device)
     c = policies.measure_compute(ctx, 32, 100)
     forward = 2 * (64 * 16 + 16 * 10)
     n_val = 200  # 144 images, in two batches of 100
@@ -114,21 +176,48 @@ def test_measured_compute_matches_the_model_arithmetic(tiny_mlp, tiny_mlp_variab
     assert c.epochs(41, 0) == pytest.approx(1.0)
 
 
-def test_a_chip_stopped_where_adaptive_stops_equals_its_trajectory(
+def test_the_fixed_policys_chips_equal_chips_retrained_alone(
     tiny_mlp, tiny_mlp_variables, digits_device
 ):
-    """The trajectory stands in for every policy because a chip's trajectory does not depend
-    on when it is stopped: retraining it alone to a point gives the trajectory's accuracy."""
+    """``run_fixed`` on a sample gives each sampled chip what retraining it alone gives."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
-    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 41, 4)
+    ctx = _context(trainer, tiny_mlp_variables, digits_device, 4)
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(5), 3, 8, 8, 0.3))
     key = jax.random.key(9)
-    traj = policies.run_trajectory(ctx, maps, np.array([0, 3, 6, 9]) / 41, key)
+    fixed = policies.run_fixed(ctx, maps[1:], 6, key)
+    assert fixed.accuracy.shape == (2, 1, 1) and fixed.amount_steps.tolist() == [6]
     states, masks = population.init_chunk(trainer, tiny_mlp_variables, maps[1:2], np.array([6]))
     states = population.run_phase(trainer, states, masks, digits_device, key, np.array([6]))
-    for split, acc in (("val", traj.accuracy), ("test", traj.test_accuracy)):
+    for split, acc in (("val", fixed.accuracy), ("test", fixed.test_accuracy)):
         alone = population.evaluate(trainer, states, masks, digits_device, split)
-        assert alone[0] == pytest.approx(acc[1, 2, 0], abs=1e-6)
+        assert alone[0] == pytest.approx(acc[0, 0, 0], abs=1e-6)
+
+
+def test_adaptive_stops_each_chip_where_its_continuous_retraining_first_meets_the_target(
+    tiny_mlp, tiny_mlp_variables, digits_device
+):
+    """Adaptive equals one trajectory per chip (every chip retrained to the cap, evaluated
+    at every increment) read at its first point at or above the target: a chip stopped
+    there takes no more steps, and its accuracy is the trajectory's at that point."""
+    trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
+    ctx = _context(trainer, tiny_mlp_variables, digits_device, 4)
+    rates = np.array([0.0, 0.2, 0.4, 0.5, 0.6, 0.7])
+    maps = np.asarray(faults.sample_fault_maps(jax.random.key(2), len(rates), 8, 8, rates))
+    key, points = jax.random.key(4), policies.adaptive_points(3, 7)
+    traj = resilience.analyze(
+        ctx, maps[:, None], points / 41, key, stage="trajectory", with_test=True
+    )
+    val, test = traj.accuracy[:, :, 0], traj.test_accuracy[:, :, 0]
+    target = float(np.median(val[:, 1]))  # some chips meet it early, some late or never
+    out = policies.run_adaptive(ctx, maps, 3, 7, target, key)
+    meets = val >= target
+    first = np.where(meets.any(1), np.argmax(meets, 1), len(points) - 1)
+    rows = np.arange(len(maps))
+    assert len(set(first.tolist())) > 1
+    np.testing.assert_array_equal(out.steps, points[first])
+    np.testing.assert_array_equal(out.eval_passes, first + 1)
+    np.testing.assert_allclose(out.val, val[rows, first], atol=1e-6)
+    np.testing.assert_allclose(out.test, test[rows, first], atol=1e-6)
 
 
 @pytest.mark.slow
