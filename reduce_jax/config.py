@@ -227,6 +227,12 @@ class ReduceConfig:
         "Per-chip entries in summary.json (false: null there, for large populations; "
         "chips.csv holds them either way).",
     )
+    save_chip_weights: bool = _setting(
+        False,
+        "Store every chip's retrained variables (bypassed weights zero; chips given 0 epochs as "
+        "a reference to the masked baseline) in WORKDIR/chip_weights/, written as chunks of "
+        "chips finish; read one with reduce_jax.load_chip or experiments.export_chip.",
+    )
     seed: int = _setting(0, "Seed of every random stream (>= 0).")
 
     def as_dict(self) -> dict:
@@ -435,6 +441,10 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
     _one_of(cfg, "augment", augment_lib.AUGMENT_MODES)
     _require(cfg.baseline_epochs > 0, f"--baseline_epochs={cfg.baseline_epochs} must be > 0")
     _require(cfg.seed >= 0, f"--seed={cfg.seed} must be >= 0")
+    _require(
+        not cfg.save_chip_weights or bool(cfg.workdir),
+        "--save_chip_weights needs --workdir (the store is WORKDIR/chip_weights/)",
+    )
     _validate_files(cfg, dataset_files)
 
 

@@ -64,6 +64,7 @@ DEFAULT_DICT = {
     "topup_pool_chunks": 4,
     "eval_batch_size": 100,
     "summary_chips": True,
+    "save_chip_weights": False,
     "seed": 0,
 }
 
