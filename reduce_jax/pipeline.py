@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -38,7 +39,8 @@ from reduce_jax.stages import cost as cost_lib
 
 
 class Keys(NamedTuple):
-    """The run's random streams, ``fold_in(key(seed), i)`` for the ``i``-th field."""
+    """The run's random streams: ``fold_in(key(seed), stream_id(name))`` for the field
+    ``name``, so adding, removing or reordering a field never changes the other streams."""
 
     baseline: jax.Array
     analysis_maps: jax.Array
@@ -53,7 +55,12 @@ class Keys(NamedTuple):
     @classmethod
     def from_seed(cls, seed: int) -> Keys:
         key = jax.random.key(seed)
-        return cls(*(jax.random.fold_in(key, i) for i in range(len(cls._fields))))
+        return cls(*(jax.random.fold_in(key, stream_id(name)) for name in cls._fields))
+
+
+def stream_id(name: str) -> int:
+    """A stable number for a stream's name: its CRC-32, in 31 bits (``fold_in``'s data)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 def run(

@@ -52,3 +52,29 @@ def test_run_seeds_runs_each_seed_in_its_own_workdir(tmp_path, small_run_config)
         r["cost"]["reduce_epochs"] for r in runs
     ]
     assert runs[0]["config"]["seed"] == 0 and runs[1]["config"]["seed"] == 1
+
+
+def test_a_run_stream_depends_on_its_name_and_the_seed_not_on_its_position():
+    """``Keys.from_seed`` folds each field's name into the seed's key: a stream added in front
+    of the others, or fields reordered, leave every other stream as it was."""
+    from typing import NamedTuple
+
+    import jax
+
+    from reduce_jax import pipeline
+
+    class Reordered(NamedTuple):
+        added: jax.Array
+        policies: jax.Array
+        baseline: jax.Array
+
+    data = lambda k: np.asarray(jax.random.key_data(k))  # noqa: E731
+    keys = pipeline.Keys.from_seed(3)
+    other = pipeline.Keys.from_seed.__func__(Reordered, 3)
+    np.testing.assert_array_equal(data(other.baseline), data(keys.baseline))
+    np.testing.assert_array_equal(data(other.policies), data(keys.policies))
+    streams = [data(k).tobytes() for k in (*keys, other.added)]
+    assert len(set(streams)) == len(streams)  # every stream its own
+    expected = jax.random.fold_in(jax.random.key(3), pipeline.stream_id("chips"))
+    np.testing.assert_array_equal(data(keys.chips), data(expected))
+    assert data(pipeline.Keys.from_seed(4).chips).tobytes() != data(keys.chips).tobytes()
