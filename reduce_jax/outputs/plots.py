@@ -169,18 +169,23 @@ def _policy_cost(pol: dict, name: str) -> float:
 def _cumulative(summary: dict, ax, names: list[str], break_even: int | None, label: str):
     """Cumulative cost over the population size of ``names`` (Reduce with its analysis),
     with Reduce's break-even with the cheapest policy without it marked; the x-axis reaches
-    past the break-even."""
+    past the break-even, and the y-axis shows Reduce and the cheapest policy in full (a
+    dearer policy may leave through the top)."""
     pol = summary["policies"]
     n_chips = max(pol["reduce"]["chips"], 1)
     evens = [b for b in (pol.get(f"break_even_vs_{a}") for a in ("fixed", "adaptive")) if b]
     n_max = max([n_chips] + [int(np.ceil(1.25 * b)) for b in evens])
     n = np.linspace(0, n_max, 200)
     analysis = _policy_cost(pol, "analysis")
+    focus = []
     for name in names:
         per = _policy_cost(pol, name) / max(pol[name]["chips"], 1)
         one_off = analysis if name in ("reduce", "grouped") else 0.0
         text = f"{name} ({per:.3g}/chip)" + (f" + analysis {analysis:.4g}" if one_off else "")
         ax.plot(n, one_off + n * per, color=_POLICY_COLORS[name], lw=2, label=text)
+        if name in ("reduce", pol.get("cheapest_alternative")):
+            focus.append(one_off + n_max * per)
+    ax.set_ylim(0, 1.3 * max(focus + [1e-9]))
     if n_max > n_chips:
         ax.axvline(n_chips, color="k", lw=0.8, alpha=0.5, label=f"this run: {n_chips} chips")
     if break_even is not None:
