@@ -9,6 +9,11 @@ Your own Flax module, its trained variables and your arrays::
 
     data = reduce_jax.Dataset.from_arrays(x_train, y_train, x_test, y_test)
     summary = reduce_jax.run(config, model=model, variables=variables, dataset=data)
+
+New chips from a study's saved map, without the analysis (docs/production.md)::
+
+    result = reduce_jax.retrain_chips(reduce_jax.load_map("runs/study/map"), "chips.npz",
+                                      workdir="runs/week2")
 """
 
 from reduce_jax.config import ConfigError, ReduceConfig
@@ -42,8 +47,10 @@ __all__ = [
     "kernel_mask",
     "load_dataset",
     "load_fault_maps",
+    "load_map",
     "pe_fault_rate",
     "pe_weights",
+    "retrain_chips",
     "run",
     "sample_fault_maps",
     "save_fault_maps",
@@ -60,4 +67,12 @@ def __getattr__(name: str):
         from reduce_jax.pipeline import run
 
         return run
+    if name == "load_map":  # orbax
+        from reduce_jax.outputs.map_bundle import load_map
+
+        return load_map
+    if name == "retrain_chips":
+        from reduce_jax.production import retrain_chips
+
+        return retrain_chips
     raise AttributeError(f"module 'reduce_jax' has no attribute {name!r}")

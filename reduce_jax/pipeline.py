@@ -31,7 +31,7 @@ from reduce_jax.engine.progress import ProgressStore, Timer
 from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import augment as augment_lib
 from reduce_jax.nets import models
-from reduce_jax.outputs import report
+from reduce_jax.outputs import map_bundle, report
 from reduce_jax.outputs.summary import Baseline, Summary
 from reduce_jax.stages import baseline as baseline_lib
 from reduce_jax.stages import calibration, grouping, policies, predictor, resilience, retraining
@@ -156,6 +156,13 @@ def run(
     )  # fmt: skip
     if cfg.workdir and jax.process_index() == 0:
         report.write_outputs(summary.to_json(), cfg.workdir, chips_in_json=cfg.summary_chips)
+        # The map as an artefact: new chips are served from it without the analysis.
+        map_bundle.save_map(os.path.join(cfg.workdir, map_bundle.MAP_DIR), map_bundle.of_study(
+            cfg, rmap, variables, inp.abstract, inp.dataset, decision_target=policy.decision_target,
+            test_target=policy.test_target, steps_per_epoch=ctx.steps_per_epoch,
+            augment=_augments(cfg, inp), validation_split=inp.validation_split,
+            model_id=inp.model_id, dataset_id=inp.dataset_id,
+        ))  # fmt: skip
     return summary
 
 

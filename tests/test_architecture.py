@@ -26,7 +26,7 @@ LAYERS = (
     ("stages", ("stages",)),
     ("config", ("config",)),
     ("outputs", ("outputs",)),
-    ("the run", ("inputs", "pipeline", "seeds")),
+    ("the run", ("inputs", "pipeline", "seeds", "production")),
     ("the public API", ("",)),
 )
 

@@ -1,0 +1,230 @@
+"""New chips retrained from a study's map bundle (``production.retrain_chips``) and its CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import reduce_jax
+from reduce_jax import data as data_lib
+from reduce_jax import pipeline, production
+from reduce_jax.engine import progress
+from reduce_jax.errors import ConfigError
+from reduce_jax.hardware import faults
+from reduce_jax.nets import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = (
+    "chip", "pe_fault_rate", "status", "selected_steps", "topup_steps", "accuracy_before",
+    "accuracy_after", "meets_target", "test_accuracy_after", "meets_target_test",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, small_run_config):
+    """A small study on 8 chips from a file (7 at rate 0.1, the last at 0.6, above the grid):
+    ``(workdir, fault-map file)``."""
+    root = tmp_path_factory.mktemp("study")
+    maps = faults.FaultSpec("clustered", 8, 8, 2.0, 1.0).sample(
+        jax.random.key(3), np.r_[np.full(7, 0.1), 0.6]
+    )
+    path = str(root / "chips.npz")
+    faults.save_fault_maps(path, maps)
+    cfg = small_run_config(
+        str(root / "study"), chip_fault_maps=path, compare_policies=False, chips_per_batch=8
+    )
+    pipeline.run(cfg)
+    return str(root / "study"), path
+
+
+@pytest.fixture(scope="module")
+def served(study, tmp_path_factory):
+    """The study's own chips retrained from its map into a new workdir: ``(workdir,
+    Production)``."""
+    out = str(tmp_path_factory.mktemp("served") / "out")
+    result = reduce_jax.retrain_chips(
+        reduce_jax.load_map(os.path.join(study[0], "map")), study[1], workdir=out,
+        chips_per_batch=8,
+    )  # fmt: skip
+    return out, result
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_studys_chips_from_its_map_are_the_studys(study, served):
+    # Same map, recipe, targets and retraining stream: every chip's amount, status, top-ups
+    # and accuracies equal the study's chips.csv, the chip above the grid included.
+    mine = _rows(os.path.join(served[0], "chips.csv"))
+    theirs = _rows(os.path.join(study[0], "chips.csv"))
+    assert [{k: r[k] for k in COLUMNS} for r in mine] == [
+        {k: r[k] for k in COLUMNS} for r in theirs
+    ]
+    assert theirs[7]["status"] == "above_grid" and mine[7]["selected_steps"] == ""
+    assert sum(r["status"] == "ok" for r in mine) >= 5
+
+
+def test_summary_shows_no_baseline_training_and_no_analysis(served):
+    with open(os.path.join(served[0], "summary.json")) as f:
+        summary = json.load(f)
+    timing = summary["timing"]
+    assert timing["baseline_trained"] is False and timing["analysis_run"] is False
+    assert "retrain_s" in timing
+    assert not any(k.startswith(("baseline_s", "analysis_s")) for k in timing)
+    cost = summary["cost"]
+    assert cost["analysis_epochs"] == 0 and cost["study_analysis_epochs"] > 0
+    spe = cost["steps_per_epoch"]
+    chips = summary["chips"]
+    assert cost["reduce_steps"] == sum((c["selected_steps"] or 0) + c["topup_steps"] for c in chips)
+    assert cost["reduce_epochs"] == pytest.approx(cost["reduce_steps"] / spe)
+    assert cost["chips_unrecoverable"] == 1 and summary["retrained"] == list(range(8))
+
+
+def test_a_second_call_with_the_same_chips_computes_nothing(study, served, monkeypatch):
+    out, first = served
+    before = _rows(os.path.join(out, "chips.csv"))
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a finished chip was retrained again")
+
+    monkeypatch.setattr(production.retraining, "retrain", no_compute)
+    again = reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], workdir=out)
+    assert len(again.retrained) == 0 and list(again.found_done) == list(range(8))
+    assert _rows(os.path.join(out, "chips.csv")) == before
+
+
+def test_more_chips_are_added_and_finished_ones_never_redone(study, served, tmp_path):
+    maps = faults.load_fault_maps(study[1])
+    first, rest = str(tmp_path / "first.npz"), str(tmp_path / "rest.npz")
+    faults.save_fault_maps(first, maps[:3])
+    faults.save_fault_maps(rest, maps[3:])
+    out = str(tmp_path / "out")
+    bundle = reduce_jax.load_map(study[0])  # the study's workdir finds its map/
+    a = reduce_jax.retrain_chips(bundle, first, workdir=out)
+    b = reduce_jax.retrain_chips(bundle, rest, workdir=out, first_chip_id=3)
+    assert list(a.retrained) == [0, 1, 2] and list(b.retrained) == list(range(3, 8))
+    mine = _rows(os.path.join(out, "chips.csv"))
+    full = _rows(os.path.join(served[0], "chips.csv"))
+    assert [r["chip"] for r in mine] == [str(c) for c in range(8)]
+    assert [r["source"] for r in mine] == [first] * 3 + [rest] * 5
+    for m, f in zip(mine, full, strict=True):
+        assert (m["status"], m["selected_steps"]) == (f["status"], f["selected_steps"])
+        # Other chunks may pick other GEMM kernels: equal up to the last bits.
+        assert float(m["accuracy_after"]) == pytest.approx(float(f["accuracy_after"]), abs=0.01)
+
+
+def test_a_known_chip_with_another_map_is_refused_naming_both_files(study, served, tmp_path):
+    maps = faults.load_fault_maps(study[1])
+    maps[2] = ~maps[2]
+    other = str(tmp_path / "other.npz")
+    faults.save_fault_maps(other, maps)
+    ledger = os.path.join(served[0], production.LEDGER)
+    with open(ledger) as f:
+        saved = f.read()
+    with pytest.raises(ConfigError, match=r"chip 2: .*other\.npz.*chips\.npz"):
+        reduce_jax.retrain_chips(os.path.join(study[0], "map"), other, workdir=served[0])
+    with open(ledger) as f:
+        assert f.read() == saved
+
+
+def _refused(study, tmp_path, match, **kwargs):
+    out = str(tmp_path / "out")
+    maps = kwargs.pop("maps", study[1])
+    with pytest.raises(ConfigError, match=match):
+        reduce_jax.retrain_chips(os.path.join(study[0], "map"), maps, workdir=out, **kwargs)
+    assert not os.path.exists(out)  # refused before anything is written
+
+
+def test_another_model_is_refused_naming_the_variable(study, tmp_path):
+    net = models.MLP(num_classes=10, hidden=(32,))
+    _refused(study, tmp_path, r"not the map's model \(mlp\): variable params/fc1/bias", model=net)
+
+
+def test_other_weights_are_refused(study, tmp_path):
+    bundle = reduce_jax.load_map(os.path.join(study[0], "map"))
+    weights = jax.tree.map(lambda x: x + 1e-3, bundle.variables)
+    _refused(study, tmp_path, "variables: the baseline weights differ", variables=weights)
+
+
+def test_other_data_and_another_split_are_refused(study, tmp_path):
+    digits = data_lib.load_dataset("digits")
+    changed = data_lib.Dataset.from_arrays(
+        digits.train_images, digits.train_labels, digits.test_images[::-1],
+        digits.test_labels[::-1], name="digits",
+    )  # fmt: skip
+    _refused(study, tmp_path, "dataset: the training and test data differ", dataset=changed)
+    split = data_lib.split_validation(digits, 0.2)
+    _refused(study, tmp_path, "dataset: the validation split differ", dataset=split)
+
+
+def test_fault_maps_of_another_array_are_refused(study, tmp_path):
+    maps = np.zeros((2, 16, 16), bool)
+    _refused(study, tmp_path, "16x16 array, but the map is of a 8x8 array", maps=maps)
+
+
+def test_a_studys_workdir_is_not_an_output(study):
+    with pytest.raises(ConfigError, match="holds a study's outputs"):
+        reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], workdir=study[0])
+
+
+def test_a_stopped_call_resumes_to_the_same_chips(study, served, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    put, saved = progress.ProgressStore.put, []
+
+    def stop_after_first(self, phase, index, result):
+        put(self, phase, index, result)
+        saved.append(index)
+        raise KeyboardInterrupt  # the first pool is saved, then the call is stopped
+
+    monkeypatch.setattr(progress.ProgressStore, "put", stop_after_first)
+    kwargs = dict(workdir=out, chips_per_batch=4, topup_pool_chunks=1)
+    with pytest.raises(KeyboardInterrupt):
+        reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], **kwargs)
+    assert saved == [0] and not os.path.exists(os.path.join(out, production.LEDGER))
+    monkeypatch.setattr(progress.ProgressStore, "put", put)
+    computed = []
+    drive = production.retraining.population.drive
+
+    def counting(inputs, compute, *args, **kw):
+        return drive(inputs, lambda ids, c: computed.append(ids) or compute(ids, c), *args, **kw)
+
+    monkeypatch.setattr(production.retraining.population, "drive", counting)
+    reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], **kwargs)
+    assert len(computed) == 1  # the saved pool is read back, only the second is computed
+    mine = _rows(os.path.join(out, "chips.csv"))
+    full = _rows(os.path.join(served[0], "chips.csv"))
+    for m, f in zip(mine, full, strict=True):
+        assert (m["status"], m["selected_steps"]) == (f["status"], f["selected_steps"])
+    assert not os.path.exists(os.path.join(out, "batches"))
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(study, tmp_path):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "experiments.retrain_chips", f"--map={study[0]}/map"]
+    bad = subprocess.run(
+        [*cmd, f"--chip_fault_maps={tmp_path}/missing.npz", f"--workdir={out}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and not os.path.exists(out)
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --chip_fault_maps=")
+    ok = subprocess.run(
+        [*cmd, f"--chip_fault_maps={study[1]}", f"--workdir={out}", "--chips_per_batch=8",
+         "--compilation_cache_dir="],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "8 chips retrained from the map" in ok.stdout
+    assert "ETA" in ok.stderr  # the progress line
+    mine = _rows(os.path.join(out, "chips.csv"))
+    theirs = _rows(os.path.join(study[0], "chips.csv"))
+    assert [r["selected_steps"] for r in mine] == [r["selected_steps"] for r in theirs]
