@@ -45,6 +45,7 @@ __all__ = [
     "describe_mapping",
     "effective_fault_rate",
     "kernel_mask",
+    "load_chip",
     "load_dataset",
     "load_fault_maps",
     "load_map",
@@ -67,6 +68,10 @@ def __getattr__(name: str):
         from reduce_jax.pipeline import run
 
         return run
+    if name == "load_chip":
+        from reduce_jax.outputs.chip_store import load_chip
+
+        return load_chip
     if name == "load_map":  # orbax
         from reduce_jax.outputs.map_bundle import load_map
 

@@ -31,7 +31,7 @@ from reduce_jax.engine.progress import ProgressStore, Timer
 from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import augment as augment_lib
 from reduce_jax.nets import models
-from reduce_jax.outputs import map_bundle, report
+from reduce_jax.outputs import chip_store, map_bundle, report
 from reduce_jax.outputs.summary import Baseline, Summary
 from reduce_jax.stages import baseline as baseline_lib
 from reduce_jax.stages import calibration, grouping, policies, predictor, resilience, retraining
@@ -123,15 +123,19 @@ def run(
     with timer.phase("retrain"):
         singles = [[i] for i in range(len(maps))]
         units = retraining.Units.of_groups(singles, assignment.budgets, assignment.ok)
-        per_chip = retraining.retrain(ctx, policy, units, maps, keys.retrain, store)
+        sink = _chip_store(cfg, store, variables)
+        per_chip = retraining.retrain(ctx, policy, units, maps, keys.retrain, store, sink=sink)
 
     # Grouped runs (eFAT): chips whose fused maps need less retraining share one.
     grouped = None
     if cfg.grouping != "none":
         with timer.phase("grouped_retrain"):
             grouped = _grouped(
-                cfg, ctx, policy, maps, assignment, rmap, per_chip, keys.grouped, store
+                cfg, ctx, policy, maps, assignment, rmap, per_chip, keys.grouped, store, sink
             )
+    if sink is not None:
+        groups = (grouped.served_by, grouped.retrainings.members) if grouped is not None else ()
+        sink.finish(*groups)
 
     # 6. Cost, and Reduce against the policies a user would follow without it.
     chips = cost_lib.chip_results(
@@ -363,13 +367,23 @@ def _predictor_study(cfg, ctx, policy, rmap, keys: Keys, store) -> predictor.Pre
     return predictor.run_study(ctx, policy, maps, rates, rmap, keys.predictor_data, store)
 
 
-def _grouped(cfg, ctx, policy, maps, assignment, rmap, per_chip, key, store):
+def _chip_store(cfg: ReduceConfig, store: ProgressStore, variables):
+    """The writer of every chip's retrained weights (``--save_chip_weights``), else None; its
+    fingerprint is the run's progress key, so a run started again with ``--overwrite``
+    starts a new store."""
+    if not cfg.save_chip_weights:
+        return None
+    key = chip_store.fingerprint(store.state["config"])
+    return chip_store.ChipStore(cfg.workdir, variables, key)
+
+
+def _grouped(cfg, ctx, policy, maps, assignment, rmap, per_chip, key, store, sink=None):
     """Plans the groups on the map and retrains them (``grouping.run_grouped``)."""
     amount = grouping.amount_fn(rmap.measured_rates, rmap.required_steps, rmap.interpolation)
     w = rmap.weights[cfg.rate_measure]
     levels = rmap.required_steps
     plan = grouping.plan_groups(maps, assignment.ok, w, amount, levels, cfg.max_group_size)
-    return grouping.run_grouped(ctx, policy, maps, plan, per_chip, rmap, key, store)
+    return grouping.run_grouped(ctx, policy, maps, plan, per_chip, rmap, key, store, sink)
 
 
 class _Outcomes(NamedTuple):

@@ -248,6 +248,7 @@ def run_grouped(
     rmap: resilience.ResilienceMap,
     key: jax.Array,
     store: ProgressStore | None = None,
+    sink: retraining.WeightSink | None = None,
 ) -> GroupedOutcome:
     """Retrains every planned group once on its fused map, verifies it on every member,
     and serves each chip by its group, or by its own per-chip retraining.
@@ -261,10 +262,13 @@ def run_grouped(
       rmap: the resilience map (the per-PE weights of its measures).
       key: key of the groups' batch order.
       store: saves finished chunks under ``grouped`` (resume).
+      sink: receives the groups' retrained variables (``retraining.WeightSink``).
     """
     if plan.groups:
         units = retraining.Units.of_groups(plan.groups, plan.steps, True)
-        groups = retraining.retrain(ctx, policy, units, chip_maps, key, store, stage="grouped")
+        groups = retraining.retrain(
+            ctx, policy, units, chip_maps, key, store, stage="grouped", sink=sink
+        )
     else:
         groups = per_chip.take(np.zeros(0, np.int64))
     split = groups.retrained & ~groups.meets_target

@@ -8,7 +8,7 @@ member's own mask applied on top of the unit's trained weights).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,34 @@ from absl import logging
 from reduce_jax import sharding
 from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import Meter, ProgressStore
+
+
+class WeightSink(Protocol):
+    """Where ``retrain`` hands every pool's final variables as the pool finishes (after its
+    top-ups), e.g. ``outputs.chip_store.ChipStore``. It only reads them: results do not
+    depend on whether one is given."""
+
+    def write(
+        self,
+        stage: str,
+        members: np.ndarray,
+        steps: np.ndarray,
+        maps: np.ndarray,
+        diverged: np.ndarray,
+        variables: train.PyTree,
+    ) -> None:
+        """One pool of ``m`` units.
+
+        Args:
+          stage: the stage's name (``retrain``'s ``stage``).
+          members: ``int64[m, W]`` each unit's member chips (``-1``: none).
+          steps: ``int64[m]`` each unit's steps in all (budget plus top-ups; 0: the unit is
+            the masked baseline).
+          maps: ``bool[m, R, C]`` each unit's (fused) fault map.
+          diverged: ``bool[m]``.
+          variables: ``{"params", "batch_stats"}`` with leading axis ``>= m`` (device
+            arrays; rows past ``m`` are padding).
+        """
 
 
 class Verification(NamedTuple):
@@ -139,6 +167,7 @@ def retrain(
     key: jax.Array,
     store: ProgressStore | None = None,
     stage: str = "retrain",
+    sink: WeightSink | None = None,
 ) -> ChipOutcome:
     """Retrains every unit for its own steps, tops up misses, verifies it on its members.
 
@@ -157,6 +186,7 @@ def retrain(
       key: key of the batch order of the retraining and of the top-ups.
       store: saves finished pools under ``stage`` (resume).
       stage: the stage's name.
+      sink: receives every computed pool's final variables (``WeightSink``; None: dropped).
 
     Returns:
       ``ChipOutcome`` over units.
@@ -174,6 +204,10 @@ def retrain(
         # Padding units have no members: fault-free, budget 0.
         maps = fused_maps(chip_maps, np.where(real[:, None], pool.members, -1))
         out, variables = _retrain_pool(ctx, policy, pool, maps, len(ids), size, keys, meter)
+        if sink is not None:
+            m = len(ids)
+            trained = pool.steps[:m] + out.topup[:m]
+            sink.write(stage, pool.members[:m], trained, maps[:m], out.diverged[:m], variables)
         member_accuracy = _verify_members(
             ctx, variables, pool.members[: len(ids)], chip_maps, out.after, size
         )
