@@ -108,8 +108,9 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
     )
     for c in chips:
         assert chip_keys <= set(c)
+        served = c["selected_epochs"] is not None and c["status"] != "diverged"
         assert c["meets_target"] == (
-            c["accuracy_after"] >= s["validation_target_accuracy"] and c["status"] != "diverged"
+            c["accuracy_after"] >= s["validation_target_accuracy"] and served
         )
         if c["status"] in ("ok", "missed_target", "diverged"):  # the retrained chips
             assert c["meets_target"] == (c["status"] == "ok")
@@ -131,11 +132,13 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
         assert len(list(csv.DictReader(fh))) == f * a * k
     for png in plots.PLOT_NAMES:
         assert os.path.getsize(os.path.join(workdir, png)) > 1000
-    assert "chips meet the target" in proc.stdout
+    assert "chips meeting the target (validation/test)" in proc.stdout
     # Decisions on the validation split, the test set for reporting.
     assert s["config"]["validation_fraction"] > 0 and s["baseline_test_accuracy"] is not None
     assert cost["chips_meeting_target_test"] == sum(
-        c["test_accuracy_after"] >= s["target_accuracy"] and c["status"] != "diverged"
+        c["test_accuracy_after"] >= s["target_accuracy"]
+        and c["status"] != "diverged"
+        and c["selected_epochs"] is not None
         for c in chips
     )
     pol = s["policies"]
@@ -147,6 +150,10 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
     assert pol["adaptive"]["eval_passes"] >= len(chips)
     for p in ("fixed", "adaptive", "reduce"):
         assert pol[p]["compute_epochs"] > pol[p]["train_epochs"]  # evaluation costs too
+    assert pol["unit"] == "compute_epochs"
+    cheapest = min(("fixed", "adaptive"), key=lambda p: pol[p]["compute_epochs"])
+    assert pol["cheapest_alternative"] == cheapest
+    assert f"cheapest without Reduce: {cheapest}" in proc.stdout
 
 
 @pytest.mark.slow
