@@ -110,7 +110,8 @@ def tile_operands(x_q: jax.Array, w_q: jax.Array, rows: int) -> tuple[jax.Array,
 # Float32 holds every integer up to 2**24 exactly, and a sum of up to 1024 int8 x int8
 # products (each at most 2**14 in magnitude) stays within that range whatever the order of
 # the additions: a float32 matrix product over at most 1024 reduction rows is the exact
-# integer result. XLA:CPU runs it some 20 times faster than an int8 x int8 -> int32 dot.
+# integer result, and XLA:CPU runs a float32 product far faster than an int8 x int8 -> int32
+# dot (docs/datapath.md).
 EXACT_FLOAT_ROWS = 2**24 // 2**14
 
 
