@@ -143,9 +143,9 @@ def study_record(summary_path: str | None, flagfile: str | None, part: dict | No
                 "chips_unrecoverable",
                 "chips_missing_target",
                 "chips_diverged",
-                "break_even_chips",
             )
         },
+        break_even_vs_cheapest=(s.get("policies") or {}).get("break_even_vs_cheapest"),
         required_epochs=s.get("resilience_map", {}).get("required_epochs"),
     )
     return out
