@@ -471,7 +471,7 @@ def load_map(path: str) -> MapBundle:
         statistic=meta["statistic"],
         interpolation=meta["interpolation"],
     )
-    variables = _restore(os.path.join(path, _VARIABLES), fp.structure)
+    variables = _restore(os.path.abspath(os.path.join(path, _VARIABLES)), fp.structure)
     if arrays_sha256(jax.tree.leaves(variables)) != fp.weights:
         raise ConfigError(
             f"{path}/{_VARIABLES}: the baseline weights do not match the bundle's checksum "
