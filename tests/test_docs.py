@@ -120,6 +120,8 @@ def _check_printed(code: str, printed: dict, cwd) -> None:
         assert set(restored) == {"params"} and restored["params"], restored
     if "save_fault_maps" in code:
         assert os.path.exists(os.path.join(cwd, "maps.csv"))
+    if "load_chip" in code:  # the stored chip is the chip the run reports
+        assert printed["test_accuracy"] == pytest.approx(printed["reported"], abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,8 @@ import hashlib
 import json
 import os
 import time
+import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -70,9 +72,19 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> int:
-    """Writes ``arrays`` (uncompressed) atomically; returns the file's size in bytes."""
-    files.replace_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
+def _save_npz(path: str, arrays: dict[str, np.ndarray | Callable[[], np.ndarray]]) -> int:
+    """Writes ``arrays`` as an uncompressed ``.npz`` atomically, calling a callable value
+    only when its array is written (so one such array is in memory at a time); returns the
+    file's size in bytes."""
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, value in arrays.items():
+                with z.open(name + ".npy", "w", force_zip64=True) as member:
+                    array = value() if callable(value) else value
+                    np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+
+    files.replace_atomic(path, write, binary=True)
     return os.path.getsize(path)
 
 
@@ -131,19 +143,24 @@ class ChipStore:
         trained = np.flatnonzero(steps > 0)
         rows = np.full(len(steps), -1, np.int64)
         rows[trained] = np.arange(len(trained))
-        # Leaf by leaf: the host holds one leaf of the pool at a time.
-        arrays = {
-            name: sharding.to_host(leaf)[trained] for name, leaf in flatten(variables).items()
+        # Gathered leaf by leaf as the file is written: the host holds one leaf of one pool
+        # at a time, never the population's weights.
+        leaves = {
+            name: lambda leaf=leaf: sharding.to_host(leaf)[trained]
+            for name, leaf in flatten(variables).items()
         }
-        if self.primary:
-            arrays.update(
+        if not self.primary:  # takes part in the gathers (collectives in multi-host runs)
+            for gather in leaves.values():
+                gather()
+        else:
+            arrays = dict(
                 _members=members,
                 _steps=steps,
                 _diverged=np.asarray(diverged, bool),
                 _fault_maps=np.asarray(maps, bool),
                 _rows=rows,
             )
-            self.bytes += _save_npz(os.path.join(self.dir, key + ".npz"), arrays)
+            self.bytes += _save_npz(os.path.join(self.dir, key + ".npz"), {**arrays, **leaves})
             self.index["chunks"][key] = {
                 "stage": stage,
                 "file": key + ".npz",

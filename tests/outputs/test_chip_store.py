@@ -138,6 +138,7 @@ def test_chips_given_0_epochs_are_references_to_the_masked_baseline(study):
         jax.tree.map(np.testing.assert_array_equal, loaded["params"], expected)
 
 
+@pytest.mark.slow
 def test_the_store_is_not_written_without_the_flag_and_results_do_not_change(
     study, small_run_config, tmp_path
 ):
@@ -219,6 +220,7 @@ def test_a_half_written_chunk_does_not_read_as_complete(study, tmp_path):
     assert set(chip_store.stored_chips(workdir)) == set(range(cfg.num_chips)) - set(chips)
 
 
+@pytest.mark.slow
 def test_a_group_served_chip_is_its_groups_weights_stored_once(small_run_config, tmp_path):
     cfg = _config(small_run_config, tmp_path, grouping="greedy", max_group_size=4)
     grouped = pipeline.run(cfg).grouped
@@ -266,6 +268,7 @@ def test_export_to_npz_and_orbax_round_trips(study, tmp_path):
         chip_store.export_chip(cfg.workdir, chip, out)
 
 
+@pytest.mark.slow
 def test_the_export_cli(study, tmp_path):
     cfg, _ = study
     env = dict(os.environ, JAX_PLATFORMS="cpu")
