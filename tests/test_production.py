@@ -17,7 +17,7 @@ from reduce_jax import data as data_lib
 from reduce_jax import pipeline, production
 from reduce_jax.engine import progress
 from reduce_jax.errors import ConfigError
-from reduce_jax.hardware import faults
+from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,8 +109,8 @@ def test_more_chips_are_added_and_finished_ones_never_redone(study, served, tmp_
     faults.save_fault_maps(rest, maps[3:])
     out = str(tmp_path / "out")
     bundle = reduce_jax.load_map(study[0])  # the study's workdir finds its map/
-    a = reduce_jax.retrain_chips(bundle, first, workdir=out)
-    b = reduce_jax.retrain_chips(bundle, rest, workdir=out, first_chip_id=3)
+    a = reduce_jax.retrain_chips(bundle, first, workdir=out, save_chip_weights=True)
+    b = reduce_jax.retrain_chips(bundle, rest, workdir=out, first_chip_id=3, save_chip_weights=True)
     assert list(a.retrained) == [0, 1, 2] and list(b.retrained) == list(range(3, 8))
     mine = _rows(os.path.join(out, "chips.csv"))
     full = _rows(os.path.join(served[0], "chips.csv"))
@@ -120,6 +120,18 @@ def test_more_chips_are_added_and_finished_ones_never_redone(study, served, tmp_
         assert (m["status"], m["selected_steps"]) == (f["status"], f["selected_steps"])
         # Other chunks may pick other GEMM kernels: equal up to the last bits.
         assert float(m["accuracy_after"]) == pytest.approx(float(f["accuracy_after"]), abs=0.01)
+    # Every chip's weights, from either call, are stored under its id: bypassed weights are
+    # zero, and the chip's model scores on the validation split what chips.csv reports.
+    net = models.get_model("mlp", 10)  # the study's model
+    val = data_lib.split_validation(data_lib.load_dataset("digits"), 0.1)
+    for chip in (1, 5):
+        weights = reduce_jax.load_chip(out, chip)
+        masks = systolic.weight_masks(weights["params"], maps[chip])
+        jax.tree.map(lambda w, k: np.testing.assert_array_equal(w[k == 0], 0), weights["params"],
+                     masks)  # fmt: skip
+        logits = models.apply(net, weights, val.val_images, train=False)
+        accuracy = float(np.mean(np.argmax(logits, -1) == val.val_labels))
+        assert accuracy == pytest.approx(float(mine[chip]["accuracy_after"]), abs=1e-9)
 
 
 def test_a_known_chip_with_another_map_is_refused_naming_both_files(study, served, tmp_path):
