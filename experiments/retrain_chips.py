@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -103,7 +104,23 @@ def _use_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
+EXIT_INTERRUPTED = 130
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM / SIGINT: says what is saved and ends the process at once (exit code 130);
+    finished pools of chips and every output are only ever replaced atomically, so the same
+    command resumes."""
+    del frame
+    name = signal.Signals(signum).name
+    where = WORKDIR.value
+    os.write(2, f"interrupted ({name}); run the same command to resume in {where}\n".encode())
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str]) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         return 2

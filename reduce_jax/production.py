@@ -332,15 +332,15 @@ def _map_sha256(fault_map: np.ndarray) -> str:
 class _Ledger:
     """The chips finished in a workdir (``production.json``), and the map they came from."""
 
-    def __init__(self, workdir: str | None, bundle_key: str, chips: dict[int, dict]):
-        self.workdir, self.bundle_key, self.chips = workdir, bundle_key, chips
+    def __init__(self, workdir: str | None, bundle_key: str, chips: dict[int, dict], where: str):
+        self.workdir, self.bundle_key, self.chips, self.where = workdir, bundle_key, chips, where
         self.batch_dirs: list[str] = []
 
     @classmethod
     def read(cls, workdir: str | None, bundle: map_bundle.MapBundle, where_map: str) -> _Ledger:
         key = bundle.fingerprint.key
         if not workdir:
-            return cls(None, key, {})
+            return cls(None, key, {}, where_map)
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise ConfigError(f"--workdir={workdir} exists and is not a directory")
         if os.path.isfile(os.path.join(workdir, "resilience.csv")) or os.path.isdir(
@@ -351,7 +351,7 @@ class _Ledger:
             )
         path = os.path.join(workdir, LEDGER)
         if not os.path.isfile(path):
-            return cls(workdir, key, {})
+            return cls(workdir, key, {}, where_map)
         with open(path) as f:
             saved = json.load(f)
         if saved.get("bundle") != key:
@@ -360,7 +360,7 @@ class _Ledger:
                 f"({saved.get('map')}); --map={where_map} differs in its fingerprint: give "
                 "another --workdir"
             )
-        return cls(workdir, key, {int(r["chip"]): r for r in saved["chips"]})
+        return cls(workdir, key, {int(r["chip"]): r for r in saved["chips"]}, where_map)
 
     def split(self, ids: np.ndarray, maps: np.ndarray, source: str):
         """``(todo, done)`` indices of the chips given: new ones, and ones finished before.
@@ -394,7 +394,7 @@ class _Ledger:
         """Saves the ledger atomically, then drops the progress of finished calls."""
         files.write_json_atomic(
             os.path.join(self.workdir, LEDGER),
-            dict(format=_FORMAT, bundle=self.bundle_key, chips=_plain(self.rows())),
+            dict(format=_FORMAT, bundle=self.bundle_key, map=self.where, chips=_plain(self.rows())),
         )
         batches = os.path.join(self.workdir, _BATCHES)
         if os.path.isdir(batches):

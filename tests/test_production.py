@@ -188,6 +188,16 @@ def test_a_studys_workdir_is_not_an_output(study):
         reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], workdir=study[0])
 
 
+def test_a_workdir_of_chips_from_another_map_is_refused(study, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ledger = {"bundle": "0" * 64, "map": "elsewhere/map", "chips": []}
+    (out / production.LEDGER).write_text(json.dumps(ledger))
+    with pytest.raises(ConfigError, match=r"chips retrained from another map \(elsewhere/map\)"):
+        reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], workdir=str(out))
+    assert os.listdir(out) == [production.LEDGER]
+
+
 def test_a_stopped_call_resumes_to_the_same_chips(study, served, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     put, saved = progress.ProgressStore.put, []
