@@ -434,7 +434,8 @@ def _cost(rows: list[dict], bundle: map_bundle.MapBundle) -> dict:
 
 
 def _write_outputs(workdir: str, bundle, where_map: str, result: Production) -> None:
-    """``chips.csv`` (every chip of the workdir) and ``summary.json``."""
+    """``chips.csv`` (every chip of the workdir), ``summary.json``, and the per-chip plots
+    (``plots.chip_figures``)."""
     rmap, fp = bundle.rmap, bundle.fingerprint
     summary = dict(
         kind="retrain_chips",
@@ -444,8 +445,10 @@ def _write_outputs(workdir: str, bundle, where_map: str, result: Production) -> 
             model=bundle.model_id,
             dataset=bundle.dataset_id,
             fingerprint=dict(model=fp.model, weights=fp.weights, data=fp.data, split=fp.split),
-            rate_measure=rmap.rate_measure,
             statistic=rmap.statistic,
+        ),
+        resilience_map=dict(
+            rate_measure=rmap.rate_measure,
             interpolation=rmap.interpolation,
             measured_rates=[float(x) for x in rmap.measured_rates],
             required_epochs=[float(x) if np.isfinite(x) else None for x in rmap.required_epochs],
@@ -461,3 +464,15 @@ def _write_outputs(workdir: str, bundle, where_map: str, result: Production) -> 
     )
     files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     files.write_csv_atomic(os.path.join(workdir, "chips.csv"), _plain(result.chips))
+    from reduce_jax.outputs import plots, report  # matplotlib: only when writing
+
+    for name, fig in plots.chip_figures(summary):
+        try:
+            files.replace_atomic(
+                os.path.join(workdir, name),
+                lambda f, fig=fig: fig.savefig(f, format="png", dpi=report.DPI),
+                True,
+                ".tmp.png",
+            )
+        finally:
+            plots.plt.close(fig)

@@ -87,6 +87,9 @@ def test_summary_shows_no_baseline_training_and_no_analysis(served):
     assert cost["reduce_steps"] == sum((c["selected_steps"] or 0) + c["topup_steps"] for c in chips)
     assert cost["reduce_epochs"] == pytest.approx(cost["reduce_steps"] / spe)
     assert cost["chips_unrecoverable"] == 1 and summary["retrained"] == list(range(8))
+    for name in ("chip_epochs_histogram.png", "chip_accuracy.png"):
+        with open(os.path.join(served[0], name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_second_call_with_the_same_chips_computes_nothing(study, served, monkeypatch):

@@ -414,3 +414,21 @@ def figures(summary: dict) -> list[tuple[str, plt.Figure]]:
         fig.tight_layout()
         out.append((PREDICTOR_PLOT, fig))
     return out
+
+
+def chip_figures(summary: dict) -> list[tuple[str, plt.Figure]]:
+    """The per-chip plots of chips served from a saved map (``production.retrain_chips``):
+    ``chip_epochs_histogram.png`` and ``chip_accuracy.png``, from a summary with ``chips``,
+    ``cost.fixed_epochs_per_chip``, the targets and ``resilience_map.rate_measure``. The
+    caller saves and closes them."""
+    out = []
+    for name, plot in (
+        ("chip_epochs_histogram.png", _plot_histogram),
+        ("chip_accuracy.png", _plot_chip_accuracy),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        plot(summary, ax)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out.append((name, fig))
+    return out
