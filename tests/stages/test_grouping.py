@@ -205,7 +205,7 @@ def run_grouped_with(monkeypatch, groups, group_outcome, per_chip, num_chips):
     """``grouping.run_grouped`` with the groups' retraining replaced by ``group_outcome``."""
     calls = []
 
-    def retrain(ctx, policy, units, chip_maps, key, store=None, stage="retrain"):
+    def retrain(ctx, policy, units, chip_maps, key, store=None, stage="retrain", sink=None):
         calls.append((units.members.tolist(), units.steps.tolist(), stage))
         return group_outcome
 
