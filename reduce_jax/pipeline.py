@@ -51,6 +51,7 @@ class Keys(NamedTuple):
     predictor_data: jax.Array
     grouped: jax.Array
     policies: jax.Array
+    fixed_sample: jax.Array
 
     @classmethod
     def from_seed(cls, seed: int) -> Keys:
@@ -146,7 +147,9 @@ def run(
     cost = cost_lib.summarize(chips, fixed, analysis_epochs, ctx.steps_per_epoch, grouped)
     with timer.phase("policies"):
         outcomes = _Outcomes(analysis, chips, grouped, study)
-        comparison = _compare(cfg, ctx, policy, maps, outcomes, fixed, keys.policies, store)
+        comparison = _compare(
+            cfg, ctx, policy, maps, outcomes, fixed, keys.policies, keys.fixed_sample, store
+        )
     timer.times["wall_s"] = timer.total()
     summary = Summary(
         config=cfg, overwrite=overwrite, baseline=base, test_target=policy.test_target,
@@ -396,11 +399,11 @@ class _Outcomes(NamedTuple):
 
 
 def _compare(
-    cfg, ctx, policy, maps, outcomes: _Outcomes, fixed_epochs, key, store
+    cfg, ctx, policy, maps, outcomes: _Outcomes, fixed_epochs, key, sample_key, store
 ) -> policies.Comparison:
     """Every policy's cost and result (``policies``); with ``--compare_policies``, ``fixed``
     on ``--fixed_policy_chips`` sampled chips (paid for every chip) and ``adaptive`` on
-    every chip."""
+    every chip; the sample is drawn from ``sample_key``."""
     inc = policy.topup_steps
     found = {"reduce": policies.reduce_policy(outcomes.chips, inc)}
     if cfg.compare_policies:
@@ -410,8 +413,8 @@ def _compare(
         cap_steps = int(train.epochs_to_steps(cap, spe))
         targets = (policy.decision_target, policy.test_target)
         # Both policies retrain a chip on the batches of ``key``: a chip's result does not
-        # depend on the policy's other chips, nor on which sample it is in.
-        sample_key = jax.random.fold_in(key, 0)
+        # depend on the policy's other chips, nor on which sample it is in. The sample has a
+        # stream of its own, so drawing it never reuses the training's randomness.
         sample = policies.sample_chips(len(maps), cfg.fixed_policy_chips, sample_key)
         fixed = policies.run_fixed(ctx, maps[sample], fixed_steps, key, store)
         found["fixed"] = policies.fixed_policy(fixed, fixed_steps, *targets, chips=len(maps))
