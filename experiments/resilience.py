@@ -18,6 +18,7 @@ import traceback
 
 from absl import app, flags, logging
 
+from experiments import cli
 from reduce_jax import config as config_lib
 from reduce_jax.data import DatasetError
 from reduce_jax.hardware.faults import FaultMapError
@@ -58,11 +59,8 @@ OVERWRITE = flags.DEFINE_boolean(
 # JAX logs each platform it probes and cannot load ("Unable to initialize backend 'tpu'")
 # at INFO; on a machine without that platform this is noise. Its warnings still show.
 _QUIET_LOGGERS = ("jax._src.xla_bridge",)
-EXIT_INTERRUPTED = 130
 # Files whose presence in a workdir means finished work a rerun resumes from.
 _SAVED_WORK = ("progress.json", "baseline.json")
-# absl's help flags (they exit with code 1; asking for help is no error).
-_HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
 def _saved_work(workdir: str) -> bool:
@@ -71,41 +69,11 @@ def _saved_work(workdir: str) -> bool:
     return any(os.path.isfile(os.path.join(d, n)) for d in dirs for n in _SAVED_WORK)
 
 
-def _stop_hint(signum: int, workdir: str | None) -> str:
-    """What a stop leaves: saved work to resume from, or nothing yet."""
-    name = signal.Signals(signum).name
-    if workdir and _saved_work(workdir):
-        return (
-            f"interrupted ({name}); finished work is saved in {workdir}: run the same command "
-            "to resume"
-        )
-    where = f" in {workdir}" if workdir else ""
-    return (
-        f"interrupted ({name}) before any work was saved{where}: run the same command to start over"
-    )
-
-
 def _stop(signum: int, frame) -> None:
-    """SIGTERM / SIGINT: prints the resume hint and ends the process at once (exit code 130).
-
-    The process leaves with ``os._exit``, skipping the interpreter's teardown: tearing down
-    while XLA's threads still run asynchronously dispatched work can crash ("Fatal Python
-    error: Segmentation fault"). Nothing is lost: progress and outputs are only ever replaced
-    atomically (temporary file, then ``os.replace``), so a stop anywhere leaves the last
-    finished chunk saved and at worst a stray temporary file, which the next run overwrites.
-    """
+    """SIGTERM / SIGINT: prints the resume hint and ends the process at once (exit code 130;
+    ``cli.stop``)."""
     del frame
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, RuntimeError, ValueError):  # e.g. the signal came inside a write
-            pass
-    hint = _stop_hint(signum, flags.FLAGS["workdir"].value) + "\n"
-    try:
-        os.write(2, hint.encode())
-    except OSError:
-        pass
-    os._exit(EXIT_INTERRUPTED)
+    cli.stop(signum, flags.FLAGS["workdir"].value, _saved_work)
 
 
 def _check_processes() -> None:
@@ -126,33 +94,6 @@ def _check_processes() -> None:
         )
 
 
-# Programs that compile faster than this are not worth a file in the cache.
-_CACHE_MIN_COMPILE_S = 0.1
-
-
-def _use_compilation_cache(path: str) -> None:
-    """Points JAX's persistent compilation cache at ``path`` (``~`` expanded; empty: off)."""
-    if not path:
-        return
-    path = os.path.expanduser(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise config_lib.ConfigError(
-            f"--compilation_cache_dir={path} cannot be created ({e.strerror}); pass a writable "
-            "directory, or an empty value for no cache"
-        ) from e
-    if not os.access(path, os.W_OK):
-        raise config_lib.ConfigError(
-            f"--compilation_cache_dir={path} is not writable; pass a writable directory, or an "
-            "empty value for no cache"
-        )
-    import jax  # heavy import after validation
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_S)
-
-
 def main(argv: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
@@ -170,7 +111,7 @@ def main(argv: list[str]) -> int:
         _check_processes()
         if SEEDS.value < 1:
             raise config_lib.ConfigError(f"--seeds={SEEDS.value} must be >= 1")
-        _use_compilation_cache(COMPILATION_CACHE_DIR.value)
+        cli.use_compilation_cache(COMPILATION_CACHE_DIR.value)
         from reduce_jax import pipeline, seeds, sharding  # heavy imports after validation
 
         sharding.initialize(
@@ -219,66 +160,5 @@ def _end_process(e: Exception) -> None:
     os._exit(code)
 
 
-def _flagfile_lines(path: str, stack: tuple[str, ...] = ()) -> None:
-    """Checks that ``path`` (and the flagfiles it includes) holds flags only, as absl reads
-    it: blank lines, comments (``#``, ``//``) and one ``--flag=value`` per line.
-
-    Raises:
-      ConfigError: naming the file and its first line that is not a flag. A file that
-        cannot be opened is left to absl's own message.
-    """
-    if path in stack:
-        return
-    try:
-        with open(path) as f:
-            lines = f.readlines()
-    except OSError:
-        return
-    except UnicodeDecodeError:
-        raise config_lib.ConfigError(
-            f"--flagfile={path} is not a flagfile (not text); a flagfile holds one "
-            "--flag=value per line, and # comments"
-        ) from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith(("#", "//")):
-            continue
-        text = line.strip()
-        if not text.startswith("-"):
-            raise config_lib.ConfigError(
-                f"--flagfile={path} is not a flagfile: line {number} ({text[:40]!r}) is not a "
-                "flag; a flagfile holds one --flag=value per line, and # comments"
-            )
-        for prefix in ("--flagfile=", "-flagfile="):
-            if text.startswith(prefix):
-                _flagfile_lines(text[len(prefix) :], (*stack, path))
-
-
-def _check_flagfiles(argv: list[str]) -> None:
-    """Every ``--flagfile`` on the command line is a flagfile (``_flagfile_lines``)."""
-    for i, arg in enumerate(argv[1:], 1):
-        if arg == "--":
-            break
-        for prefix in ("--flagfile=", "-flagfile="):
-            if arg.startswith(prefix):
-                _flagfile_lines(arg[len(prefix) :])
-        if arg in ("--flagfile", "-flagfile") and i + 1 < len(argv):
-            _flagfile_lines(argv[i + 1])
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with a one-line message and exit code 2 for a bad or unknown flag or a
-    file that is not a flagfile; ``--help`` exits with code 0."""
-    try:
-        _check_flagfiles(argv)
-        return flags.FLAGS(argv)
-    except (flags.Error, config_lib.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:  # absl's --help prints the help, then exits with code 1
-        if e.code == 1 and any(a in _HELP_FLAGS for a in argv[1:]):
-            sys.exit(0)
-        raise
-
-
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

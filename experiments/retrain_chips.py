@@ -12,6 +12,7 @@ one-line message (exit code 2) and writes nothing.
 
 from __future__ import annotations
 
+import glob
 import logging as py_logging
 import os
 import signal
@@ -19,6 +20,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import cli
 from reduce_jax.errors import ConfigError
 
 MAP = flags.DEFINE_string("map", None, "A study's map bundle: its <workdir>/map (or the workdir).")
@@ -86,36 +88,25 @@ def _check_flags() -> None:
         raise ConfigError(f"--workdir={WORKDIR.value} exists and is not a directory")
 
 
-def _use_compilation_cache(path: str) -> None:
-    """JAX's persistent compilation cache in ``path`` (``~`` expanded; empty: off)."""
-    if not path:
-        return
-    path = os.path.expanduser(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"--compilation_cache_dir={path} cannot be created ({e.strerror}); pass a writable "
-            "directory, or an empty value for no cache"
-        ) from e
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+# Files whose presence in a workdir means finished chips a rerun keeps: the ledger
+# (production.LEDGER) or a saved pool of this call's chips (production's batches/).
+_LEDGER = "production.json"
+_POOLS = os.path.join("batches", "*", "progress.json")
 
 
-EXIT_INTERRUPTED = 130
+def _saved_work(workdir: str) -> bool:
+    """Whether ``workdir`` holds finished chips: in its ledger, or a saved pool of a call."""
+    return os.path.isfile(os.path.join(workdir, _LEDGER)) or bool(
+        glob.glob(os.path.join(glob.escape(workdir), _POOLS))
+    )
 
 
 def _stop(signum: int, frame) -> None:
-    """SIGTERM / SIGINT: says what is saved and ends the process at once (exit code 130);
-    finished pools of chips and every output are only ever replaced atomically, so the same
-    command resumes."""
+    """SIGTERM / SIGINT: prints whether finished chips are saved (the same command resumes) or
+    not (it starts over) and ends the process at once (exit code 130; ``cli.stop``). Finished
+    pools of chips and every output are only ever replaced atomically."""
     del frame
-    name = signal.Signals(signum).name
-    where = WORKDIR.value
-    os.write(2, f"interrupted ({name}); run the same command to resume in {where}\n".encode())
-    os._exit(EXIT_INTERRUPTED)
+    cli.stop(signum, WORKDIR.value, _saved_work)
 
 
 def main(argv: list[str]) -> int:
@@ -128,7 +119,7 @@ def main(argv: list[str]) -> int:
     py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)
     try:
         _check_flags()
-        _use_compilation_cache(COMPILATION_CACHE_DIR.value)
+        cli.use_compilation_cache(COMPILATION_CACHE_DIR.value)
         from reduce_jax import production  # heavy imports after the flags are checked
         from reduce_jax.data import DatasetError
         from reduce_jax.hardware.faults import FaultMapError
@@ -154,19 +145,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with a one-line message and exit code 2 for a bad or unknown flag;
-    ``--help`` exits with code 0."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:  # absl's --help prints the help, then exits with code 1
-        if e.code == 1 and any(a.lstrip("-") in ("help", "helpfull", "h", "?") for a in argv):
-            sys.exit(0)
-        raise
-
-
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
