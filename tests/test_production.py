@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import reduce_jax
+from experiments import cli, retrain_chips
 from reduce_jax import data as data_lib
 from reduce_jax import pipeline, production
 from reduce_jax.engine import progress
@@ -201,6 +203,28 @@ def test_a_workdir_of_chips_from_another_map_is_refused(study, tmp_path):
     assert os.listdir(out) == [production.LEDGER]
 
 
+def test_a_stop_says_whether_finished_chips_are_saved(tmp_path):
+    out = tmp_path / "out"
+    assert not retrain_chips._saved_work(str(out))
+    out.mkdir()
+    assert not retrain_chips._saved_work(str(out))
+    assert cli.stop_hint(signal.SIGTERM, str(out), False) == (
+        f"interrupted (SIGTERM) before any work was saved in {out}: run the same command to "
+        "start over"
+    )
+    pool = out / "batches" / "0123" / progress.PROGRESS_FILE
+    pool.parent.mkdir(parents=True)
+    assert not retrain_chips._saved_work(str(out))  # a pool's directory, nothing saved in it
+    pool.write_text("{}")
+    assert retrain_chips._saved_work(str(out))
+    pool.unlink()
+    (out / production.LEDGER).write_text("{}")
+    assert retrain_chips._saved_work(str(out))
+    assert cli.stop_hint(signal.SIGINT, str(out), True) == (
+        f"interrupted (SIGINT); finished work is saved in {out}: run the same command to resume"
+    )
+
+
 def test_a_stopped_call_resumes_to_the_same_chips(study, served, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     put, saved = progress.ProgressStore.put, []
@@ -215,6 +239,7 @@ def test_a_stopped_call_resumes_to_the_same_chips(study, served, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], **kwargs)
     assert saved == [0] and not os.path.exists(os.path.join(out, production.LEDGER))
+    assert retrain_chips._saved_work(out)  # a stop now says the same command resumes
     monkeypatch.setattr(progress.ProgressStore, "put", put)
     computed = []
     drive = production.retraining.population.drive
