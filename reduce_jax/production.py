@@ -120,7 +120,7 @@ def retrain_chips(
         missing, damaged or does not match the model, weights or data given (naming the
         part); fault maps of another array size; a chip id seen before in ``workdir`` with
         another fault map (naming the chip and both files); a ``workdir`` that holds a
-        study or chips of another map.
+        study, chips of another map, or a damaged ledger (naming the file).
     """
     timer = Timer()
     with timer.phase("load_data"):
@@ -352,15 +352,22 @@ class _Ledger:
         path = os.path.join(workdir, LEDGER)
         if not os.path.isfile(path):
             return cls(workdir, key, {}, where_map)
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            chips = {int(r["chip"]): r for r in saved["chips"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(
+                f"{path}: unreadable ledger ({type(e).__name__}: {e}); a damaged file: give "
+                "another --workdir"
+            ) from None
         if saved.get("bundle") != key:
             raise ConfigError(
                 f"--workdir={workdir} holds chips retrained from another map "
                 f"({saved.get('map')}); --map={where_map} differs in its fingerprint: give "
                 "another --workdir"
             )
-        return cls(workdir, key, {int(r["chip"]): r for r in saved["chips"]}, where_map)
+        return cls(workdir, key, chips, where_map)
 
     def split(self, ids: np.ndarray, maps: np.ndarray, source: str):
         """``(todo, done)`` indices of the chips given: new ones, and ones finished before.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +202,21 @@ def test_a_workdir_of_chips_from_another_map_is_refused(study, tmp_path):
     with pytest.raises(ConfigError, match=r"chips retrained from another map \(elsewhere/map\)"):
         reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], workdir=str(out))
     assert os.listdir(out) == [production.LEDGER]
+
+
+@pytest.mark.parametrize(
+    "contents", ['{"bundle": "0', '{"bundle": "0"}', "[]"], ids=["truncated", "no_chips", "list"]
+)
+def test_a_damaged_ledger_is_refused_naming_it(study, tmp_path, contents):
+    out = tmp_path / "out"
+    out.mkdir()
+    ledger = out / production.LEDGER
+    ledger.write_text(contents)
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(ledger))}: unreadable ledger \(\w+Error: [^\n]*$"
+    ):
+        reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], workdir=str(out))
+    assert os.listdir(out) == [production.LEDGER] and ledger.read_text() == contents
 
 
 def test_a_stop_says_whether_finished_chips_are_saved(tmp_path):
