@@ -165,10 +165,10 @@ def run(
         report.write_outputs(summary.to_json(), cfg.workdir, chips_in_json=cfg.summary_chips)
         # The map as an artefact: new chips are served from it without the analysis.
         map_bundle.save_map(os.path.join(cfg.workdir, map_bundle.MAP_DIR), map_bundle.of_study(
-            cfg, rmap, variables, inp.abstract, inp.dataset, decision_target=policy.decision_target,
-            test_target=policy.test_target, steps_per_epoch=ctx.steps_per_epoch,
-            augment=_augments(cfg, inp), validation_split=inp.validation_split,
-            model_id=inp.model_id, dataset_id=inp.dataset_id,
+            cfg, rmap, variables, inp.abstract, inp.dataset, policy=policy,
+            steps_per_epoch=ctx.steps_per_epoch, fixed_epochs=fixed,
+            analysis_epochs=analysis_epochs, augment=_augments(cfg, inp),
+            validation_split=inp.validation_split, model_id=inp.model_id, dataset_id=inp.dataset_id,
         ))  # fmt: skip
     return summary
 

@@ -38,7 +38,7 @@ from reduce_jax import files
 from reduce_jax.config import ReduceConfig
 from reduce_jax.data import Dataset
 from reduce_jax.errors import ConfigError
-from reduce_jax.stages import resilience
+from reduce_jax.stages import resilience, retraining
 
 PyTree = Any
 
@@ -280,9 +280,10 @@ def of_study(
     abstract: PyTree,
     dataset: Dataset,
     *,
-    decision_target: float,
-    test_target: float,
+    policy: retraining.Verification,
     steps_per_epoch: int,
+    fixed_epochs: float,
+    analysis_epochs: float,
     augment: bool,
     validation_split: str,
     model_id: str,
@@ -294,13 +295,14 @@ def of_study(
       cfg: the study's settings; rmap: its map; variables: its baseline.
       abstract: the model's variables, ``ShapeDtypeStruct`` leaves.
       dataset: the data with its validation split.
-      decision_target, test_target: the study's targets.
+      policy: the study's targets and top-ups (in steps).
       steps_per_epoch: steps of one epoch; augment: ``--augment`` resolved.
+      fixed_epochs: the fixed policy's per-chip amount; analysis_epochs: the analysis's
+        cost (both as in the study's cost summary).
       validation_split: ``held_out`` or ``given``; model_id, dataset_id: as ``Inputs``.
     """
     variables = jax.tree.map(np.asarray, variables)
     spe = int(steps_per_epoch)
-    to_steps = lambda e: int(np.ceil(np.round(float(e) * spe, 9)))  # noqa: E731
     recipe = Recipe(
         optimizer=cfg.optimizer,
         learning_rate=float(cfg.learning_rate),
@@ -311,8 +313,8 @@ def of_study(
         steps_per_epoch=spe,
         topup_epochs=float(cfg.topup_epochs),
         max_topup_epochs=float(cfg.max_topup_epochs),
-        topup_steps=to_steps(cfg.topup_epochs),
-        max_topup_steps=to_steps(cfg.max_topup_epochs),
+        topup_steps=int(policy.topup_steps),
+        max_topup_steps=int(policy.max_topup_steps),
         seed=int(cfg.seed),
     )
     held = validation_split == "held_out"
@@ -322,22 +324,21 @@ def of_study(
         train_examples=len(dataset.train_labels),
         val_examples=len(dataset.val_labels),
     )
-    top = float(np.max(rmap.amount_epochs))
     return MapBundle(
         version=VERSION,
         variables=variables,
         rmap=rmap,
         array_shape=(int(cfg.array_rows), int(cfg.array_cols)),
-        decision_target=float(decision_target),
-        test_target=float(test_target),
+        decision_target=float(policy.decision_target),
+        test_target=float(policy.test_target),
         validation_margin=float(cfg.validation_margin),
         recipe=recipe,
         split=split,
         fingerprint=fingerprint(abstract, variables, dataset),
         model_id=model_id,
         dataset_id=dataset_id,
-        fixed_epochs=float(cfg.fixed_epochs if cfg.fixed_epochs is not None else top),
-        analysis_epochs=float(len(cfg.fault_rates) * cfg.maps_per_rate * top),
+        fixed_epochs=float(fixed_epochs),
+        analysis_epochs=float(analysis_epochs),
         study=cfg.as_dict(),
         observations=Observations.empty(),
     )

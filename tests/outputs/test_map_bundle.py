@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from reduce_jax import config, data
+from reduce_jax.engine import train
 from reduce_jax.errors import ConfigError
 from reduce_jax.nets import models
 from reduce_jax.outputs import map_bundle
-from reduce_jax.stages import resilience
+from reduce_jax.stages import resilience, retraining
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,16 @@ def bundle(tiny_mlp, tiny_mlp_variables, split_digits):
         retrain_epochs=(0, 0.5, 1), maps_per_rate=4, topup_epochs=0.25, max_topup_epochs=1.0,
         batch_size=64, seed=7,
     )  # fmt: skip
+    spe = 21
+    policy = retraining.Verification(
+        decision_target=0.9, test_target=0.88,
+        topup_steps=int(train.epochs_to_steps(cfg.topup_epochs, spe)),
+        max_topup_steps=int(train.epochs_to_steps(cfg.max_topup_epochs, spe)),
+    )  # fmt: skip
     return map_bundle.of_study(
         cfg, rmap, tiny_mlp_variables, _abstract(tiny_mlp, split_digits), split_digits,
-        decision_target=0.9, test_target=0.88, steps_per_epoch=21, augment=False,
-        validation_split="held_out", model_id="mlp", dataset_id="digits",
+        policy=policy, steps_per_epoch=spe, fixed_epochs=1.0, analysis_epochs=3 * 4 * 1.0,
+        augment=False, validation_split="held_out", model_id="mlp", dataset_id="digits",
     )  # fmt: skip
 
 
