@@ -435,7 +435,8 @@ def load_map(path: str) -> MapBundle:
 
     Raises:
       ConfigError: one line naming ``path``: no bundle there, an unfinished one, a newer
-        format version, or baseline weights that do not match the bundle's checksum.
+        format version, a missing or unreadable part (``map.npz``, one of its arrays or a
+        field), or baseline weights that do not match the bundle's checksum.
     """
     if os.path.isfile(os.path.join(path, MAP_DIR, _JSON)):
         path = os.path.join(path, MAP_DIR)
@@ -457,44 +458,58 @@ def load_map(path: str) -> MapBundle:
             f"{meta_path}: bundle version {meta.get('version')!r}; this reduce_jax reads "
             f"versions up to {VERSION}"
         )
-    fp = meta["fingerprint"]
-    fp = Fingerprint(**dict(fp, structure=tuple((p, tuple(s), d) for p, s, d in fp["structure"])))
-    with np.load(os.path.join(path, _ARRAYS), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    by = lambda prefix: {  # noqa: E731
-        k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(prefix + "/")
-    }
-    rmap = resilience.ResilienceMap(
-        weights=by("weights"),
-        grid_rates=by("grid_rates"),
-        rate_measure=meta["rate_measure"],
-        **{name: arrays[name] for name in _MAP_ARRAYS},
-        statistic=meta["statistic"],
-        interpolation=meta["interpolation"],
-    )
+    try:
+        fp = meta["fingerprint"]
+        structure = tuple((p, tuple(s), d) for p, s, d in fp["structure"])
+        fp = Fingerprint(**dict(fp, structure=structure))
+        with np.load(os.path.join(path, _ARRAYS), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        by = lambda prefix: {  # noqa: E731
+            k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(prefix + "/")
+        }
+        rmap = resilience.ResilienceMap(
+            weights=by("weights"),
+            grid_rates=by("grid_rates"),
+            rate_measure=meta["rate_measure"],
+            **{name: arrays[name] for name in _MAP_ARRAYS},
+            statistic=meta["statistic"],
+            interpolation=meta["interpolation"],
+        )
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise _damaged(path, e) from None
     variables = _restore(os.path.abspath(os.path.join(path, _VARIABLES)), fp.structure)
     if arrays_sha256(jax.tree.leaves(variables)) != fp.weights:
         raise ConfigError(
             f"{path}/{_VARIABLES}: the baseline weights do not match the bundle's checksum "
             "(a damaged or replaced checkpoint)"
         )
-    return MapBundle(
-        version=meta["version"],
-        variables=variables,
-        rmap=rmap,
-        array_shape=tuple(meta["array_shape"]),
-        decision_target=meta["decision_target"],
-        test_target=meta["test_target"],
-        validation_margin=meta["validation_margin"],
-        recipe=Recipe(**meta["recipe"]),
-        split=Split(**meta["split"]),
-        fingerprint=fp,
-        model_id=meta["model_id"],
-        dataset_id=meta["dataset_id"],
-        fixed_epochs=meta["fixed_epochs"],
-        analysis_epochs=meta["analysis_epochs"],
-        study=meta["study"],
-        observations=Observations(arrays["observed_rates"], arrays["observed_needed_steps"]),
+    try:
+        return MapBundle(
+            version=meta["version"],
+            variables=variables,
+            rmap=rmap,
+            array_shape=tuple(meta["array_shape"]),
+            decision_target=meta["decision_target"],
+            test_target=meta["test_target"],
+            validation_margin=meta["validation_margin"],
+            recipe=Recipe(**meta["recipe"]),
+            split=Split(**meta["split"]),
+            fingerprint=fp,
+            model_id=meta["model_id"],
+            dataset_id=meta["dataset_id"],
+            fixed_epochs=meta["fixed_epochs"],
+            analysis_epochs=meta["analysis_epochs"],
+            study=meta["study"],
+            observations=Observations(arrays["observed_rates"], arrays["observed_needed_steps"]),
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: str, e: Exception) -> ConfigError:
+    """A bundle with a part missing or unreadable (a missing file, key or field)."""
+    return ConfigError(
+        f"{path}: a damaged map bundle ({type(e).__name__}: {e}); rerun the study to write it again"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -132,6 +133,40 @@ def test_no_bundle_an_unfinished_one_and_a_newer_version_are_refused(bundle, tmp
         map_bundle.load_map(path)
     os.remove(meta)  # what a kill during save_map leaves
     with pytest.raises(ConfigError, match="no map bundle"):
+        map_bundle.load_map(path)
+
+
+def test_a_missing_or_damaged_part_is_refused_naming_the_bundle(bundle, tmp_path):
+    path = str(tmp_path / "map")
+    where = re.escape(path)
+    map_bundle.save_map(path, bundle)
+    arrays = os.path.join(path, "map.npz")
+    with np.load(arrays) as npz:
+        saved = {k: npz[k] for k in npz.files}
+    np.savez(arrays, **{k: v for k, v in saved.items() if k != "observed_rates"})
+    with pytest.raises(
+        ConfigError, match=rf"^{where}: a damaged map bundle \(KeyError: .*observed_rates"
+    ):
+        map_bundle.load_map(path)
+    np.savez(arrays, **{k: v for k, v in saved.items() if k != "required_steps"})
+    with pytest.raises(
+        ConfigError, match=rf"^{where}: a damaged map bundle \(KeyError: .*required_steps"
+    ):
+        map_bundle.load_map(path)
+    os.remove(arrays)
+    with pytest.raises(
+        ConfigError, match=rf"^{where}: a damaged map bundle \(FileNotFoundError: .*map\.npz"
+    ):
+        map_bundle.load_map(path)
+    map_bundle.save_map(path, bundle)
+    meta = os.path.join(path, "bundle.json")
+    with open(meta) as f:
+        fields = json.load(f)
+    with open(meta, "w") as f:
+        json.dump({k: v for k, v in fields.items() if k != "fixed_epochs"}, f)
+    with pytest.raises(
+        ConfigError, match=rf"^{where}: a damaged map bundle \(KeyError: 'fixed_epochs'"
+    ):
         map_bundle.load_map(path)
 
 
