@@ -239,7 +239,11 @@ def test_headline_says_never_and_the_fixed_sample_in_compute_epochs():
     pol = cheaper.to_json()["policies"]
     assert pol["unit"] == "compute_epochs" and pol["cheapest_alternative"] == "adaptive"
     assert pol["break_even_vs_cheapest"] is None and pol["break_even_vs_adaptive"] is None
-    assert pol["break_even_vs_fixed"] is not None
+    # The analysis, 2 rates x 2 maps to 10 steps with 2 evaluations each, costs
+    # (4 * 10 + 8 * 5) / 10 = 8 compute epochs; fixed costs 4.50 / 3 = 1.5 a chip, Reduce
+    # 3.00 / 3 = 1.0: 8 / 0.5 = 16 chips.
+    assert pol["break_even_vs_fixed"] == 16 == cost.break_even_chips(8.0, 1.5 - 1.0)
+    assert "(with fixed: at 16 chips)" in line
     assert pol["fixed"]["chips"] == 3 and pol["fixed"]["chips_measured"] == 2
     assert pol["fixed"]["sampled"] and not pol["adaptive"]["sampled"]
     # The fixed policy's cost counts every chip, not its sample.
