@@ -64,6 +64,18 @@ def _rows(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _assert_same_chips(mine: list[dict], theirs: list[dict]) -> None:
+    """The rows of two chips.csv files name the same chips with the same outcome: status and
+    steps equal, accuracies equal to 1e-6 (empty where the other's is)."""
+    for m, t in zip(mine, theirs, strict=True):
+        exact = ("chip", "status", "selected_steps", "topup_steps")
+        assert {k: m[k] for k in exact} == {k: t[k] for k in exact}
+        for k in ("accuracy_after", "test_accuracy_after"):
+            assert (m[k] == "") == (t[k] == ""), (m["chip"], k)
+            if m[k]:
+                assert float(m[k]) == pytest.approx(float(t[k]), abs=1e-6), (m["chip"], k)
+
+
 def test_a_studys_chips_from_its_map_are_the_studys(study, served):
     # Same map, recipe, targets and retraining stream: every chip's amount, status, top-ups
     # and accuracies equal the study's chips.csv, the chip above the grid included.
@@ -266,10 +278,9 @@ def test_a_stopped_call_resumes_to_the_same_chips(study, served, tmp_path, monke
     monkeypatch.setattr(production.retraining.population, "drive", counting)
     reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], **kwargs)
     assert len(computed) == 1  # the saved pool is read back, only the second is computed
-    mine = _rows(os.path.join(out, "chips.csv"))
-    full = _rows(os.path.join(served[0], "chips.csv"))
-    for m, f in zip(mine, full, strict=True):
-        assert (m["status"], m["selected_steps"]) == (f["status"], f["selected_steps"])
+    _assert_same_chips(
+        _rows(os.path.join(out, "chips.csv")), _rows(os.path.join(served[0], "chips.csv"))
+    )
     assert not os.path.exists(os.path.join(out, "batches"))
 
 
@@ -291,6 +302,15 @@ def test_cli_end_to_end(study, tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "8 chips retrained from the map" in ok.stdout
     assert "ETA" in ok.stderr  # the progress line
-    mine = _rows(os.path.join(out, "chips.csv"))
-    theirs = _rows(os.path.join(study[0], "chips.csv"))
-    assert [r["selected_steps"] for r in mine] == [r["selected_steps"] for r in theirs]
+    _assert_same_chips(
+        _rows(os.path.join(out, "chips.csv")), _rows(os.path.join(study[0], "chips.csv"))
+    )
+    ledger = os.path.join(out, production.LEDGER)
+    with open(ledger, "r+") as f:
+        f.truncate(f.seek(0, os.SEEK_END) // 2)  # a damaged ledger
+    damaged = subprocess.run(
+        [*cmd, f"--chip_fault_maps={study[1]}", f"--workdir={out}", "--compilation_cache_dir="],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert damaged.returncode == 2, damaged.stderr[-2000:]
+    assert damaged.stderr.strip().splitlines()[-1].startswith(f"error: {ledger}: unreadable")
