@@ -3,6 +3,7 @@ persistent compilation cache, and the stop on SIGTERM / SIGINT with a true resum
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import sys
@@ -44,6 +45,27 @@ def use_compilation_cache(path: str) -> None:
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_S)
+
+
+# Files whose presence in a study's workdir means finished work a rerun resumes from.
+_STUDY_SAVED = ("progress.json", "baseline.json")
+# retrain_chips: its ledger of finished chips, and the saved pools of an unfinished call.
+PRODUCTION_LEDGER = "production.json"
+_PRODUCTION_POOLS = os.path.join("batches", "*", "progress.json")
+
+
+def study_saved_work(workdir: str) -> bool:
+    """Whether a study's ``workdir`` (or a seed's directory in it) holds work to resume."""
+    dirs = [workdir, *glob.glob(os.path.join(glob.escape(workdir), "seed_*"))]
+    return any(os.path.isfile(os.path.join(d, n)) for d in dirs for n in _STUDY_SAVED)
+
+
+def production_saved_work(workdir: str) -> bool:
+    """Whether a retrain_chips ``workdir`` holds finished chips: in its ledger, or a saved
+    pool of a call."""
+    return os.path.isfile(os.path.join(workdir, PRODUCTION_LEDGER)) or bool(
+        glob.glob(os.path.join(glob.escape(workdir), _PRODUCTION_POOLS))
+    )
 
 
 def stop_hint(signum: int, workdir: str | None, saved: bool) -> str:

@@ -9,7 +9,6 @@ resumes from the finished work saved in --workdir (the message says whether any 
 
 from __future__ import annotations
 
-import glob
 import logging as py_logging
 import os
 import signal
@@ -59,21 +58,13 @@ OVERWRITE = flags.DEFINE_boolean(
 # JAX logs each platform it probes and cannot load ("Unable to initialize backend 'tpu'")
 # at INFO; on a machine without that platform this is noise. Its warnings still show.
 _QUIET_LOGGERS = ("jax._src.xla_bridge",)
-# Files whose presence in a workdir means finished work a rerun resumes from.
-_SAVED_WORK = ("progress.json", "baseline.json")
-
-
-def _saved_work(workdir: str) -> bool:
-    """Whether ``workdir`` (or a seed's directory in it) holds finished work to resume."""
-    dirs = [workdir, *glob.glob(os.path.join(glob.escape(workdir), "seed_*"))]
-    return any(os.path.isfile(os.path.join(d, n)) for d in dirs for n in _SAVED_WORK)
 
 
 def _stop(signum: int, frame) -> None:
     """SIGTERM / SIGINT: prints the resume hint and ends the process at once (exit code 130;
     ``cli.stop``)."""
     del frame
-    cli.stop(signum, flags.FLAGS["workdir"].value, _saved_work)
+    cli.stop(signum, flags.FLAGS["workdir"].value, cli.study_saved_work)
 
 
 def _check_processes() -> None:

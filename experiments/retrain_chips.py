@@ -12,7 +12,6 @@ one-line message (exit code 2) and writes nothing.
 
 from __future__ import annotations
 
-import glob
 import logging as py_logging
 import os
 import signal
@@ -90,23 +89,12 @@ def _check_flags() -> None:
 
 # Files whose presence in a workdir means finished chips a rerun keeps: the ledger
 # (production.LEDGER) or a saved pool of this call's chips (production's batches/).
-_LEDGER = "production.json"
-_POOLS = os.path.join("batches", "*", "progress.json")
-
-
-def _saved_work(workdir: str) -> bool:
-    """Whether ``workdir`` holds finished chips: in its ledger, or a saved pool of a call."""
-    return os.path.isfile(os.path.join(workdir, _LEDGER)) or bool(
-        glob.glob(os.path.join(glob.escape(workdir), _POOLS))
-    )
-
-
 def _stop(signum: int, frame) -> None:
     """SIGTERM / SIGINT: prints whether finished chips are saved (the same command resumes) or
     not (it starts over) and ends the process at once (exit code 130; ``cli.stop``). Finished
     pools of chips and every output are only ever replaced atomically."""
     del frame
-    cli.stop(signum, WORKDIR.value, _saved_work)
+    cli.stop(signum, WORKDIR.value, cli.production_saved_work)
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import reduce_jax
-from experiments import cli, retrain_chips
+from experiments import cli
 from reduce_jax import data as data_lib
 from reduce_jax import pipeline, production
 from reduce_jax.engine import progress
@@ -233,21 +233,21 @@ def test_a_damaged_ledger_is_refused_naming_it(study, tmp_path, contents):
 
 def test_a_stop_says_whether_finished_chips_are_saved(tmp_path):
     out = tmp_path / "out"
-    assert not retrain_chips._saved_work(str(out))
+    assert not cli.production_saved_work(str(out))
     out.mkdir()
-    assert not retrain_chips._saved_work(str(out))
+    assert not cli.production_saved_work(str(out))
     assert cli.stop_hint(signal.SIGTERM, str(out), False) == (
         f"interrupted (SIGTERM) before any work was saved in {out}: run the same command to "
         "start over"
     )
     pool = out / "batches" / "0123" / progress.PROGRESS_FILE
     pool.parent.mkdir(parents=True)
-    assert not retrain_chips._saved_work(str(out))  # a pool's directory, nothing saved in it
+    assert not cli.production_saved_work(str(out))  # a pool's directory, nothing saved in it
     pool.write_text("{}")
-    assert retrain_chips._saved_work(str(out))
+    assert cli.production_saved_work(str(out))
     pool.unlink()
     (out / production.LEDGER).write_text("{}")
-    assert retrain_chips._saved_work(str(out))
+    assert cli.production_saved_work(str(out))
     assert cli.stop_hint(signal.SIGINT, str(out), True) == (
         f"interrupted (SIGINT); finished work is saved in {out}: run the same command to resume"
     )
@@ -267,7 +267,7 @@ def test_a_stopped_call_resumes_to_the_same_chips(study, served, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         reduce_jax.retrain_chips(os.path.join(study[0], "map"), study[1], **kwargs)
     assert saved == [0] and not os.path.exists(os.path.join(out, production.LEDGER))
-    assert retrain_chips._saved_work(out)  # a stop now says the same command resumes
+    assert cli.production_saved_work(out)  # a stop now says the same command resumes
     monkeypatch.setattr(progress.ProgressStore, "put", put)
     computed = []
     drive = production.retraining.population.drive
