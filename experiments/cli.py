@@ -4,6 +4,7 @@ persistent compilation cache, and the stop on SIGTERM / SIGINT with a true resum
 from __future__ import annotations
 
 import glob
+import logging as py_logging
 import os
 import signal
 import sys
@@ -18,6 +19,25 @@ EXIT_INTERRUPTED = 130
 HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
 # Programs that compile faster than this are not worth a file in the cache.
 _CACHE_MIN_COMPILE_S = 0.1
+
+
+def define_compilation_cache_dir() -> flags.FlagHolder[str]:
+    """``--compilation_cache_dir``, the same for every command line that compiles; a CLI lists
+    it in its ``--help`` with ``flags.adopt_module_key_flags(cli)``."""
+    return flags.DEFINE_string(
+        "compilation_cache_dir",
+        os.path.join("~", ".cache", "reduce_jax", "xla"),
+        "Directory of JAX's persistent compilation cache: a rerun, a resumed run or another "
+        "run with the same shapes loads its compiled programs instead of compiling them "
+        "again (results do not change). Empty: no cache.",
+    )
+
+
+def quiet_platform_probing() -> None:
+    """JAX logs each platform it probes and cannot load ("Unable to initialize backend
+    'tpu'") at INFO; on a machine without that platform this is noise. Its warnings still
+    show."""
+    py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)
 
 
 def use_compilation_cache(path: str) -> None:

@@ -9,7 +9,6 @@ resumes from the finished work saved in --workdir (the message says whether any 
 
 from __future__ import annotations
 
-import logging as py_logging
 import os
 import signal
 import sys
@@ -44,20 +43,11 @@ DISTRIBUTED_AUTO = flags.DEFINE_boolean(
     "Multi-host runs started by a cluster launcher (SLURM srun, Open MPI mpirun): "
     "jax.distributed reads the coordinator, process count and id from its environment.",
 )
-COMPILATION_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir",
-    os.path.join("~", ".cache", "reduce_jax", "xla"),
-    "Directory of JAX's persistent compilation cache: a rerun, a resumed run or another "
-    "study with the same shapes loads its compiled programs instead of compiling them again "
-    "(results do not change). Empty: no cache.",
-)
+COMPILATION_CACHE_DIR = cli.define_compilation_cache_dir()
+flags.adopt_module_key_flags(cli)  # listed in this CLI's --help
 OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False, "Discard progress in --workdir saved with other settings."
 )
-
-# JAX logs each platform it probes and cannot load ("Unable to initialize backend 'tpu'")
-# at INFO; on a machine without that platform this is noise. Its warnings still show.
-_QUIET_LOGGERS = ("jax._src.xla_bridge",)
 
 
 def _stop(signum: int, frame) -> None:
@@ -92,8 +82,7 @@ def main(argv: list[str]) -> int:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.INFO)
-    for name in _QUIET_LOGGERS:
-        py_logging.getLogger(name).setLevel(py_logging.WARNING)
+    cli.quiet_platform_probing()
     try:
         cfg = config_lib.from_flags(flags.FLAGS)
         if cfg.workdir is None:

@@ -12,7 +12,6 @@ one-line message (exit code 2) and writes nothing.
 
 from __future__ import annotations
 
-import logging as py_logging
 import os
 import signal
 import sys
@@ -61,11 +60,8 @@ SAVE_CHIP_WEIGHTS = flags.DEFINE_boolean(
     "Store every retrained chip's variables in --workdir/chip_weights (read one back with "
     "reduce_jax.load_chip(workdir, chip)).",
 )
-COMPILATION_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir",
-    os.path.join("~", ".cache", "reduce_jax", "xla"),
-    "Directory of JAX's persistent compilation cache (empty: no cache).",
-)
+COMPILATION_CACHE_DIR = cli.define_compilation_cache_dir()
+flags.adopt_module_key_flags(cli)  # listed in this CLI's --help
 
 
 def _check_flags() -> None:
@@ -104,7 +100,7 @@ def main(argv: list[str]) -> int:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.INFO)
-    py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)
+    cli.quiet_platform_probing()
     try:
         _check_flags()
         cli.use_compilation_cache(COMPILATION_CACHE_DIR.value)
