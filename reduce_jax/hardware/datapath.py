@@ -54,10 +54,7 @@ def int8_matmul(
         raise ValueError(
             f"faults are for a {faults.and_mask.shape[-2:]} array, the layer runs on {array}"
         )
-    w = jnp.asarray(kernel, jnp.float32)
-    if mask is not None:
-        w = w * mask
-    w_scale = lax.stop_gradient(quant.weight_scale(w))
+    w, w_scale = quant.held_kernel(kernel, mask)
     x_scale = lax.stop_gradient(jnp.asarray(x_scale, jnp.float32))
     return _matmul(tuple(array), tuple(sites), x, w, x_scale, w_scale, faults)
 

@@ -249,6 +249,22 @@ def _fake_quant_bwd(res, g):
 fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
+def held_kernel(kernel: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The float kernel a chip holds, masked, and its per-channel int8 scale, held constant
+    in the gradient.
+
+    Args:
+      kernel: ``float[..., N]``; mask: 0/1 of the same shape, or None.
+
+    Returns:
+      ``(float32[..., N], float32[N])``.
+    """
+    w = jnp.asarray(kernel, jnp.float32)
+    if mask is not None:
+        w = w * mask
+    return w, lax.stop_gradient(weight_scale(w))
+
+
 def fake_quant_kernel(kernel: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """A kernel as the chip holds it: masked, then int8 per output channel, dequantized.
 
@@ -262,11 +278,7 @@ def fake_quant_kernel(kernel: jax.Array, mask: jax.Array | None = None) -> jax.A
     Returns:
       ``float32[..., N]``.
     """
-    w = jnp.asarray(kernel, jnp.float32)
-    if mask is not None:
-        w = w * mask
-    scale = lax.stop_gradient(weight_scale(w))
-    return fake_quant(w, scale)
+    return fake_quant(*held_kernel(kernel, mask))
 
 
 def quantized_matmul(
