@@ -1,0 +1,307 @@
+"""The four mitigations of stuck-at faults on the int8 array, for a population of chips.
+
+For every chip (its stuck-at faults, ``hardware.stuck_at.StuckAt``) and every mitigation,
+the accuracy on the validation and test splits:
+
+* ``none``: the faults active, the int8 baseline unchanged;
+* ``bypass``: the chip's faulty PEs bypassed (FAP: the weights they hold are zero and their
+  stuck bits no longer act), no retraining;
+* ``bypass+retrain``: the same, retrained quantization-aware (FAP+T), bypassed weights kept
+  exactly zero;
+* ``fault-aware``: no bypass; retrained with the stuck values in the forward pass and the
+  gradients straight through them (``hardware.datapath``).
+
+Retraining is the engine's one-chip step (``train.chip_step``) on the chip's int8 model
+(``nets.int8.Int8Model``), ``vmap``-ped over the chips of a chunk; every chip takes the same
+number of steps on the same batches. ``float_bypass`` gives the float32 FAP and FAP+T
+accuracies of the same PE maps (the engine's ``train.make_trainer``), the reference curve;
+``finetune`` trains the int8 baseline quantization-aware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from reduce_jax.engine import population, train
+from reduce_jax.hardware import stuck_at
+from reduce_jax.nets import int8
+
+PyTree = Any
+
+MITIGATIONS = ("none", "bypass", "bypass+retrain", "fault-aware")
+FLOAT_MITIGATIONS = ("bypass", "bypass+retrain")
+
+
+class ChipTrainer(NamedTuple):
+    """Jitted population functions of a model whose chips carry faults (``make_chip_trainer``).
+
+    A chip is ``(mask, faults)``: 0/1 masks like ``params`` and its ``StuckAt`` or None, each
+    with a leading ``chips`` axis for a population.
+
+    Attributes:
+      init: ``(variables, masks[chips]) -> ChipState[chips]`` (budget: unlimited).
+      run: ``(states, chips, images, labels, key, num_steps) -> states``: steps
+        ``0 .. num_steps - 1`` on batches ``train.batch_indices(key, t)``, the same for
+        every chip.
+      evaluate: ``(variables[chips], chips, images, labels) -> float32[chips]`` accuracy.
+    """
+
+    init: Callable
+    run: Callable
+    evaluate: Callable
+
+
+def make_chip_trainer(
+    model_of: Callable[[stuck_at.StuckAt | None], Any],
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    eval_batch_size: int = 100,
+    chip_batching: str = "vmap",
+) -> ChipTrainer:
+    """Population training and evaluation of chips whose model depends on their faults.
+
+    Args:
+      model_of: a chip's faults (or None) -> what ``train.chip_step`` calls as its model
+        (``int8.Int8Model(net, faults)``, or a Flax model that ignores them).
+      tx: the retraining optimizer; batch_size, eval_batch_size: training and evaluation
+        batches; chip_batching: ``train.CHIP_BATCHING``.
+    """
+
+    def step(state, chip, images, labels):
+        mask, faults = chip
+        return train.chip_step(model_of(faults), tx, state, mask, images, labels)
+
+    def correct(variables, chip, images, labels):
+        mask, faults = chip
+        return train.chip_correct(model_of(faults), variables, mask, images, labels)
+
+    population_step = train.over_chips(step, chip_batching)
+    population_correct = train.over_chips(correct, chip_batching)
+    budget = jnp.iinfo(jnp.int32).max
+
+    def init(variables, masks):
+        return jax.vmap(lambda m: train.init_chip(variables, m, tx, budget))(masks)
+
+    def run(states, chips, images, labels, key, num_steps):
+        def body(t, states):
+            idx = train.batch_indices(key, t, images.shape[0], batch_size)
+            return population_step(states, chips, images[idx], labels[idx])[0]
+
+        return jax.lax.fori_loop(0, num_steps, body, states)
+
+    def evaluate(variables, chips, images, labels):
+        n = images.shape[0]
+        bs = min(eval_batch_size, n)
+        num_batches = -(-n // bs)
+        pad = num_batches * bs - n
+        images = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
+        labels = jnp.pad(labels, (0, pad), constant_values=-1)  # padded rows never match
+        images = images.reshape(num_batches, bs, *images.shape[1:])
+        labels = labels.reshape(num_batches, bs)
+        count = jax.tree.leaves(variables["params"])[0].shape[0]
+
+        def body(total, batch):
+            return total + population_correct(variables, chips, *batch), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((count,), jnp.int32), (images, labels))
+        return total.astype(jnp.float32) / n
+
+    return ChipTrainer(
+        init=jax.jit(init),
+        run=jax.jit(run),
+        evaluate=jax.jit(evaluate),
+    )
+
+
+def _variables(params: PyTree) -> dict:
+    return {"params": params, "batch_stats": {}}
+
+
+def finetune(
+    net: int8.Int8Net,
+    params: PyTree,
+    data: population.DeviceData,
+    tx: optax.GradientTransformation,
+    steps: int,
+    key: jax.Array,
+    batch_size: int,
+) -> PyTree:
+    """The int8 baseline trained quantization-aware for ``steps`` steps, fault-free.
+
+    Args:
+      net: the int8 model; params: its folded parameters (the post-training quantized
+        baseline); data: the training set on the device; tx, batch_size: the optimizer and
+        batch; key: the batch order.
+
+    Returns:
+      The folded parameters after ``steps`` steps (``params`` itself for 0).
+    """
+    if steps <= 0:
+        return params
+    trainer = make_chip_trainer(lambda f: int8.Int8Model(net, f), tx, batch_size)
+    ones = train.unit_masks(params)
+    states = trainer.init(_variables(params), ones)
+    states = trainer.run(states, (ones, None), data.train_images, data.train_labels, key, steps)
+    return train.slice_chips(states.params, 0)
+
+
+class Accuracies(NamedTuple):
+    """Accuracy of every chip under every mitigation.
+
+    Attributes:
+      val: ``float64[chips, M]`` on the validation split; test: the same on the test split.
+      mitigations: the ``M`` names, in column order.
+    """
+
+    val: np.ndarray
+    test: np.ndarray
+    mitigations: tuple[str, ...]
+
+
+class _Chunk(NamedTuple):
+    val: np.ndarray
+    test: np.ndarray
+
+
+def _check(mitigations: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    bad = [m for m in mitigations if m not in allowed]
+    if bad or not mitigations:
+        raise ValueError(f"unknown mitigation {bad[:1]}; allowed: {', '.join(allowed)}")
+    return tuple(mitigations)
+
+
+def _accuracies(trainer, variables, chips, data) -> tuple[np.ndarray, np.ndarray]:
+    val = trainer.evaluate(variables, chips, data.val_images, data.val_labels)
+    test = trainer.evaluate(variables, chips, data.test_images, data.test_labels)
+    return np.asarray(val, np.float64), np.asarray(test, np.float64)
+
+
+def mitigate(
+    net: int8.Int8Net,
+    params: PyTree,
+    faults: stuck_at.StuckAt,
+    data: population.DeviceData,
+    tx: optax.GradientTransformation,
+    steps: int,
+    key: jax.Array,
+    batch_size: int,
+    mitigations: Sequence[str] = MITIGATIONS,
+    chips_per_batch: int = 32,
+    eval_batch_size: int = 100,
+    chip_batching: str = "vmap",
+) -> Accuracies:
+    """Every chip's validation and test accuracy under every mitigation, in int8.
+
+    Chips are computed in chunks of ``chips_per_batch`` (``population.drive``; the last chunk
+    padded with fault-free chips), each chunk's chips ``vmap``-ped together. The sites
+    simulated are those where any chip has a stuck bit (``int8.present_sites``).
+
+    Args:
+      net: the int8 model (``int8.Int8Net``; its ``sites`` are replaced as above).
+      params: the int8 baseline's folded parameters (every chip starts from them).
+      faults: ``StuckAt`` of ``int32[chips, 3, R, C]``.
+      data: train, validation and test sets on the device.
+      tx: the retraining optimizer (its state starts fresh for every chip).
+      steps: retraining steps of ``bypass+retrain`` and ``fault-aware`` (batches
+        ``train.batch_indices(key, t)``, the same for every chip and both mitigations).
+      key: the retraining's batch order.
+      batch_size, eval_batch_size, chip_batching: as ``train.make_trainer``.
+      mitigations: which of ``MITIGATIONS`` to compute, in the columns' order.
+
+    Returns:
+      ``Accuracies`` (``float64[chips, len(mitigations)]`` each).
+    """
+    mitigations = _check(mitigations, MITIGATIONS)
+    faults = stuck_at.StuckAt(*(np.asarray(m, np.int32) for m in faults))
+    net = net._replace(sites=int8.present_sites(faults))
+    trainer = make_chip_trainer(
+        lambda f: int8.Int8Model(net, f), tx, batch_size, eval_batch_size, chip_batching
+    )
+    variables = _variables(params)
+
+    def compute(ids: np.ndarray, chunk: stuck_at.StuckAt) -> _Chunk:
+        del ids
+        chunk = stuck_at.StuckAt(*(jnp.asarray(m) for m in chunk))
+        n = chunk.and_mask.shape[0]
+        ones = train.unit_masks(params, n)
+        masks = population.population_masks(params, stuck_at.faulty_pes(chunk))
+        chips = {
+            "none": (ones, chunk),
+            "bypass": (masks, None),
+            "bypass+retrain": (masks, None),
+            "fault-aware": (ones, chunk),
+        }
+        val, test = [], []
+        for name in mitigations:
+            states = trainer.init(variables, chips[name][0])
+            if name in ("bypass+retrain", "fault-aware") and steps > 0:
+                images, labels = data.train_images, data.train_labels
+                states = trainer.run(states, chips[name], images, labels, key, steps)
+            v, t = _accuracies(trainer, states.variables, chips[name], data)
+            val.append(v)
+            test.append(t)
+        return _Chunk(np.stack(val, axis=1), np.stack(test, axis=1))
+
+    size = population.chunk_size(len(faults.and_mask), chips_per_batch)
+    out = population.drive(faults, compute, _Chunk, size, stage="mitigation")
+    return Accuracies(out.val, out.test, mitigations)
+
+
+def float_bypass(
+    model,
+    variables: PyTree,
+    fault_maps: np.ndarray,
+    data: population.DeviceData,
+    tx: optax.GradientTransformation,
+    steps: int,
+    key: jax.Array,
+    batch_size: int,
+    mitigations: Sequence[str] = FLOAT_MITIGATIONS,
+    chips_per_batch: int = 32,
+    eval_batch_size: int = 100,
+    chip_batching: str = "vmap",
+) -> Accuracies:
+    """The float32 reference: FAP (``bypass``) and FAP+T (``bypass+retrain``) of the same PE
+    maps, with the engine's trainer (``train.make_trainer``) exactly as the study runs it.
+
+    Args:
+      model: the Flax model; variables: the float baseline ``{"params", "batch_stats"}``.
+      fault_maps: ``bool[chips, R, C]`` (``stuck_at.faulty_pes`` of the int8 chips' faults).
+      data, tx, steps, key, batch_size, ...: as ``mitigate``.
+
+    Returns:
+      ``Accuracies`` over ``mitigations`` (a subset of ``FLOAT_MITIGATIONS``).
+    """
+    mitigations = _check(mitigations, FLOAT_MITIGATIONS)
+    trainer = train.make_trainer(
+        model, tx, batch_size, eval_batch_size, chip_batching=chip_batching
+    )
+
+    def compute(ids: np.ndarray, chunk: tuple) -> _Chunk:
+        del ids
+        (maps,) = chunk
+        budgets = np.full(len(maps), max(steps, 0), np.int32)
+        states, masks = population.init_chunk(trainer, variables, maps, budgets)
+        found = {}
+        for name in FLOAT_MITIGATIONS:  # bypass is measured before the retraining
+            if name not in mitigations:
+                continue
+            if name == "bypass+retrain" and steps > 0:
+                images, labels = data.train_images, data.train_labels
+                states = trainer.run(states, masks, images, labels, key, 0, steps)
+            v = trainer.evaluate(states.variables, masks, data.val_images, data.val_labels)
+            t = trainer.evaluate(states.variables, masks, data.test_images, data.test_labels)
+            found[name] = (np.asarray(v, np.float64), np.asarray(t, np.float64))
+        val, test = zip(*(found[name] for name in mitigations), strict=True)
+        return _Chunk(np.stack(val, axis=1), np.stack(test, axis=1))
+
+    maps = np.asarray(fault_maps, bool)
+    size = population.chunk_size(len(maps), chips_per_batch)
+    out = population.drive((maps,), compute, _Chunk, size, stage="float_bypass")
+    return Accuracies(out.val, out.test, mitigations)
