@@ -1,0 +1,95 @@
+"""experiments/datapath.py: every bad flag is refused before any compute, in one line naming
+the flag and its allowed range (exit code 2); a small study on digits writes its outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.datapath", *args],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, says",
+    [
+        ("--fault_rates=0,1.5", "--fault_rates=1.5 is out of range [0, 1]"),
+        ("--site_probs=0.5,0.5", "--site_probs=0.5,0.5 must be three probabilities"),
+        ("--zhang_pes=0", "--zhang_pes=0 is out of range [1, 256]"),
+        ("--bits=low", "--bits='low' is not one of uniform, high, msb"),
+    ],
+)
+def test_a_bad_flag_is_one_line_naming_it(tmp_path, flag, says):
+    proc = _run(f"--workdir={tmp_path / 'w'}", flag)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: {says}")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()  # refused before anything was made
+
+
+def test_workdir_is_required():
+    proc = _run()
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --workdir is required (the output directory)"
+    )
+
+
+@pytest.mark.slow
+def test_a_small_study_writes_its_tables_and_plot(tmp_path):
+    workdir = tmp_path / "study"
+    proc = _run(
+        f"--workdir={workdir}",
+        "--dataset=digits",
+        "--model=mlp",
+        "--model_width=0.25",
+        "--array_rows=8",
+        "--array_cols=8",
+        "--baseline_epochs=3",
+        "--fault_rates=0,0.2",
+        "--chips_per_rate=2",
+        "--retrain_epochs=0.25",
+        "--zhang_pes=1",
+        "--zhang_chips=2",
+        "--calibration_images=200",
+        "--compilation_cache_dir=",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((workdir / "results.json").read_text())
+    assert out["int8_mitigations"] == ["none", "bypass", "bypass+retrain", "fault-aware"]
+    assert [r["rate"] for r in out["by_rate"]] == [0.0, 0.2]
+    assert abs(out["int8_ptq"]["test"] - out["float32"]["test"]) < 0.05
+    clean = out["by_rate"][0]["int8"]["test"]["mean"]
+    assert clean[0] == clean[1] == out["int8_ptq"]["test"]  # no faults: none is bypass
+    assert (workdir / "datapath_mlp.png").stat().st_size > 1000
+    assert "| PE rate |" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_benchmark_times_the_three_steps_in_one_run():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.datapath", "--quick", "--results_dir="],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    for name in ("float32", "int8", "int8_psum"):
+        assert row[f"{name}_chip_steps_per_s"] > 0
+    ratio = row["float32_chip_steps_per_s"] / row["int8_psum_chip_steps_per_s"]
+    assert row["int8_psum_over_float32"] == pytest.approx(ratio, rel=0.05)
