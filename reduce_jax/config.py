@@ -174,6 +174,31 @@ class ReduceConfig:
         "Cap of the adaptive policy (verify at 0, top up --topup_epochs at a time until the "
         "target): most epochs per chip, > 0 (default: the fixed policy's amount).",
     )
+    verify_slices: int = _setting(
+        16,
+        "Slices of the validation split in a verification that stops early (the adaptive_es "
+        "and online policies): a chip is rejected as soon as the slices seen prove it cannot "
+        "meet the target; in [1, 1024] (1 = the whole split at once, no early stop).",
+    )
+    verify_alpha: float = _setting(
+        0.02,
+        "Bound on the probability that a verification stopping early rejects a chip the "
+        "whole split would accept, in [0, 0.5] (0: stop only when the target is out of "
+        "reach whatever the rest of the split gives).",
+    )
+    online_batch: int = _setting(
+        8, "Chips per round of the online policy: its map is refitted between rounds (>= 1)."
+    )
+    online_quantile: float = _setting(
+        0.25,
+        "Quantile of the needs, at a chip's rate, at which the online policy starts it, in "
+        "(0, 1) (low: most chips are not over-provisioned).",
+    )
+    online_min_evidence: int = _setting(
+        3,
+        "Chips at or below a rate that missed the target within the cap before the online "
+        "policy stops serving chips at that rate (>= 0; 0 = serve every chip).",
+    )
     topup_epochs: float = _setting(
         0.25, "Top-up increment (epochs) for a retrained chip still below the target (> 0)."
     )
@@ -425,6 +450,13 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
             f"--adaptive_max_epochs={cfg.adaptive_max_epochs} must be > 0",
         )
     _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
+    _in_range(cfg, "verify_slices", 1, 1024)
+    _in_range(cfg, "verify_alpha", 0, 0.5)
+    _in_range(cfg, "online_batch", 1, 1 << 20)
+    _require(
+        0 < cfg.online_quantile < 1, f"--online_quantile={cfg.online_quantile} is outside (0, 1)"
+    )
+    _in_range(cfg, "online_min_evidence", 0, 1 << 20)
     _require(cfg.max_topup_epochs >= 0, f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")
     for name in ("batch_size", "chips_per_batch", "eval_batch_size"):
         _in_range(cfg, name, 1, 1 << 20)

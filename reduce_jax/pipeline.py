@@ -34,7 +34,16 @@ from reduce_jax.nets import models
 from reduce_jax.outputs import chip_store, map_bundle, report
 from reduce_jax.outputs.summary import Baseline, Summary
 from reduce_jax.stages import baseline as baseline_lib
-from reduce_jax.stages import calibration, grouping, policies, predictor, resilience, retraining
+from reduce_jax.stages import (
+    calibration,
+    grouping,
+    online,
+    policies,
+    predictor,
+    resilience,
+    retraining,
+    sequential,
+)
 from reduce_jax.stages import cost as cost_lib
 
 
@@ -52,6 +61,7 @@ class Keys(NamedTuple):
     grouped: jax.Array
     policies: jax.Array
     fixed_sample: jax.Array
+    verify_order: jax.Array
 
     @classmethod
     def from_seed(cls, seed: int) -> Keys:
@@ -147,9 +157,8 @@ def run(
     cost = cost_lib.summarize(chips, fixed, analysis_epochs, ctx.steps_per_epoch, grouped)
     with timer.phase("policies"):
         outcomes = _Outcomes(analysis, chips, grouped, study)
-        comparison = _compare(
-            cfg, ctx, policy, maps, outcomes, fixed, keys.policies, keys.fixed_sample, store
-        )
+        rates = assignment.rates[cfg.rate_measure]
+        comparison = _compare(cfg, ctx, policy, maps, rates, outcomes, fixed, keys, store)
     timer.times["wall_s"] = timer.total()
     summary = Summary(
         config=cfg, overwrite=overwrite, baseline=base, test_target=policy.test_target,
@@ -399,31 +408,57 @@ class _Outcomes(NamedTuple):
 
 
 def _compare(
-    cfg, ctx, policy, maps, outcomes: _Outcomes, fixed_epochs, key, sample_key, store
+    cfg, ctx, policy, maps, rates, outcomes: _Outcomes, fixed_epochs, keys: Keys, store
 ) -> policies.Comparison:
-    """Every policy's cost and result (``policies``); with ``--compare_policies``, ``fixed``
-    on ``--fixed_policy_chips`` sampled chips (paid for every chip) and ``adaptive`` on
-    every chip; the sample is drawn from ``sample_key``."""
+    """Every policy's cost and result (``policies``). With ``--compare_policies``: ``fixed``
+    on ``--fixed_policy_chips`` sampled chips (paid for every chip), and ``adaptive``,
+    ``adaptive_es`` and ``online`` on every chip (``rates float[n]``: the chips' rates in
+    the map's measure, which the online map reads); the early stops of ``adaptive_es`` and
+    ``online`` are audited against the whole split."""
     inc = policy.topup_steps
     found = {"reduce": policies.reduce_policy(outcomes.chips, inc)}
+    audits = {}
     if cfg.compare_policies:
         spe = ctx.steps_per_epoch
         fixed_steps = int(train.epochs_to_steps(fixed_epochs, spe))
         cap = cfg.adaptive_max_epochs if cfg.adaptive_max_epochs is not None else fixed_epochs
         cap_steps = int(train.epochs_to_steps(cap, spe))
-        targets = (policy.decision_target, policy.test_target)
-        # Both policies retrain a chip on the batches of ``key``: a chip's result does not
-        # depend on the policy's other chips, nor on which sample it is in. The sample has a
-        # stream of its own, so drawing it never reuses the training's randomness.
-        sample = policies.sample_chips(len(maps), cfg.fixed_policy_chips, sample_key)
-        fixed = policies.run_fixed(ctx, maps[sample], fixed_steps, key, store)
-        found["fixed"] = policies.fixed_policy(fixed, fixed_steps, *targets, chips=len(maps))
-        adaptive = policies.run_adaptive(ctx, maps, inc, cap_steps, targets[0], key, store)
-        found["adaptive"] = policies.adaptive_policy(adaptive, *targets)
+        target, test_target = policy.decision_target, policy.test_target
+        # Every policy retrains a chip on the batches of ``keys.policies``: a chip's result
+        # does not depend on the policy's other chips, nor on which sample it is in. The
+        # sample and the order of the validation images have streams of their own.
+        sample = policies.sample_chips(len(maps), cfg.fixed_policy_chips, keys.fixed_sample)
+        fixed = policies.run_fixed(ctx, maps[sample], fixed_steps, keys.policies, store)
+        found["fixed"] = policies.fixed_policy(
+            fixed, fixed_steps, target, test_target, chips=len(maps)
+        )
+        run = lambda **kw: policies.run_adaptive(  # noqa: E731
+            ctx, maps, inc, cap_steps, target, keys.policies, store, **kw
+        )
+        found["adaptive"] = policies.adaptive_policy(run(), test_target)
+        test = sequential.make_test(
+            len(ctx.data.val_labels), target, cfg.verify_slices, cfg.verify_alpha,
+            keys.verify_order,
+        )  # fmt: skip
+        es = run(test=test, audit=True, stage="adaptive_es_policy")
+        found["adaptive_es"] = policies.adaptive_policy(es, test_target)
+        settings = online.OnlineSettings(
+            batch=cfg.online_batch,
+            quantile=cfg.online_quantile,
+            min_evidence=cfg.online_min_evidence,
+            margin_steps=policy.max_topup_steps,
+        )
+        line = online.run_online(
+            ctx, maps, rates, inc, cap_steps, target, keys.policies, settings, test,
+            store=store, audit=True,
+        )  # fmt: skip
+        found["online"] = policies.adaptive_policy(line.outcome, test_target)
+        for name, out in (("adaptive_es", es), ("online", line.outcome)):
+            audits[name] = (int(out.verifications.sum()), int(out.false_rejects.sum()))
     if outcomes.grouped is not None:
         found["grouped"] = policies.grouped_policy(outcomes.grouped, outcomes.chips, inc)
     if outcomes.study is not None:
         found["oracle"] = policies.oracle_policy(outcomes.study, policy.test_target)
     ordered = {name: found[name] for name in policies.POLICIES if name in found}
     compute = policies.measure_compute(ctx, cfg.batch_size, cfg.eval_batch_size)
-    return policies.compare(ordered, outcomes.analysis, compute)
+    return policies.compare(ordered, outcomes.analysis, compute, audits)

@@ -136,9 +136,10 @@ class Summary:
 
     def headline(self) -> str:
         """The run's result in one line (logged by the run, printed by the CLI): every
-        policy's cost in the comparison's one unit, the cheapest policy without Reduce and
-        Reduce's break-even with it, and the chips meeting the target on the validation split
-        and on the test set (a chip Reduce does not serve never counts)."""
+        policy's cost in the comparison's one unit, the policy recommended (the cheapest for
+        the run's population, Reduce's analysis included), the cheapest policy without Reduce
+        and Reduce's break-even with it, and the chips meeting the target on the validation
+        split and on the test set (a chip a policy does not serve never counts)."""
         c, cmp = self.cost, self.policies
         margin = (
             f" ({self.decision_target:.4f} on validation)"
@@ -167,6 +168,8 @@ class Summary:
                 else f"Reduce breaks even with it at {be} chips"
             )
             verdict += rest
+        if cmp.recommended is not None:
+            verdict = f"recommended for {n} chips: {cmp.recommended} (cheapest); " + verdict
         meeting = ", ".join(
             f"{'Reduce' if name == 'reduce' else name} {_meeting(pol[name])}" for name in shown
         )
@@ -252,8 +255,11 @@ class Summary:
                 sampled=p.sampled_chips is not None,
                 chips_meeting_target=p.chips_meeting_target,
                 chips_meeting_target_test=p.chips_meeting_target_test,
+                rounds_mean=p.rounds_mean,
+                rounds_max=p.rounds_max,
             )
 
+        regions = policies.where_each_wins(c)
         return dict(
             **{name: entry(p) for name, p in c.policies.items()},
             analysis=entry(c.analysis),
@@ -261,8 +267,23 @@ class Summary:
             cheapest_alternative=c.cheapest,
             break_even_vs_cheapest=c.break_even_vs_cheapest,
             **{f"break_even_vs_{name}": c.break_even.get(name) for name in policies.ALTERNATIVES},
+            recommended=c.recommended,
             step_flops=compute.step_flops,
             eval_pass_flops=compute.eval_flops,
+            early_stop_audit={
+                name: dict(
+                    verifications=v,
+                    false_rejects=f,
+                    same_decision=1.0 - f / v if v else None,
+                )
+                for name, (v, f) in c.audits.items()
+            },
+            where_each_wins=dict(
+                eval_pass_epochs=regions.eval_epochs,
+                chips=regions.chips,
+                cheapest=regions.cheapest,
+                measured_eval_pass_epochs=regions.measured_eval_epochs,
+            ),
         )
 
     def _predictor(self) -> dict | None:

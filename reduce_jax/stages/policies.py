@@ -8,6 +8,10 @@ Policies, each giving every chip some retraining and verifying it on the validat
 * ``adaptive``: no analysis. Every chip is verified at 0 and topped up ``--topup_epochs`` at a
   time until it meets the target or reaches ``--adaptive_max_epochs`` (``run_adaptive``:
   one continuous retraining per chip, stopped where the policy stops it).
+* ``adaptive_es``: adaptive whose verifications stop early (``sequential``): the same
+  training, fewer images evaluated.
+* ``online``: no analysis; a map learned from the chips already retrained starts each chip
+  where it most likely needs no less (``online``), with verifications that stop early.
 * ``reduce``: the amounts from the resilience map, top-ups, and the one-off analysis.
 * ``grouped``: grouped Reduce (eFAT), in grouped runs.
 * ``oracle``: on the predictor study's chips (other chips than the population's), the least
@@ -32,9 +36,9 @@ from reduce_jax import sharding
 from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.stages import cost as cost_lib
-from reduce_jax.stages import grouping, predictor, resilience
+from reduce_jax.stages import grouping, predictor, resilience, sequential
 
-POLICIES = ("fixed", "adaptive", "reduce", "grouped", "oracle")
+POLICIES = ("fixed", "adaptive", "adaptive_es", "online", "reduce", "grouped", "oracle")
 
 
 def xla_flops(compiled) -> float:
@@ -107,14 +111,19 @@ class Policy(NamedTuple):
         (reported only), of ``measured_chips``; None where not measured.
       sampled_chips: where the outcome was measured on a random sample of the chips (the
         fixed policy with ``--fixed_policy_chips``), the sample's size; None: every chip.
+      rounds_mean, rounds_max: sequential verify-and-retrain rounds per chip, their mean
+        and most (a round is a verification and the training before it: on a production
+        line, a trip between the tester and the trainer); None: not counted.
     """
 
     chips: int
     train_steps: int
-    eval_passes: int
+    eval_passes: float
     chips_meeting_target: int
     chips_meeting_target_test: int | None
     sampled_chips: int | None = None
+    rounds_mean: float | None = None
+    rounds_max: int | None = None
 
     @property
     def measured_chips(self) -> int:
@@ -124,6 +133,14 @@ class Policy(NamedTuple):
 
 def _meets(acc: np.ndarray, target: float) -> int:
     return int(np.sum(np.asarray(acc) >= target))
+
+
+def rounds(per_chip: np.ndarray) -> dict:
+    """``rounds_mean`` and ``rounds_max`` of ``int[n]`` rounds per chip."""
+    per_chip = np.asarray(per_chip, np.int64)
+    if not len(per_chip):
+        return dict(rounds_mean=0.0, rounds_max=0)
+    return dict(rounds_mean=float(per_chip.mean()), rounds_max=int(per_chip.max()))
 
 
 def sample_chips(num_chips: int, sample: int, key: jax.Array) -> np.ndarray:
@@ -184,18 +201,30 @@ def fixed_policy(
         chips_meeting_target=_meets(traj.accuracy[:, j, 0], target),
         chips_meeting_target_test=_meets(traj.test_accuracy[:, j, 0], test_target),
         sampled_chips=m if n > m else None,
+        rounds_mean=1.0,
+        rounds_max=1,
     )
 
 
 class AdaptiveOutcome(NamedTuple):
-    """Where the adaptive policy stopped every chip (arrays over chips).
+    """Where a sequential policy (adaptive, online) stopped every chip (arrays over chips).
 
     Attributes:
-      steps: ``int64[n]`` training steps at the stop.
-      eval_passes: ``int64[n]`` validation passes (at 0 and after every increment).
-      val: ``float64[n]`` validation accuracy at the stop (0 for a diverged chip).
-      test: ``float64[n]`` test accuracy at the stop (reported only).
+      steps: ``int64[n]`` training steps at the stop (0 for a chip not served).
+      eval_passes: ``float64[n]`` validation passes: the images evaluated, over the split's
+        size (a verification that stops early costs less than one pass).
+      val: ``float64[n]`` validation accuracy at the stop (on the images seen where the
+        verification stopped early; 0 for a diverged chip; NaN for a chip not served).
+      test: ``float64[n]`` test accuracy at the stop (reported only; NaN: not served).
       diverged: ``bool[n]`` training became non-finite (stopped there).
+      met: ``bool[n]`` the last verification accepted the chip (whole split).
+      first: ``int64[n]`` steps at the chip's first verification.
+      verifications: ``int64[n]`` verifications (rounds: each waits for the training
+        before it).
+      false_rejects: ``int64[n]`` verifications stopped early that the whole split would
+        have accepted (counted where audited).
+      served: ``bool[n]`` the chip was retrained and verified (the online map skips chips
+        it says cannot be served).
     """
 
     steps: np.ndarray
@@ -203,12 +232,22 @@ class AdaptiveOutcome(NamedTuple):
     val: np.ndarray
     test: np.ndarray
     diverged: np.ndarray
+    met: np.ndarray
+    first: np.ndarray
+    verifications: np.ndarray
+    false_rejects: np.ndarray
+    served: np.ndarray
 
 
-class _Maps(NamedTuple):
-    """Chips as ``population.drive`` chunks them: ``maps bool[n, R, C]``."""
+class _Chips(NamedTuple):
+    """Chips as ``population.drive`` chunks them: ``maps bool[n, R, C]``, the steps of
+    their first verification ``first int64[n]`` and of their own cap ``last int64[n]`` (a
+    verification point), and ``skip bool[n]`` (not served)."""
 
     maps: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    skip: np.ndarray
 
 
 def adaptive_points(topup_steps: int, cap_steps: int) -> np.ndarray:
@@ -225,59 +264,113 @@ def run_adaptive(
     target: float,
     key: jax.Array,
     store: ProgressStore | None = None,
+    *,
+    test: sequential.SequentialTest | None = None,
+    audit: bool = False,
+    first: np.ndarray | None = None,
+    last: np.ndarray | None = None,
+    skip: np.ndarray | None = None,
+    stage: str = "adaptive_policy",
+    size: int | None = None,
 ) -> AdaptiveOutcome:
     """The adaptive policy on chips ``bool[n, R, C]``: each trained continuously on the
     batches of ``key``, verified at 0 and after every ``topup_steps``, and stopped at the
     first verification that meets ``target`` (validation), or at ``cap_steps``. A stopped
     chip takes no more steps (its trajectory does not depend on when it is stopped), so the
-    policy costs what it spends, not the cap; only the chips still running are evaluated."""
-    points = adaptive_points(topup_steps, cap_steps)
+    policy costs what it spends, not the cap; only the chips still running are evaluated.
 
-    def compute(ids: np.ndarray, chunk: _Maps) -> AdaptiveOutcome:
+    Args:
+      test: how a verification is run (``sequential``; default: the whole split at once).
+      audit: also evaluate the images an early stop skips, to count false rejections
+        (the policy's decisions and cost do not change).
+      first: ``int[n]`` steps before a chip's first verification (default 0): the chip is
+        trained without evaluation until the first of the policy's points at or past it
+        (the online map's start).
+      last: ``int[n]`` a cap of the chip's own, at most ``cap_steps`` (default
+        ``cap_steps``): the chip is verified there and stopped (the first of the policy's
+        points at or past it).
+      skip: ``bool[n]`` chips neither retrained nor evaluated (not served).
+      stage, size: the stage's name in ``store`` and its chips per chunk (default:
+        ``ctx.chips_per_batch``).
+    """
+    points = adaptive_points(topup_steps, cap_steps)
+    n_all = len(chip_maps)
+    test = test if test is not None else sequential.whole_split(len(ctx.data.val_labels), target)
+    sliced = sequential.slice_data(ctx.data, test)
+    first = np.zeros(n_all, np.int64) if first is None else np.asarray(first, np.int64)
+    last = np.full(n_all, points[-1]) if last is None else np.asarray(last, np.int64)
+    # A chip's own cap: the first point at or past it.
+    last = points[np.searchsorted(points, np.minimum(last, points[-1]))]
+    skip = np.zeros(n_all, bool) if skip is None else np.asarray(skip, bool)
+
+    def compute(ids: np.ndarray, chunk: _Chips) -> AdaptiveOutcome:
         n = len(chunk.maps)
-        active = np.arange(n) < len(ids)
-        budgets = np.where(active, points[-1], 0)
+        active = (np.arange(n) < len(ids)) & ~chunk.skip
+        served = active.copy()
+        budgets = np.where(active, chunk.last, 0)
         states, masks = population.init_chunk(ctx.trainer, ctx.variables, chunk.maps, budgets)
-        stop, val = np.zeros(n, np.int64), np.zeros(n)
-        diverged, prev = np.zeros(n, bool), 0
-        for i, s in enumerate(points):
-            if i:
+        stop, checks, false_rejects = (np.zeros(n, np.int64) for _ in range(3))
+        seen, val = np.zeros(n), np.where(served, 0.0, np.nan)
+        diverged, met, prev = np.zeros(n, bool), np.zeros(n, bool), 0
+        for s in points:
+            if s > prev:
                 phase = np.where(active, s - prev, 0)
                 states = population.run_phase(
                     ctx.trainer, states, masks, ctx.data, key, phase, start=prev
                 )
             prev = int(s)
-            now = np.flatnonzero(active)
-            acc = population.evaluate(ctx.trainer, states, masks, ctx.data, "val", now)
+            due = active & ((chunk.first <= s) | (s >= chunk.last))
+            now = np.flatnonzero(due)
+            if not len(now):
+                continue
+            verdict = sequential.verify(ctx.trainer, states, masks, sliced, test, now, audit)
             div = sharding.to_host(states.diverged)[now]
-            val[now], diverged[now], stop[now] = np.where(div, 0.0, acc), div, i
-            active[now[(acc >= target) | div]] = False
+            seen[now] += verdict.seen
+            checks[now] += 1
+            false_rejects[now] += verdict.whole_accept & ~verdict.accept
+            val[now] = np.where(div, 0.0, verdict.accuracy)
+            diverged[now], met[now], stop[now] = div, verdict.accept & ~div, s
+            active[now[verdict.accept | div | (s >= chunk.last[now])]] = False
             if not active.any():
                 break
-        test = population.evaluate(ctx.trainer, states, masks, ctx.data, "test")
-        return AdaptiveOutcome(points[stop], stop + 1, val, test, diverged)
+        test_acc = population.evaluate(ctx.trainer, states, masks, ctx.data, "test")
+        return AdaptiveOutcome(
+            steps=stop,
+            eval_passes=seen / test.num_images,
+            val=val,
+            test=np.where(served, test_acc, np.nan),
+            diverged=diverged,
+            met=met,
+            first=np.where(served, np.maximum(chunk.first, 0), 0),
+            verifications=checks,
+            false_rejects=false_rejects,
+            served=served,
+        )
 
-    size = population.chunk_size(len(chip_maps), ctx.chips_per_batch)
+    size = population.chunk_size(n_all, ctx.chips_per_batch if size is None else size)
     return population.drive(
-        _Maps(np.asarray(chip_maps)),
+        _Chips(np.asarray(chip_maps), first, last, skip),
         compute,
         AdaptiveOutcome,
         size,
         store=store,
-        stage="adaptive_policy",
+        stage=stage,
     )
 
 
-def adaptive_policy(outcome: AdaptiveOutcome, target: float, test_target: float) -> Policy:
-    """Verify at 0; top up one increment at a time until ``target`` (validation) or the cap;
-    the test set is judged against ``test_target``; a diverged chip meets neither."""
-    ok = ~np.asarray(outcome.diverged, bool)
+def adaptive_policy(outcome: AdaptiveOutcome, test_target: float) -> Policy:
+    """A sequential policy's cost and outcome: the chips its last verification accepted
+    meet the target on validation; the test set is judged against ``test_target``; a
+    diverged chip, or one not served, meets neither."""
+    ok = np.asarray(outcome.met, bool) & ~np.asarray(outcome.diverged, bool)
+    test = np.asarray(outcome.test)[np.asarray(outcome.served, bool) & ~outcome.diverged]
     return Policy(
         chips=len(ok),
         train_steps=int(np.sum(outcome.steps)),
-        eval_passes=int(np.sum(outcome.eval_passes)),
-        chips_meeting_target=_meets(outcome.val[ok], target),
-        chips_meeting_target_test=_meets(outcome.test[ok], test_target),
+        eval_passes=float(np.sum(outcome.eval_passes)),
+        chips_meeting_target=int(ok.sum()),
+        chips_meeting_target_test=_meets(test, test_target),
+        **rounds(outcome.verifications),
     )
 
 
@@ -291,15 +384,16 @@ def topup_rounds(topup_steps: np.ndarray, increment: int) -> np.ndarray:
 
 def reduce_policy(chips: cost_lib.ChipResults, increment: int) -> Policy:
     """Per-chip Reduce: every served chip is verified after its amount and after every
-    top-up round; chips the map flags are neither retrained nor evaluated."""
+    top-up round (its rounds); chips the map flags are neither retrained nor evaluated."""
     served = chips.selected_steps >= 0
-    rounds = topup_rounds(chips.topup_steps, increment)
+    topups = topup_rounds(chips.topup_steps, increment)
     return Policy(
         chips=len(served),
         train_steps=int(chips.selected_steps[served].sum() + chips.topup_steps.sum()),
-        eval_passes=int(served.sum() + rounds.sum()),
+        eval_passes=int(served.sum() + topups.sum()),
         chips_meeting_target=int(chips.meets_target.sum()),
         chips_meeting_target_test=int(chips.meets_target_test.sum()),
+        **rounds(np.where(served, 1 + topups, 0)),
     )
 
 
@@ -340,7 +434,7 @@ def oracle_policy(study: predictor.PredictorStudy, test_target: float) -> Policy
     )
 
 
-ALTERNATIVES = ("fixed", "adaptive")  # what a user would do without Reduce
+ALTERNATIVES = ("fixed", "adaptive", "adaptive_es", "online")  # no analysis needed
 
 
 class Comparison(NamedTuple):
@@ -357,6 +451,8 @@ class Comparison(NamedTuple):
         than that policy (None: Reduce costs as much or more per chip, so never), for each
         of ``ALTERNATIVES`` the run measured.
       cheapest: the alternative that costs least per chip (None: none was measured).
+      audits: name -> ``(verifications, false_rejects)`` of the policies whose early
+        stops were audited against the whole split.
     """
 
     policies: dict[str, Policy]
@@ -365,6 +461,7 @@ class Comparison(NamedTuple):
     unit: str
     break_even: dict[str, int | None]
     cheapest: str | None
+    audits: dict[str, tuple[int, int]] = {}
 
     @property
     def break_even_vs_adaptive(self) -> int | None:
@@ -383,6 +480,25 @@ class Comparison(NamedTuple):
     def per_chip(self, p: Policy) -> float:
         return self.cost(p) / max(p.chips, 1)
 
+    def total(self, name: str, chips: int) -> float:
+        """Policy ``name``'s cost for ``chips`` chips at its measured cost per chip, Reduce's
+        and grouped Reduce's with the analysis."""
+        one_off = self.cost(self.analysis) if name in ONE_OFF else 0.0
+        return one_off + chips * self.per_chip(self.policies[name])
+
+    @property
+    def recommended(self) -> str | None:
+        """The policy (Reduce with its analysis among them) that costs least for the run's
+        population, of those serving chips without hindsight; None: none measured."""
+        names = [n for n in POLICIES if n in self.policies and n != "oracle"]
+        if not names:
+            return None
+        chips = max(p.chips for p in self.policies.values())
+        return min(names, key=lambda n: self.total(n, chips))
+
+
+ONE_OFF = ("reduce", "grouped")  # policies that pay the analysis
+
 
 def analysis_policy(analysis: resilience.Analysis) -> Policy:
     """The resilience analysis as a cost: ``F * K`` chips to the largest amount, each
@@ -398,15 +514,19 @@ def analysis_policy(analysis: resilience.Analysis) -> Policy:
 
 
 def compare(
-    policies: dict[str, Policy], analysis: resilience.Analysis, compute: Compute
+    policies: dict[str, Policy],
+    analysis: resilience.Analysis,
+    compute: Compute,
+    audits: dict[str, tuple[int, int]] | None = None,
 ) -> Comparison:
     """Collects the policies, the cheapest alternative and Reduce's break-even population
     against each alternative, in one unit (``Comparison.unit``)."""
     one_off = analysis_policy(analysis)
     known = math.isfinite(compute.epochs(1, 1))
     out = Comparison(
-        policies, one_off, compute, "compute_epochs" if known else "train_epochs", {}, None
-    )
+        policies, one_off, compute, "compute_epochs" if known else "train_epochs", {}, None,
+        dict(audits or {}),
+    )  # fmt: skip
     measured = [name for name in ALTERNATIVES if name in policies]
     if "reduce" in policies:
         for name in measured:
@@ -414,3 +534,63 @@ def compare(
             out.break_even[name] = cost_lib.break_even_chips(out.cost(one_off), saving)
     cheapest = min(measured, key=lambda n: out.per_chip(policies[n]), default=None)
     return out._replace(cheapest=cheapest)
+
+
+# Where each policy wins --------------------------------------------------------------------
+
+REGION_EVAL_EPOCHS = np.geomspace(0.01, 1.0, 7)  # one evaluation pass, in training epochs
+REGION_CHIPS = np.array([10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000])
+
+
+class Regions(NamedTuple):
+    """Which policy costs least, over the cost of an evaluation pass and the population.
+
+    Every policy is costed from the run's own per-chip counts: training epochs and
+    evaluation passes per chip, and for Reduce (and grouped Reduce) the analysis's, as
+    ``one-off + chips * per-chip``, an evaluation pass costing ``eval_epochs`` epochs of
+    training. The online policy's per-chip counts are those of the run's population (a
+    longer line would learn more, so this is its cost at worst).
+
+    Attributes:
+      eval_epochs: ``float64[E]`` the cost of one evaluation pass, in training epochs.
+      chips: ``int64[N]`` population sizes.
+      cheapest: ``[E][N]`` the name of the cheapest policy in each cell.
+      measured_eval_epochs: the run's own cost of an evaluation pass (NaN: no flop count).
+    """
+
+    eval_epochs: np.ndarray
+    chips: np.ndarray
+    cheapest: list[list[str]]
+    measured_eval_epochs: float
+
+
+def where_each_wins(
+    comparison: Comparison,
+    eval_epochs: np.ndarray = REGION_EVAL_EPOCHS,
+    chips: np.ndarray = REGION_CHIPS,
+) -> Regions:
+    """The cheapest policy (of those without hindsight: not ``oracle``) in every cell of
+    ``eval_epochs float[E]`` x ``chips int[N]`` (ties: the first in ``POLICIES``)."""
+    spe = comparison.compute.steps_per_epoch
+    names = [n for n in POLICIES if n in comparison.policies and n != "oracle"]
+
+    def cost(p: Policy, e: float) -> float:
+        return p.train_steps / spe + e * p.eval_passes
+
+    one = comparison.analysis
+    table = []
+    for e in np.asarray(eval_epochs, np.float64):
+        row = []
+        for n in np.asarray(chips, np.int64):
+            totals = [
+                (cost(one, e) if name in ONE_OFF else 0.0)
+                + n * cost(comparison.policies[name], e) / max(comparison.policies[name].chips, 1)
+                for name in names
+            ]
+            row.append(names[int(np.argmin(totals))] if names else "")
+        table.append(row)
+    c = comparison.compute
+    measured = c.eval_flops / (c.step_flops * c.steps_per_epoch)
+    return Regions(
+        np.asarray(eval_epochs, np.float64), np.asarray(chips, np.int64), table, float(measured)
+    )

@@ -43,10 +43,10 @@ def test_the_fixed_policy_on_a_sample_pays_for_every_chip_and_counts_the_sample(
     test = [[0.95], [0.95]]
     traj = trajectory(val, steps, test)
     fixed = policies.fixed_policy(traj, 15, TARGET, TARGET, chips=64)
-    assert fixed == policies.Policy(64, 64 * 15, 64, 1, 2, sampled_chips=2)
+    assert fixed == policies.Policy(64, 64 * 15, 64, 1, 2, 2, 1.0, 1)
     assert fixed.measured_chips == 2
     every = policies.fixed_policy(traj, 15, TARGET, TARGET)
-    assert every == policies.Policy(2, 30, 2, 1, 2) and every.measured_chips == 2
+    assert every == policies.Policy(2, 30, 2, 1, 2, None, 1.0, 1) and every.measured_chips == 2
     with pytest.raises(ValueError):
         policies.fixed_policy(traj, 15, TARGET, TARGET, chips=1)
 
@@ -57,27 +57,38 @@ def test_adaptive_verifies_at_0_every_increment_and_the_cap():
     np.testing.assert_array_equal(policies.adaptive_points(0, 10), [0])
 
 
-def test_adaptive_counts_the_steps_and_evaluations_to_each_stop():
+def test_adaptive_counts_the_steps_evaluations_and_rounds_to_each_stop():
     # Chip 0 meets at 0; chip 1 after one increment of 5; chip 2 reaches the cap 12 (points
-    # 0, 5, 10, 12) and misses; chip 3 diverged (stopped, counted as missing).
+    # 0, 5, 10, 12) and misses; chip 3 diverged (stopped, counted as missing); chip 4 is
+    # not served (the online map's skip): no steps, no evaluation, never meeting.
     out = policies.AdaptiveOutcome(
-        steps=np.array([0, 5, 12, 5]),
-        eval_passes=np.array([1, 2, 4, 2]),
-        val=np.array([0.95, 0.91, 0.7, 0.0]),
-        test=np.array([0.95, 0.85, 0.7, 0.99]),
-        diverged=np.array([False, False, False, True]),
+        steps=np.array([0, 5, 12, 5, 0]),
+        eval_passes=np.array([1, 2, 2.5, 2, 0]),
+        val=np.array([0.95, 0.91, 0.7, 0.0, np.nan]),
+        test=np.array([0.95, 0.85, 0.7, 0.99, np.nan]),
+        diverged=np.array([False, False, False, True, False]),
+        met=np.array([True, True, False, False, False]),
+        first=np.zeros(5, np.int64),
+        verifications=np.array([1, 2, 4, 2, 0]),
+        false_rejects=np.zeros(5, np.int64),
+        served=np.array([True, True, True, True, False]),
     )
-    adaptive = policies.adaptive_policy(out, TARGET, TARGET)
-    assert adaptive == policies.Policy(4, 0 + 5 + 12 + 5, 1 + 2 + 4 + 2, 2, 1)
-    # A validation margin: decisions require 0.92, the test set keeps the target.
-    strict = policies.adaptive_policy(out, TARGET + 0.02, TARGET)
-    assert (strict.chips_meeting_target, strict.chips_meeting_target_test) == (1, 1)
+    adaptive = policies.adaptive_policy(out, TARGET)
+    assert adaptive == policies.Policy(
+        5, 0 + 5 + 12 + 5, 1 + 2 + 2.5 + 2, 2, 1, rounds_mean=9 / 5, rounds_max=4
+    )
+    # The test set is judged against the test target, apart from the decisions.
+    assert policies.adaptive_policy(out, 0.8).chips_meeting_target_test == 2
 
 
 def test_a_validation_margin_moves_the_fixed_policys_validation_count_not_its_test_count():
     traj = trajectory([[0.95, 0.95], [0.5, 0.91]], [0, 5], [[0.95, 0.95], [0.5, 0.905]])
-    assert policies.fixed_policy(traj, 5, TARGET + 0.015, TARGET) == policies.Policy(2, 10, 2, 1, 2)
-    assert policies.fixed_policy(traj, 5, TARGET, TARGET) == policies.Policy(2, 10, 2, 2, 2)
+    assert policies.fixed_policy(traj, 5, TARGET + 0.015, TARGET) == policies.Policy(
+        2, 10, 2, 1, 2, None, 1.0, 1
+    )
+    assert policies.fixed_policy(traj, 5, TARGET, TARGET) == policies.Policy(
+        2, 10, 2, 2, 2, None, 1.0, 1
+    )
 
 
 def test_reduce_policy_verifies_served_chips_after_each_top_up_round():
@@ -91,7 +102,8 @@ def test_reduce_policy_verifies_served_chips_after_each_top_up_round():
         test_accuracy_after=np.array([0.95, 0.85, 0.1]),
         meets_target_test=np.array([True, False, False]),
     )
-    assert policies.reduce_policy(chips, 3) == policies.Policy(3, 11, 2 + 3, 2, 1)
+    # Rounds: 1 + 3 top-ups, 1, and none for the chip not served.
+    assert policies.reduce_policy(chips, 3) == policies.Policy(3, 11, 2 + 3, 2, 1, None, 5 / 3, 4)
 
 
 @given(
