@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from reduce_jax import config, data
 from reduce_jax.engine import population
 from reduce_jax.nets import models
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache, shared by the run's workers (pytest-xdist): a
+    program compiled again with the same shapes (every in-process run of the small study
+    compiles the same ones) is loaded instead (``--compilation_cache_dir``: results do not
+    change). It starts empty on every pytest run, so the suite's time is a cold one."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "xla_cache"
+    path.mkdir(exist_ok=True)
+    before = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+        jax.config.jax_persistent_cache_min_entry_size_bytes,
+    )
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax_cache.reset_cache()  # programs compiled while collecting the tests checked it already
+    yield path
+    for name, value in zip(
+        (
+            "jax_compilation_cache_dir",
+            "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes",
+        ),
+        before,
+        strict=True,
+    ):
+        jax.config.update(name, value)
+    jax_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")

@@ -71,32 +71,43 @@ CONV_SCRIPT = textwrap.dedent(
     ds = data.load_dataset("digits")
     model = models.get_model("lenet5", ds.num_classes)
     variables = models.init_variables(model, jax.random.key(0), ds.train_images.shape[1:])
-    trainer = train.make_trainer(model, train.make_optimizer("adam", 1e-3), 32,
-                                 chip_batching=sys.argv[1])
     d = population.DeviceData.from_dataset(data.split_validation(ds, 0.1))
     maps = faults.sample_fault_maps(jax.random.key(1), 8, 4, 4, 0.2)
-    states, masks = population.init_chunk(trainer, variables, maps, jnp.full(8, 100))
-    args = (d.train_images, d.train_labels, jax.random.key(2), 0, 3)
-    hlo = trainer.run.lower(states, masks, *args).compile().as_text()
-    states = trainer.run(states, masks, *args)
-    acc = population.evaluate(trainer, states, masks, d)
-    kernel = sharding.to_host(states.params["conv2"]["kernel"])
-    print(json.dumps(dict(devices=jax.device_count(), accuracy=acc.tolist(),
-                          kernel=kernel.reshape(8, -1)[:, :50].tolist(),
-                          collectives=len(re.findall(
-                              r"all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter",
-                              hlo)))))
+    out = {}
+    for chip_batching in sys.argv[1].split(","):
+        trainer = train.make_trainer(model, train.make_optimizer("adam", 1e-3), 32,
+                                     chip_batching=chip_batching)
+        states, masks = population.init_chunk(trainer, variables, maps, jnp.full(8, 100))
+        args = (d.train_images, d.train_labels, jax.random.key(2), 0, 3)
+        run = trainer.run.lower(states, masks, *args).compile()  # compiled once, then run
+        hlo = run.as_text()
+        states = run(states, masks, *args)
+        acc = population.evaluate(trainer, states, masks, d)
+        kernel = sharding.to_host(states.params["conv2"]["kernel"])
+        out[chip_batching] = dict(
+            devices=jax.device_count(), accuracy=acc.tolist(),
+            kernel=kernel.reshape(8, -1)[:, :50].tolist(),
+            collectives=len(re.findall(
+                r"all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter", hlo)))
+    print(json.dumps(out))
     """
 )
 
 
+@pytest.fixture(scope="module")
+def conv_runs():
+    """``CONV_SCRIPT`` on 1 and on 4 devices, both ways of batching chips in each process:
+    ``{devices: {chip_batching: result}}``."""
+    modes = ",".join(("vmap", "map"))
+    return {devices: run_script(CONV_SCRIPT, devices, modes) for devices in (1, 4)}
+
+
 @pytest.mark.parametrize("chip_batching", ["vmap", "map"])
-def test_sharded_convolutions_stay_on_their_devices(chip_batching):
+def test_sharded_convolutions_stay_on_their_devices(conv_runs, chip_batching):
     """LeNet-5 over 4 devices, vectorised (per-chip lax.map convolutions on a CPU) or mapped
     chip by chip: each device keeps its own chips (no collective in the step) and the results
     equal one device's."""
-    one = run_script(CONV_SCRIPT, 1, chip_batching)
-    four = run_script(CONV_SCRIPT, 4, chip_batching)
+    one, four = conv_runs[1][chip_batching], conv_runs[4][chip_batching]
     assert one["devices"] == 1 and four["devices"] == 4
     assert four["collectives"] == 0
     np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=1e-4, atol=1e-6)
