@@ -194,6 +194,11 @@ class ReduceConfig:
         "Quantile of the needs, at a chip's rate, at which the online policy starts it, in "
         "(0, 1) (low: most chips are not over-provisioned).",
     )
+    online_confidence: float = _setting(
+        0.9,
+        "Confidence that a chip's start is at most that quantile, in (0, 1) (the start is a "
+        "lower confidence bound of it: a rate seen on few chips starts at 0).",
+    )
     online_min_evidence: int = _setting(
         3,
         "Chips at or below a rate that missed the target within the cap before the online "
@@ -455,6 +460,10 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
     _in_range(cfg, "online_batch", 1, 1 << 20)
     _require(
         0 < cfg.online_quantile < 1, f"--online_quantile={cfg.online_quantile} is outside (0, 1)"
+    )
+    _require(
+        0 < cfg.online_confidence < 1,
+        f"--online_confidence={cfg.online_confidence} is outside (0, 1)",
     )
     _in_range(cfg, "online_min_evidence", 0, 1 << 20)
     _require(cfg.max_topup_epochs >= 0, f"--max_topup_epochs={cfg.max_topup_epochs} must be >= 0")

@@ -445,6 +445,7 @@ def _compare(
         settings = online.OnlineSettings(
             batch=cfg.online_batch,
             quantile=cfg.online_quantile,
+            confidence=cfg.online_confidence,
             min_evidence=cfg.online_min_evidence,
             margin_steps=policy.max_topup_steps,
         )

@@ -10,6 +10,8 @@
   the target;
 * ``policies.png``: cost of every policy (training and evaluation) and its chips that meet
   the target on validation and test; cumulative cost over the population size;
+* ``policy_regions.png``: which policy costs least, over the cost of an evaluation pass and
+  the population (``summary["policies"]["where_each_wins"]``), with the run's own marked;
 
 Every cost is in the comparison's one unit (``summary["policies"]["unit"]``: compute epochs,
 evaluation included), the unit of the headline's break-even too.
@@ -33,6 +35,7 @@ PLOT_NAMES = (
     "cost.png",
     "chip_accuracy.png",
     "policies.png",
+    "policy_regions.png",
 )
 GROUPING_PLOT = "cost_grouping.png"
 PREDICTOR_PLOT = "predictor.png"
@@ -173,7 +176,7 @@ def _cumulative(summary: dict, ax, names: list[str], break_even: int | None, lab
     dearer policy may leave through the top)."""
     pol = summary["policies"]
     n_chips = max(pol["reduce"]["chips"], 1)
-    evens = [b for b in (pol.get(f"break_even_vs_{a}") for a in ("fixed", "adaptive")) if b]
+    evens = [b for b in (pol.get(f"break_even_vs_{a}") for a in _ALTERNATIVES) if b]
     n_max = max([n_chips] + [int(np.ceil(1.25 * b)) for b in evens])
     n = np.linspace(0, n_max, 200)
     analysis = _policy_cost(pol, "analysis")
@@ -206,7 +209,7 @@ def _plot_cost(summary: dict, ax) -> None:
         ax.set_title("Cost: no policies in this summary", fontsize=10)
         return
     cheapest = pol.get("cheapest_alternative")
-    names = ["reduce"] + [a for a in ("fixed", "adaptive") if pol.get(a)]
+    names = ["reduce"] + [a for a in _ALTERNATIVES if pol.get(a)]
     if cheapest is None:
         _cumulative(summary, ax, names, None, "no other policy run")
         ax.set_title("Cost of Reduce (no other policy run)", fontsize=10)
@@ -318,7 +321,44 @@ def _plot_chip_accuracy(summary: dict, ax) -> None:
     ax.legend(fontsize=7, loc="best")
 
 
-_POLICY_COLORS = dict(fixed="C3", adaptive="C4", reduce="C0", grouped="C2", oracle="C7")
+_POLICY_COLORS = dict(
+    fixed="C3", adaptive="C4", adaptive_es="C5", online="C1", reduce="C0", grouped="C2",
+    oracle="C7",
+)  # fmt: skip
+_ALTERNATIVES = ("fixed", "adaptive", "adaptive_es", "online")  # policies.ALTERNATIVES
+
+
+def _plot_regions(summary: dict, ax) -> None:
+    """The cheapest policy in every cell of (population, cost of an evaluation pass), from
+    the run's own per-chip counts; the run's population and its measured pass cost marked."""
+    pol = summary["policies"]
+    w = pol["where_each_wins"]
+    chips, evals = np.asarray(w["chips"]), _floats(w["eval_pass_epochs"])
+    names = [n for n in _POLICY_COLORS if any(n in row for row in w["cheapest"])]
+    index = {n: i for i, n in enumerate(names)}
+    grid = np.array([[index[c] for c in row] for row in w["cheapest"]])
+    colors = matplotlib.colors.ListedColormap([_POLICY_COLORS[n] for n in names])
+    ax.pcolormesh(
+        np.arange(len(chips) + 1), np.arange(len(evals) + 1), grid, cmap=colors,
+        vmin=-0.5, vmax=len(names) - 0.5, alpha=0.8,
+    )  # fmt: skip
+    for i in range(len(evals)):
+        for j in range(len(chips)):
+            ax.text(j + 0.5, i + 0.5, w["cheapest"][i][j], ha="center", va="center", fontsize=6)
+    ax.set_xticks(np.arange(len(chips)) + 0.5, [f"{c:,}" for c in chips], fontsize=7)
+    ax.set_yticks(np.arange(len(evals)) + 0.5, [f"{e:.3g}" for e in evals], fontsize=7)
+    ax.set(xlabel="chips", ylabel="cost of one evaluation pass, training epochs")
+    run_chips = max(pol["reduce"]["chips"], 1)
+    e = w.get("measured_eval_pass_epochs")
+    x = np.interp(np.log(run_chips), np.log(chips), np.arange(len(chips))) + 0.5
+    ax.axvline(x, color="k", lw=1, ls="--", label=f"this run: {run_chips} chips")
+    if e is not None and np.isfinite(e):
+        y = np.interp(np.log(e), np.log(evals), np.arange(len(evals))) + 0.5
+        ax.axhline(y, color="k", lw=1, ls=":", label=f"this run: a pass costs {e:.3g} epochs")
+    ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    ax.set_title(
+        "Cheapest policy (Reduce with its analysis), from this run's per-chip counts", fontsize=9
+    )
 
 
 def _plot_policies(summary: dict, fig) -> None:
@@ -380,12 +420,14 @@ def _plot_policies(summary: dict, fig) -> None:
 
 
 def figures(summary: dict) -> list[tuple[str, plt.Figure]]:
-    """The run's plots as ``(file name, figure)`` pairs: ``PLOT_NAMES`` (``policies.png``
-    only where the summary has policies), then ``GROUPING_PLOT`` for grouped runs and
-    ``PREDICTOR_PLOT`` with a predictor study. The caller saves and closes them."""
+    """The run's plots as ``(file name, figure)`` pairs: ``PLOT_NAMES`` (``policies.png`` and
+    ``policy_regions.png`` only where the summary has policies), then ``GROUPING_PLOT`` for
+    grouped runs and ``PREDICTOR_PLOT`` with a predictor study. The caller saves and closes
+    them."""
     out = []
     single = {
         "required_epochs.png": _plot_required,
+        "policy_regions.png": _plot_regions,
         "chip_epochs_histogram.png": _plot_histogram,
         "cost.png": _plot_cost,
         "chip_accuracy.png": _plot_chip_accuracy,
@@ -396,6 +438,10 @@ def figures(summary: dict) -> list[tuple[str, plt.Figure]]:
     if summary["cost"].get("grouped_epochs") is not None:
         wide[GROUPING_PLOT] = _plot_grouping
     for name in PLOT_NAMES + (GROUPING_PLOT,):
+        if name == "policy_regions.png" and not (summary.get("policies") or {}).get(
+            "where_each_wins"
+        ):
+            continue
         if name in single:
             fig, ax = plt.subplots(figsize=(6.4, 4.4))
             single[name](summary, ax)

@@ -106,6 +106,12 @@ def _summary() -> dict:
             "break_even_vs_cheapest": None,
             "break_even_vs_fixed": 3,
             "break_even_vs_adaptive": None,
+            "where_each_wins": {
+                "eval_pass_epochs": [0.01, 1.0],
+                "chips": [10, 1000],
+                "cheapest": [["adaptive", "reduce"], ["fixed", "reduce"]],
+                "measured_eval_pass_epochs": 0.05,
+            },
         },
         "config": {"model": "mlp", "seed": 0},
         "timing": {"wall_s": 1.5},

@@ -172,6 +172,39 @@ def test_fixed_is_the_cheapest_when_adaptive_costs_more_per_chip():
     assert alone.cheapest is None and alone.break_even == {}
 
 
+def test_the_recommended_policy_pays_the_analysis_for_the_runs_population():
+    """8 chips: Reduce 16 + analysis 3 = 19 compute epochs, adaptive 33.6: Reduce is
+    recommended; with an analysis of 30 epochs, adaptive is."""
+    compute = policies.Compute(step_flops=1.0, eval_flops=10.0, steps_per_epoch=10)
+    cheap = trajectory(np.zeros((1, 2)), [0, 10])
+    assert policies.compare(_three_policies(), cheap, compute).recommended == "reduce"
+    dear = trajectory(np.zeros((10, 2)), [0, 10])  # 10 chips to 10 steps, 20 passes: 30
+    out = policies.compare(_three_policies(), dear, compute)
+    assert out.total("reduce", 8) == pytest.approx(8 * 2.0 + 30)
+    assert out.total("adaptive", 8) == pytest.approx(8 * 4.2)
+    assert out.recommended == "adaptive"
+
+
+def test_where_each_policy_wins_is_the_least_total_cost_in_every_cell():
+    """Per chip (an epoch is 10 steps): Reduce 1 epoch + 1 pass, adaptive 1.2 + 3 passes,
+    fixed 4 + 1 pass; the analysis 1 epoch + 2 passes. At e epochs a pass and n chips the
+    table holds the least of n(1 + e) + 1 + 2e, n(1.2 + 3e) and n(4 + e)."""
+    compute = policies.Compute(step_flops=1.0, eval_flops=10.0, steps_per_epoch=10)
+    out = policies.compare(_three_policies(), trajectory(np.zeros((1, 2)), [0, 10]), compute)
+    evals, chips = np.array([0.01, 0.1, 1.0]), np.array([1, 3, 10, 1000])
+    regions = policies.where_each_wins(out, evals, chips)
+    assert regions.measured_eval_epochs == pytest.approx(1.0)  # 10 flops / 10 steps of 1
+    for i, e in enumerate(evals):
+        for j, n in enumerate(chips):
+            costs = dict(
+                reduce=n * (1 + e) + 1 + 2 * e, adaptive=n * (1.2 + 3 * e), fixed=n * (4 + e)
+            )
+            assert regions.cheapest[i][j] == min(costs, key=costs.get)
+    # Cheap evaluation and few chips: adaptive; many chips: Reduce (its analysis shared).
+    assert regions.cheapest[0][0] == "adaptive" and regions.cheapest[0][-1] == "reduce"
+    assert {c for row in regions.cheapest for c in row} <= {"reduce", "adaptive", "fixed"}
+
+
 def _context(trainer, variables, data, chips_per_batch=8):
     return population.Context(trainer, variables, data, 41, chips_per_batch)
 
@@ -265,3 +298,24 @@ def test_a_validation_margin_raises_what_decisions_require_and_not_the_test_targ
     adaptive = {m: r.policies.policies["adaptive"] for m, r in runs.items()}
     assert adaptive[0.03].train_steps >= adaptive[0.0].train_steps
     assert adaptive[0.03].eval_passes >= adaptive[0.0].eval_passes
+
+
+def test_a_chip_with_a_cap_and_a_start_of_its_own_is_verified_only_between_them(
+    tiny_mlp, tiny_mlp_variables, digits_device
+):
+    """Points 0, 3, 6, 7 and a target no chip meets: each chip trains to its own cap (the
+    first point at or past it), verified from its start on; a skipped chip is untouched."""
+    trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 3e-3), 32)
+    ctx = _context(trainer, tiny_mlp_variables, digits_device, 4)
+    maps = np.asarray(faults.sample_fault_maps(jax.random.key(2), 4, 8, 8, 0.2))
+    out = policies.run_adaptive(
+        ctx, maps, 3, 7, 1.1, jax.random.key(4),
+        first=np.array([0, 3, 6, 0]), last=np.array([7, 4, 100, 7]),
+        skip=np.array([False, False, False, True]),
+    )  # fmt: skip
+    np.testing.assert_array_equal(out.steps, [7, 6, 7, 0])
+    np.testing.assert_array_equal(out.verifications, [4, 2, 2, 0])
+    np.testing.assert_array_equal(out.first, [0, 3, 6, 0])
+    np.testing.assert_array_equal(out.served, [True, True, True, False])
+    np.testing.assert_array_equal(out.eval_passes, [4, 2, 2, 0])
+    assert not out.met.any() and np.isnan(out.val[3]) and np.isnan(out.test[3])
