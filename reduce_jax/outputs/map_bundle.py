@@ -38,7 +38,7 @@ from reduce_jax import files
 from reduce_jax.config import ReduceConfig
 from reduce_jax.data import Dataset
 from reduce_jax.errors import ConfigError
-from reduce_jax.stages import resilience, retraining
+from reduce_jax.stages import online, resilience, retraining
 
 PyTree = Any
 
@@ -117,23 +117,6 @@ class Fingerprint(NamedTuple):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-class Observations(NamedTuple):
-    """(rate, need) pairs measured on chips retrained from the map (the online map's input).
-
-    Attributes:
-      rates: ``float64[n]`` the chips' rates in the map's measure.
-      needed_steps: ``float64[n]`` the steps each needed to meet the target (``inf``: it
-        did not within its amount and top-ups).
-    """
-
-    rates: np.ndarray
-    needed_steps: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Observations:
-        return cls(np.zeros(0), np.zeros(0))
-
-
 class MapBundle(NamedTuple):
     """A study's map and what it takes to use it on new chips.
 
@@ -151,7 +134,8 @@ class MapBundle(NamedTuple):
       fixed_epochs: per-chip amount of the fixed policy the study compared with.
       analysis_epochs: what the study's analysis cost (paid once).
       study: the study's settings (``ReduceConfig.as_dict``): they rebuild its model and data.
-      observations: (rate, need) pairs measured since the study.
+      observations: (rate, need) pairs measured since the study (the online map's input,
+        ``stages.online``).
     """
 
     version: int
@@ -169,17 +153,11 @@ class MapBundle(NamedTuple):
     fixed_epochs: float
     analysis_epochs: float
     study: dict
-    observations: Observations
+    observations: online.Observations
 
     def observe(self, rates, needed_steps) -> MapBundle:
         """The bundle with the pairs ``rates float[n]``, ``needed_steps float[n]`` added."""
-        obs = self.observations
-        return self._replace(
-            observations=Observations(
-                np.concatenate([obs.rates, np.asarray(rates, np.float64).ravel()]),
-                np.concatenate([obs.needed_steps, np.asarray(needed_steps, np.float64).ravel()]),
-            )
-        )
+        return self._replace(observations=self.observations.add(rates, needed_steps))
 
     def with_map(self, rmap: resilience.ResilienceMap) -> MapBundle:
         """The bundle with a refined map (same grid rates and measure)."""
@@ -340,7 +318,7 @@ def of_study(
         fixed_epochs=float(fixed_epochs),
         analysis_epochs=float(analysis_epochs),
         study=cfg.as_dict(),
-        observations=Observations.empty(),
+        observations=online.Observations.empty(),
     )
 
 
@@ -500,7 +478,7 @@ def load_map(path: str) -> MapBundle:
             fixed_epochs=meta["fixed_epochs"],
             analysis_epochs=meta["analysis_epochs"],
             study=meta["study"],
-            observations=Observations(arrays["observed_rates"], arrays["observed_needed_steps"]),
+            observations=online.Observations(arrays["observed_rates"], arrays["observed_needed_steps"]),
         )
     except (KeyError, ValueError, TypeError) as e:
         raise _damaged(path, e) from None

@@ -21,7 +21,7 @@ next round
 The first round, with no observations, is the adaptive policy. A chip that met the target
 at its first verification only shows that it needed at most its start; it is recorded at
 its start (a lower bound of a quantile does not rise above the start by such records).
-A saved map's observations (``map_bundle.Observations``) can seed the fit, and the run
+A saved map's observations (``MapBundle.observations``) can seed the fit, and the run
 returns them with its own added.
 """
 
