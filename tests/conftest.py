@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,17 @@ def compilation_cache(tmp_path_factory):
     """JAX's persistent compilation cache, shared by the run's workers (pytest-xdist): a
     program compiled again with the same shapes (every in-process run of the small study
     compiles the same ones) is loaded instead (``--compilation_cache_dir``: results do not
-    change). It starts empty on every pytest run, so the suite's time is a cold one."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    path = root / "xla_cache"
-    path.mkdir(exist_ok=True)
+    change). It starts empty on every pytest run, so the suite's time is a cold one; a
+    directory in ``JAX_COMPILATION_CACHE_DIR`` is used instead (and kept), as mutation testing
+    does (docs/testing.md). Workers write their entries unlocked: an entry read while being
+    written is compiled again, with a warning."""
+    given = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if given:
+        path = pathlib.Path(given)
+    else:
+        base = tmp_path_factory.getbasetemp()
+        path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
+    path.mkdir(parents=True, exist_ok=True)
     before = (
         jax.config.jax_compilation_cache_dir,
         jax.config.jax_persistent_cache_min_compile_time_secs,

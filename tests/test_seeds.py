@@ -78,3 +78,67 @@ def test_a_run_stream_depends_on_its_name_and_the_seed_not_on_its_position():
     expected = jax.random.fold_in(jax.random.key(3), pipeline.stream_id("chips"))
     np.testing.assert_array_equal(data(keys.chips), data(expected))
     assert data(pipeline.Keys.from_seed(4).chips).tobytes() != data(keys.chips).tobytes()
+
+
+def test_spread_needs_two_values_for_a_std_and_one_for_a_mean():
+    assert seeds.spread([]) == dict(values=[], mean=None, std=None)
+    assert seeds.spread([None, 2.5]) == dict(values=[None, 2.5], mean=2.5, std=None)
+    two = seeds.spread([1.0, 3.0])
+    assert two["mean"] == 2.0 and two["std"] == pytest.approx(np.sqrt(2.0))  # ddof=1
+    ints = seeds.spread([1, 2])
+    assert isinstance(ints["mean"], float) and ints["mean"] == 1.5
+
+
+def test_every_runs_policies_are_aggregated_even_one_only_the_first_run_has():
+    first, second = _summary(2.0, 7, 1.2), _summary(4.0, 8, 1.4)
+    first["policies"]["fixed"] = {"compute_epochs": 16.0, "chips_meeting_target": 8}
+    out = seeds.aggregate([first, second])
+    assert out["policies.fixed.compute_epochs"] == dict(values=[16.0, None], mean=16.0, std=None)
+    assert "policies.adaptive.compute_epochs" in out and "policies.reduce.train_epochs" in out
+
+
+def test_table_prints_mean_std_and_values_and_skips_metrics_without_a_mean():
+    metrics = {
+        "cost.reduce_epochs": dict(values=[2.0, None, 4.0], mean=3.0, std=1.41421),
+        "baseline_accuracy": dict(values=[0.95], mean=0.95, std=None),
+        "policies.break_even_vs_fixed": dict(values=[None], mean=None, std=None),
+    }
+    width = len("policies.break_even_vs_fixed")  # names align on the longest, shown or not
+    assert seeds.table(metrics) == (
+        f"{'cost.reduce_epochs':<{width}}  3 +- 1.414  (2, -, 4)\n"
+        f"{'baseline_accuracy':<{width}}  0.95  (0.95)"
+    )
+
+
+def test_run_seeds_gives_each_seed_its_workdir_and_writes_seeds_json(
+    tmp_path, small_run_config, monkeypatch
+):
+    from reduce_jax import pipeline
+
+    calls = []
+
+    class Run:
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def to_json(self):
+            return {"baseline_accuracy": 0.9 + self.cfg.seed / 100, "cost": {}, "policies": {}}
+
+    def fake_run(cfg, overwrite=False):
+        calls.append((cfg.seed, cfg.workdir, overwrite, cfg.num_chips))
+        return Run(cfg)
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    cfg = small_run_config(str(tmp_path), seed=5)
+    out = seeds.run_seeds(cfg, 3, overwrite=True)
+    workdirs = [str(tmp_path / f"seed_{s}") for s in (5, 6, 7)]
+    assert calls == [(s, w, True, 8) for s, w in zip((5, 6, 7), workdirs, strict=True)]
+    assert out["seeds"] == [5, 6, 7] and out["workdirs"] == workdirs
+    assert out["metrics"]["baseline_accuracy"]["values"] == pytest.approx([0.95, 0.96, 0.97])
+    with open(tmp_path / "seeds.json") as f:
+        assert json.load(f) == out
+    calls.clear()
+    seeds.run_seeds(cfg, 1)
+    assert calls == [(5, workdirs[0], False, 8)]
+    with pytest.raises(ValueError, match="--seeds=0 must be >= 1"):
+        seeds.run_seeds(cfg, 0)

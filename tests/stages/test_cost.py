@@ -196,3 +196,93 @@ def test_grouped_cost_counts_every_group_and_split():
     assert (c.chips_meeting_target, c.grouped_chips_meeting_target) == (1, 2)
     plain = cost.summarize(results(), 2.0, 12.0, SPE)
     assert plain.grouped_epochs is None and plain.groups is None
+
+
+def test_an_accuracy_exactly_at_the_target_meets_it_on_every_split_and_in_groups():
+    status = [resilience.OK, resilience.OK, resilience.OK]
+    out = outcome([0.5] * 3, [0.9, 0.9, 0.899], [0] * 3, [False] * 3, [5] * 3, [True] * 3)
+    grouped = grouping.GroupedOutcome(
+        retrainings=outcome([0.5], [0.9], [0], [False], [5], [True]),
+        fused_pe_rate=np.zeros(1),
+        fused_rate=np.zeros(1),
+        split=np.zeros(1, bool),
+        split_from=np.array([-1]),
+        served_by=np.array([0, 0, 0]),  # group 0 (the first) serves every chip
+        accuracy_after=np.array([0.9, 0.9, 0.899]),
+        diverged=np.zeros(3, bool),
+    )
+    a = assignment(status, np.array([5, 5, 5]), np.array([0.1, 0.1, 0.1]))
+    r = cost.chip_results(a, out, 0.9, grouped, test_target=0.9)
+    assert r.meets_target.tolist() == [True, True, False]
+    assert r.meets_target_test.tolist() == [True, True, False]
+    assert r.grouped_meets_target.tolist() == [True, True, False]
+    assert r.status.tolist() == ["ok", "ok", "missed_target"]
+
+
+def test_a_chip_no_group_serves_never_meets_the_grouped_target():
+    # Chip 1 is not retrained (group -1), though the model it runs reads above the target.
+    status = [resilience.OK, resilience.ABOVE_GRID]
+    out = outcome([0.5, 0.95], [0.95, 0.95], [0, 0], [False] * 2, [5, 0], [True, False])
+    grouped = grouping.GroupedOutcome(
+        retrainings=outcome([0.5], [0.95], [0], [False], [5], [True]),
+        fused_pe_rate=np.zeros(1),
+        fused_rate=np.zeros(1),
+        split=np.zeros(1, bool),
+        split_from=np.array([-1]),
+        served_by=np.array([0, -1]),
+        accuracy_after=np.array([0.95, 0.95]),
+        diverged=np.zeros(2, bool),
+    )
+    r = cost.chip_results(assignment(status, np.array([5, 0]), np.array([0.1, 0.7])), out, 0.9,
+                          grouped)  # fmt: skip
+    assert r.grouped_meets_target.tolist() == [True, False]
+    assert r.grouped_accuracy_after[0] == 0.95 and np.isnan(r.grouped_accuracy_after[1])
+
+
+def test_cost_of_small_fractions_of_an_epoch_and_a_chip_given_zero_steps():
+    # Chip 0 is served with 0 steps (it meets the target as it is), chip 1 with 2 steps, chip
+    # 2 is unrecoverable. Fixed retraining is 0.25 epochs per chip: every total is below 1.
+    status = [resilience.OK, resilience.OK, resilience.UNRECOVERABLE]
+    out = outcome([0.95, 0.5, 0.1], [0.95, 0.95, 0.1], [0, 1, 0], [False] * 3, [0, 2, 0],
+                  [True, True, False])  # fmt: skip
+    r = cost.chip_results(assignment(status, np.array([0, 2, 0]), np.zeros(3)), out, 0.9)
+    assert r.selected_steps.tolist() == [0, 2, -1]
+    c = cost.summarize(r, fixed_epochs_per_chip=0.25, analysis_epochs=3, steps_per_epoch=SPE)
+    assert c.reduce_steps == 3 and c.reduce_epochs == pytest.approx(0.3)
+    assert c.reduce_planned_epochs == pytest.approx(0.2)
+    assert c.fixed_epochs == 0.75 and c.fixed_epochs_recoverable == 0.5  # chips 0 and 1
+    assert c.savings_fraction == pytest.approx(0.45 / 0.75)
+    assert c.savings_recoverable == pytest.approx(0.2)
+    assert c.savings_fraction_recoverable == pytest.approx(0.2 / 0.5)
+    assert c.chips_unrecoverable == 1 and c.chips_meeting_target == 2
+    # Plain Python numbers, as summary.json writes them.
+    assert type(c.fixed_epochs_per_chip) is float and c.fixed_epochs_per_chip == 0.25
+    assert type(c.analysis_epochs) is float and c.analysis_epochs == 3.0
+    assert type(c.steps_per_epoch) is int and c.steps_per_epoch == SPE
+
+
+def test_grouped_savings_fraction_is_against_the_fixed_policy():
+    status = [resilience.OK, resilience.OK]
+    per_chip = outcome([0.5] * 2, [0.95] * 2, [0, 0], [False] * 2, [5, 5], [True] * 2)
+    grouped = grouping.GroupedOutcome(
+        retrainings=outcome([0.5], [0.95], [2], [False], [6], [True]),
+        fused_pe_rate=np.zeros(1),
+        fused_rate=np.zeros(1),
+        split=np.zeros(1, bool),
+        split_from=np.array([-1]),
+        served_by=np.array([0, 0]),
+        accuracy_after=np.array([0.95, 0.95]),
+        diverged=np.zeros(2, bool),
+    )
+    r = cost.chip_results(assignment(status, np.array([5, 5]), np.zeros(2)), per_chip, 0.9,
+                          grouped)  # fmt: skip
+    c = cost.summarize(r, 2.0, 12.0, SPE, grouped)
+    # 8 grouped steps = 0.8 epochs against 2 chips x 2 epochs.
+    assert c.grouped_epochs == pytest.approx(0.8)
+    assert c.grouped_savings_fraction == pytest.approx((4.0 - 0.8) / 4.0)
+    assert c.grouped_savings_vs_reduce == pytest.approx(1.0 - 0.8)
+
+
+def test_no_chips_names_the_problem():
+    with pytest.raises(ValueError, match="^no chips$"):
+        cost.summarize(cost.ChipResults(*([np.zeros(0)] * 8)), 4.0, 30.0, SPE)
