@@ -418,7 +418,12 @@ def plot(out: dict, path: str) -> None:
     ax.set_xlabel("faulty-PE rate")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{s['model']} on {s['dataset']}: stuck-at faults in an int8 array", fontsize=10)
+    mix = "/".join(f"{p:.2g}" for p in s["site_probs"])
+    ax.set_title(
+        f"{s['model']} on {s['dataset']}, int8 array: stuck bits weight/product/psum {mix}, "
+        f"{s['bits']} bits",
+        fontsize=9,
+    )
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
