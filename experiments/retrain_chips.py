@@ -60,6 +60,15 @@ SAVE_CHIP_WEIGHTS = flags.DEFINE_boolean(
     "Store every retrained chip's variables in --workdir/chip_weights (read one back with "
     "reduce_jax.load_chip(workdir, chip)).",
 )
+POLICY = flags.DEFINE_enum(
+    "policy",
+    "reduce",
+    ["reduce", "online"],
+    "reduce: each chip its amount off the map, verified and topped up; online: each chip "
+    "started at the lower estimate learned from the map's observations and the chips "
+    "before it (in --workdir), topped up until the target. Either way "
+    "--workdir/refined_map is the map with every served chip's (rate, need) added.",
+)
 COMPILATION_CACHE_DIR = cli.define_compilation_cache_dir()
 flags.adopt_module_key_flags(cli)  # listed in this CLI's --help
 
@@ -119,6 +128,7 @@ def main(argv: list[str]) -> int:
                 chip_batching=CHIP_BATCHING.value,
                 topup_pool_chunks=TOPUP_POOL_CHUNKS.value,
                 save_chip_weights=SAVE_CHIP_WEIGHTS.value,
+                policy=POLICY.value,
             )
         except (DatasetError, FaultMapError) as e:
             raise ConfigError(str(e)) from None

@@ -7,6 +7,12 @@ them on the validation split and tops up the misses (``retraining.retrain`` with
 targets, the same random stream for the batch order. No baseline is trained and no analysis
 runs. Chips above the map's grid or unrecoverable are reported, not retrained.
 
+With ``policy="online"`` a chip is not given the map's amount: it starts at the online map's
+lower estimate (``stages.online``), learned from the bundle's observations and from every
+chip retrained into ``OUT`` before it, with verifications that stop early (``sequential``).
+Either way ``OUT/refined_map`` is the bundle with every served chip's (rate, need) added:
+the map a production line keeps refining.
+
 ``OUT`` collects chips over calls: ``production.json`` records every finished chip (its id,
 its fault map's sha256, the file it came from, its result), ``chips.csv`` and ``summary.json``
 are rewritten from it after each call. A later call adds the chips it has not seen, never
@@ -39,9 +45,11 @@ from reduce_jax.nets import models
 from reduce_jax.outputs import map_bundle
 from reduce_jax.pipeline import Keys
 from reduce_jax.stages import cost as cost_lib
-from reduce_jax.stages import resilience, retraining
+from reduce_jax.stages import online, policies, resilience, retraining, sequential
 
 LEDGER = "production.json"
+REFINED_MAP = "refined_map"  # the bundle with every served chip's (rate, need) added
+POLICIES = ("reduce", "online")
 _FORMAT = "reduce_jax production chips"
 _BATCHES = "batches"  # per-call progress, removed once the call's chips are in the ledger
 
@@ -90,6 +98,10 @@ def retrain_chips(
     chip_batching: str = "vmap",
     topup_pool_chunks: int = 4,
     save_chip_weights: bool = False,
+    policy: str = "reduce",
+    online_settings: online.OnlineSettings | None = None,
+    verify_slices: int = 16,
+    verify_alpha: float = 0.02,
     **retrain_options: Any,
 ) -> Production:
     """Retrains new chips from a study's map bundle (no analysis, no baseline training).
@@ -110,7 +122,15 @@ def retrain_chips(
       save_chip_weights: store every retrained chip's variables in
         ``workdir/chip_weights`` (``outputs.chip_store``; ``reduce_jax.load_chip`` reads
         one back by its chip id).
-      **retrain_options: passed to ``retraining.retrain``.
+      policy: ``reduce`` (each chip its amount off the map, verified and topped up) or
+        ``online`` (``stages.online``: started at the lower estimate learned from the
+        bundle's observations and the chips before it, topped up until the target, up to
+        the study's fixed amount).
+      online_settings: the online map's settings (default ``OnlineSettings`` with the
+        recipe's top-up allowance as the margin of a chip's own cap).
+      verify_slices, verify_alpha: the online policy's verification that stops early
+        (``sequential.make_test``).
+      **retrain_options: passed to ``retraining.retrain`` (``reduce``).
 
     Returns:
       ``Production``.
@@ -132,6 +152,17 @@ def retrain_chips(
         net, ds = _inputs(bundle, model, dataset, data_dir, variables)
         if save_chip_weights and not workdir:
             raise ConfigError("--save_chip_weights needs --workdir (the store is in it)")
+        if policy not in POLICIES:
+            raise ConfigError(f"--policy={policy!r}; allowed: {', '.join(POLICIES)}")
+        if policy == "online" and save_chip_weights:
+            raise ConfigError(
+                "--save_chip_weights stores the weights of --policy=reduce only; the online "
+                "policy does not deliver weights yet"
+            )
+        if not 1 <= verify_slices <= 1024:
+            raise ConfigError(f"--verify_slices={verify_slices} is outside [1, 1024]")
+        if not 0 <= verify_alpha <= 0.5:
+            raise ConfigError(f"--verify_alpha={verify_alpha} is outside [0, 0.5]")
         ledger = _Ledger.read(workdir, bundle, where_map)
         todo, done = ledger.split(ids, maps, source)
     key = Keys.from_seed(bundle.recipe.seed).retrain
@@ -139,12 +170,24 @@ def retrain_chips(
     if len(todo):
         if workdir:
             os.makedirs(workdir, exist_ok=True)
+        compute = dict(
+            chips_per_batch=chips_per_batch, chip_batching=chip_batching,
+            topup_pool_chunks=topup_pool_chunks,
+        )  # fmt: skip
         with timer.phase("retrain"):
-            rows = _retrain(
-                bundle, net, ds, ids[todo], maps[todo], source, key, workdir,
-                dict(chips_per_batch=chips_per_batch, chip_batching=chip_batching,
-                     topup_pool_chunks=topup_pool_chunks), retrain_options, save_chip_weights,
-            )  # fmt: skip
+            if policy == "online":
+                settings = online_settings or online.OnlineSettings(
+                    margin_steps=bundle.recipe.max_topup_steps
+                )
+                rows = _retrain_online(
+                    bundle, net, ds, ids[todo], maps[todo], source, workdir, compute,
+                    settings, (verify_slices, verify_alpha), _observations(bundle, ledger),
+                )  # fmt: skip
+            else:
+                rows = _retrain(
+                    bundle, net, ds, ids[todo], maps[todo], source, key, workdir, compute,
+                    retrain_options, save_chip_weights,
+                )  # fmt: skip
         ledger.add(rows)
     timing.update(timer.times, wall_s=timer.total())
     result = Production(
@@ -157,6 +200,8 @@ def retrain_chips(
     if workdir:
         ledger.write()
         _write_outputs(workdir, bundle, where_map, result)
+        refined = bundle._replace(observations=_observations(bundle, ledger))
+        map_bundle.save_map(os.path.join(workdir, REFINED_MAP), refined)
     logging.info("%s", result.headline())
     return result
 
@@ -242,10 +287,8 @@ def _inputs(bundle, model, dataset, data_dir, variables) -> tuple[nn.Module, dat
     return net, dataset
 
 
-def _retrain(
-    bundle, net, ds, ids, maps, source, key, workdir, compute, options, save_weights
-) -> list[dict]:
-    """Retrains chips ``ids`` (maps ``bool[n, R, C]``) as a study does; their records."""
+def _context(bundle, net, ds, compute) -> population.Context:
+    """The engine's context of the bundle's recipe, model and data."""
     recipe = bundle.recipe
     data = population.DeviceData.from_dataset(ds)
     spe = train.steps_per_epoch(data.num_train, recipe.batch_size)
@@ -259,13 +302,37 @@ def _retrain(
         augment=recipe.augment,
         chip_batching=compute["chip_batching"],
     )
-    ctx = population.Context(
+    return population.Context(
         trainer=trainer,
         variables=jax.tree.map(jax.numpy.asarray, bundle.variables),
         data=data,
         steps_per_epoch=spe,
         chips_per_batch=compute["chips_per_batch"],
     )
+
+
+def _batch_store(bundle, ids, maps, compute, workdir, policy: str) -> ProgressStore | None:
+    """The progress of one call's chips (resume), in ``workdir/batches/<key>``."""
+    if not workdir:
+        return None
+    shas = [_map_sha256(m) for m in maps]
+    parts = [bundle.fingerprint.key, *map(str, ids), *shas, repr(sorted(compute.items()))]
+    if policy != "reduce":
+        parts.append(policy)
+    batch = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    store_key = dict(bundle=bundle.fingerprint.key, batch=batch, devices=jax.device_count())
+    batch_dir = os.path.join(workdir, _BATCHES, batch)
+    os.makedirs(batch_dir, exist_ok=True)
+    return ProgressStore(batch_dir, store_key, overwrite=False)
+
+
+def _retrain(
+    bundle, net, ds, ids, maps, source, key, workdir, compute, options, save_weights
+) -> list[dict]:
+    """Retrains chips ``ids`` (maps ``bool[n, R, C]``) as a study does; their records."""
+    recipe = bundle.recipe
+    ctx = _context(bundle, net, ds, compute)
+    spe = ctx.steps_per_epoch
     policy = retraining.Verification(
         decision_target=bundle.decision_target,
         test_target=bundle.test_target,
@@ -277,17 +344,7 @@ def _retrain(
     singles = [[i] for i in range(len(maps))]
     units = retraining.Units.of_groups(singles, assignment.budgets, assignment.ok)
     shas = [_map_sha256(m) for m in maps]
-    batch = hashlib.sha256(
-        "|".join(
-            [bundle.fingerprint.key, *map(str, ids), *shas, repr(sorted(compute.items()))]
-        ).encode()
-    ).hexdigest()[:16]
-    store = None
-    if workdir:
-        store_key = dict(bundle=bundle.fingerprint.key, batch=batch, devices=jax.device_count())
-        batch_dir = os.path.join(workdir, _BATCHES, batch)
-        os.makedirs(batch_dir, exist_ok=True)
-        store = ProgressStore(batch_dir, store_key, overwrite=False)
+    store = _batch_store(bundle, ids, maps, compute, workdir, "reduce")
     sink = None
     if save_weights:
         from reduce_jax.outputs import chip_store
@@ -300,6 +357,9 @@ def _retrain(
     chips = cost_lib.chip_results(
         assignment, outcome, policy.decision_target, test_target=policy.test_target
     )
+    served = chips.selected_steps >= 0
+    # Rounds: a verification after the amount and after every top-up (as a study counts).
+    rounds = np.where(served, 1 + policies.topup_rounds(chips.topup_steps, policy.topup_steps), 0)
     rows = []
     for i in range(len(ids)):
         sel = int(chips.selected_steps[i])
@@ -319,9 +379,84 @@ def _retrain(
                 meets_target_test=bool(chips.meets_target_test[i]),
                 source=source,
                 map_sha256=shas[i],
+                policy="reduce",
+                verifications=int(rounds[i]),
+                eval_passes=float(rounds[i]),
             )
         )
     return rows
+
+
+def _retrain_online(
+    bundle, net, ds, ids, maps, source, workdir, compute, settings, verify, prior
+) -> list[dict]:
+    """The online policy on chips ``ids`` (maps ``bool[n, R, C]``) in their order, from the
+    observations ``prior``; their records (``selected_steps``: the chip's start;
+    ``accuracy_before``: not measured, None)."""
+    ctx = _context(bundle, net, ds, compute)
+    spe, recipe = ctx.steps_per_epoch, bundle.recipe
+    keys = Keys.from_seed(recipe.seed)
+    rates = resilience.assign(bundle.rmap, maps).rates
+    test = sequential.make_test(
+        len(ds.val_labels), bundle.decision_target, *verify, keys.verify_order
+    )
+    cap = int(train.epochs_to_steps(bundle.fixed_epochs, spe))
+    store = _batch_store(bundle, ids, maps, compute, workdir, "online")
+    out = online.run_online(
+        ctx, maps, rates[bundle.rmap.rate_measure], recipe.topup_steps, cap,
+        bundle.decision_target, keys.policies, settings, test, prior, store,
+    ).outcome  # fmt: skip
+    rows = []
+    for i in range(len(ids)):
+        served, diverged, met = bool(out.served[i]), bool(out.diverged[i]), bool(out.met[i])
+        status = (
+            "unrecoverable" if not served else "diverged" if diverged
+            else "ok" if met else "missed_target"
+        )  # fmt: skip
+        first = int(out.first[i])
+        rows.append(
+            dict(
+                chip=int(ids[i]),
+                **{f"{m}_fault_rate": float(r[i]) for m, r in rates.items()},
+                status=status,
+                selected_epochs=first / spe if served else None,
+                selected_steps=first if served else None,
+                topup_epochs=float((out.steps[i] - first) / spe) if served else 0.0,
+                topup_steps=int(out.steps[i] - first) if served else 0,
+                accuracy_before=None,
+                accuracy_after=float(out.val[i]),
+                meets_target=met and not diverged,
+                test_accuracy_after=float(out.test[i]),
+                meets_target_test=served
+                and not diverged
+                and bool(out.test[i] >= bundle.test_target),
+                source=source,
+                map_sha256=_map_sha256(maps[i]),
+                policy="online",
+                verifications=int(out.verifications[i]),
+                eval_passes=float(out.eval_passes[i]),
+            )
+        )
+    return rows
+
+
+def _observations(bundle, ledger: _Ledger) -> online.Observations:
+    """The bundle's observations, then every served chip of ``ledger`` in the order it was
+    added: a chip that met the target needed its steps (amount and top-ups; a chip that met
+    it at its first verification needed at most that), a chip that missed it within its
+    cap is ``inf``; chips not served or diverged add nothing."""
+    rates, needs = [], []
+    measure = bundle.rmap.rate_measure
+    for r in ledger.arrivals():
+        if r["status"] == "ok":
+            need = (r["selected_steps"] or 0) + r["topup_steps"]
+        elif r["status"] == "missed_target":
+            need = np.inf
+        else:
+            continue
+        rates.append(r[f"{measure}_fault_rate"])
+        needs.append(need)
+    return bundle.observations.add(rates, needs)
 
 
 def _map_sha256(fault_map: np.ndarray) -> str:
@@ -391,11 +526,17 @@ class _Ledger:
         return np.asarray(todo, np.int64), np.asarray(done, np.int64)
 
     def add(self, rows: list[dict]) -> None:
-        for r in rows:
-            self.chips[int(r["chip"])] = r
+        """Adds finished chips, numbered in the order they arrived (``arrival``)."""
+        start = 1 + max((r.get("arrival", -1) for r in self.chips.values()), default=-1)
+        for i, r in enumerate(rows):
+            self.chips[int(r["chip"])] = dict(r, arrival=start + i)
 
     def rows(self) -> list[dict]:
         return [self.chips[c] for c in sorted(self.chips)]
+
+    def arrivals(self) -> list[dict]:
+        """The chips in the order they were added (a ledger without that order: by id)."""
+        return sorted(self.chips.values(), key=lambda r: (r.get("arrival", 0), r["chip"]))
 
     def write(self) -> None:
         """Saves the ledger atomically, then drops the progress of finished calls."""

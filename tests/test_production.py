@@ -18,10 +18,11 @@ import reduce_jax
 from experiments import cli
 from reduce_jax import data as data_lib
 from reduce_jax import pipeline, production
-from reduce_jax.engine import progress
+from reduce_jax.engine import progress, train
 from reduce_jax.errors import ConfigError
 from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import models
+from reduce_jax.stages import online, policies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = (
@@ -314,3 +315,46 @@ def test_cli_end_to_end(study, tmp_path):
     )  # fmt: skip
     assert damaged.returncode == 2, damaged.stderr[-2000:]
     assert damaged.stderr.strip().splitlines()[-1].startswith(f"error: {ledger}: unreadable")
+
+
+def test_the_online_policy_learns_from_the_chips_before_it_and_refines_the_map(study, tmp_path):
+    """Two calls into one workdir: the second call's chips start where the map learned from
+    the bundle and the first call's chips says (``online.plan``); the refined map holds
+    every served chip's (rate, need) in arrival order."""
+    maps = faults.load_fault_maps(study[1])
+    first, rest = str(tmp_path / "first.npz"), str(tmp_path / "rest.npz")
+    faults.save_fault_maps(first, maps[:4])
+    faults.save_fault_maps(rest, maps[4:])
+    out = str(tmp_path / "line")
+    bundle = reduce_jax.load_map(os.path.join(study[0], "map"))
+    s = online.OnlineSettings(batch=2, quantile=0.5, confidence=0.5, min_evidence=0)
+    kw = dict(workdir=out, policy="online", online_settings=s, chips_per_batch=8)
+    a = reduce_jax.retrain_chips(bundle, first, **kw)
+    refined = reduce_jax.load_map(os.path.join(out, production.REFINED_MAP))
+    rows = {r["chip"]: r for r in a.chips}
+    learned = [c for c in range(4) if rows[c]["status"] in ("ok", "missed_target")]
+    np.testing.assert_array_equal(
+        refined.observations.rates, [rows[c]["pe_fault_rate"] for c in learned]
+    )
+    b = reduce_jax.retrain_chips(bundle, rest, first_chip_id=4, **kw)
+    rows = {r["chip"]: r for r in b.chips}
+    assert {r["policy"] for r in rows.values()} == {"online"}
+    spe = bundle.recipe.steps_per_epoch
+    points = policies.adaptive_points(
+        bundle.recipe.topup_steps, int(train.epochs_to_steps(bundle.fixed_epochs, spe))
+    )
+    plan = online.plan(refined.observations, [rows[c]["pe_fault_rate"] for c in (4, 5)], points, s)
+    assert [rows[c]["selected_steps"] for c in (4, 5)] == plan.first.tolist()
+    for r in rows.values():
+        assert r["meets_target"] == (r["status"] == "ok")
+        if r["meets_target"]:
+            assert r["accuracy_after"] >= bundle.decision_target
+            assert r["verifications"] >= 1 and 0 < r["eval_passes"] <= r["verifications"]
+    again = reduce_jax.load_map(os.path.join(out, production.REFINED_MAP))
+    assert len(again.observations.rates) == sum(
+        r["status"] in ("ok", "missed_target") for r in rows.values()
+    )
+    with pytest.raises(ConfigError, match="--policy='cheapest'; allowed: reduce, online"):
+        reduce_jax.retrain_chips(bundle, rest, workdir=str(tmp_path / "x"), policy="cheapest")
+    with pytest.raises(ConfigError, match="--save_chip_weights stores"):
+        reduce_jax.retrain_chips(bundle, rest, save_chip_weights=True, **kw)
