@@ -88,3 +88,78 @@ def test_choose_takes_an_upper_quantile_when_fine_top_ups_serve_the_slow_chips()
     assert by["quantile:0.75"]["missed"] == by["quantile:0.5"]["missed"] == 0
     assert by["quantile:0.75"]["total_epochs"] < by["quantile:0.5"]["total_epochs"]
     assert choice.statistic == "quantile:0.75"
+
+
+def test_reduce_totals_with_a_cap_that_is_not_a_whole_number_of_increments():
+    # Increment 4, cap 6: the rounds add 4, then 2 more (6 in all), never 8.
+    curves = np.array(
+        [
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.9, 0.9],  # meets at 10 = 4 + 6 (the capped round)
+            [0.5, 0.5, 0.5, 0.5, 0.9, 0.9, 0.9],  # meets at 8 = 4 + 4
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.9],  # meets at 12 only: beyond the cap
+            [0.5, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9],  # exactly the target at its own amount
+        ]
+    )
+    selected = np.array([4.0, 4.0, 4.0, 4.0])
+    total, met = calibration.reduce_totals(curves, STEPS, selected, 0.9, increment=4, cap=6)
+    np.testing.assert_array_equal(total, [10, 8, 10, 4])
+    np.testing.assert_array_equal(met, [True, True, False, True])
+    # An amount between evaluated ones reads the next one up; beyond the curve, the last.
+    total, met = calibration.reduce_totals(
+        curves[:1], STEPS, np.array([9.0]), 0.9, increment=5, cap=5
+    )
+    np.testing.assert_array_equal(total, [9])  # read at 10
+    np.testing.assert_array_equal(met, [True])
+    total, met = calibration.reduce_totals(
+        curves[2:3], STEPS, np.array([11.0]), 0.9, increment=5, cap=5
+    )
+    np.testing.assert_array_equal(total, [11])  # 11 reads 12: met without a top-up
+    total, met = calibration.reduce_totals(
+        np.full((1, 7), 0.5), STEPS, np.array([11.0]), 0.9, increment=5, cap=5
+    )
+    np.testing.assert_array_equal(total, [16])  # past the curve: missed after the cap
+    np.testing.assert_array_equal(met, [False])
+
+
+def test_reduce_totals_without_an_increment_tops_nothing_up():
+    curves = np.array([[0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], [0.5] * 7])
+    for increment, cap in ((0, 6), (4, 0)):
+        total, met = calibration.reduce_totals(
+            curves, STEPS, np.array([0.0, 2.0]), 0.9, increment, cap
+        )
+        np.testing.assert_array_equal(total, [0, 2])
+        np.testing.assert_array_equal(met, [False, False])
+
+
+def test_choose_always_scores_the_reference_and_breaks_ties_toward_it():
+    # Every chip recovers at once: every candidate costs nothing and misses nothing.
+    analysis = _analysis([[_curve(0)] * 2] * 4)
+    rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3])[:, None], 2, 1)
+    choice = calibration.choose(
+        _policy(), 10, analysis, rates, rates[:, 0], statistics=("mean",),
+        interpolations=("linear",),
+    )  # fmt: skip
+    assert [(c["statistic"], c["interpolation"]) for c in choice.scores] == [
+        ("min", "conservative"),
+        ("mean", "linear"),
+    ]
+    assert (choice.statistic, choice.interpolation) == ("min", "conservative")
+    assert choice.chips == 2 * 2  # the two inner rates' chips
+    assert all(c["total_epochs"] == 0 and c["missed"] == 0 for c in choice.scores)
+
+
+def test_choose_counts_a_held_out_chip_the_map_does_not_serve_as_missed():
+    # Without rate 2, the map is unrecoverable from rate 3 on, and the held-out chips of rate
+    # 2 read their amount there (conservative): not served, though 4 steps met the target.
+    curves = [[_curve(0)] * 2, [_curve(2)] * 2, [_curve(4)] * 2, [[0.5] * 7] * 2, [[0.5] * 7] * 2]
+    analysis = _analysis(curves)
+    rates = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4])[:, None], 2, 1)
+    choice = calibration.choose(
+        _policy(topup=2, cap=4), 10, analysis, rates, rates[:, 0], statistics=("min",),
+        interpolations=("conservative",),
+    )  # fmt: skip
+    (score,) = choice.scores
+    # Rate 1 (held out): the map without it gives rate 2's 4 steps, met: 0.4 epochs per chip.
+    # Rate 2: not served (missed). Rate 3: not served, never met (missed).
+    assert score["missed"] == 4
+    assert score["total_epochs"] == 2 * 0.4
