@@ -304,3 +304,40 @@ def test_groups_that_miss_the_target_are_split_end_to_end(tmp_path, monkeypatch,
     assert cost["grouped_steps"] == total
     wasted = sum(g["amount_steps"] for g in multi)
     assert cost["grouped_steps"] == cost["reduce_steps"] + wasted
+
+
+def test_groups_of_mixed_sizes_serve_their_members_from_the_first_group_on(monkeypatch):
+    # A group of three (the first: unit 0), a group of two; chip 5 alone. Chip 1 diverged in
+    # its own retraining, which the group replaces.
+    groups = [[0, 1, 2], [3, 4]]
+    maps = np.zeros((6, ROWS, COLS), bool)
+    for chip, (r, c) in enumerate([(0, 0), (0, 1), (1, 1), (2, 2), (2, 3), (3, 3)]):
+        maps[chip, r, c] = True
+    group_outcome = outcome(groups, [6, 5], [0, 2], [True, True])
+    group_outcome.member_accuracy[0] = [0.91, 0.92, 0.93]
+    group_outcome.member_accuracy[1, :2] = [0.94, 0.96]
+    per_chip = outcome([[c] for c in range(6)], [3] * 6, [0] * 6, True)
+    per_chip.diverged[1] = True
+    alone_accuracy = per_chip.accuracy_after.copy()
+    calls, key, store = [], object(), object()
+
+    def retrain(ctx, policy, units, chip_maps, k, s=None, stage="retrain", sink=None):
+        calls.append((chip_maps, k, s, units.members.tolist(), stage))
+        return group_outcome
+
+    monkeypatch.setattr(retraining, "retrain", retrain)
+    plan = grouping.GroupPlan(groups, np.array([6, 5]))
+    weights = {"pe": W_PE, "half": np.where(np.arange(ROWS)[:, None] < 2, 1 / 8, 0.0) + 0 * W_PE}
+    rmap = resilience.ResilienceMap(weights, {}, "half", None, None, None, None, None)
+    out = grouping.run_grouped(None, None, maps, plan, per_chip, rmap, key, store)
+    ((chip_maps, k, s, members, stage),) = calls
+    assert chip_maps is maps and k is key and s is store and stage == "grouped"
+    assert members == [[0, 1, 2], [3, 4, -1]]
+    assert out.served_by.tolist() == [0, 0, 0, 1, 1, 2]
+    np.testing.assert_allclose(out.accuracy_after, [0.91, 0.92, 0.93, 0.94, 0.96, 0.95])
+    assert out.diverged.tolist() == [False] * 6  # chip 1 is served by its group
+    np.testing.assert_array_equal(per_chip.accuracy_after, alone_accuracy)  # not written to
+    assert out.retrainings.members.shape == (3, 3)
+    np.testing.assert_allclose(out.fused_pe_rate, [3 / 16, 2 / 16, 1 / 16])
+    np.testing.assert_allclose(out.fused_rate, [3 / 8, 0.0, 0.0])  # rows 0-1 count only
+    assert out.split.tolist() == [False] * 3 and out.split_from.tolist() == [-1] * 3

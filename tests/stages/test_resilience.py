@@ -1,5 +1,7 @@
 """Resilience map and per-chip interpolation on hand-made tables."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reduce_jax.engine import population, train
+from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.stages import resilience
 
 AMOUNTS = np.array([0.0, 0.5, 1.0, 2.0])
@@ -158,3 +162,73 @@ def test_amount_axis_adds_every_eval_every_and_keeps_one_amount_per_step_count()
     np.testing.assert_allclose(epochs, [0, 0.125, 0.375, 0.625, 0.875])
     epochs, steps = resilience.amount_axis([0.0, 0.5, 2.0], 0.0, 10)  # the grid only
     np.testing.assert_array_equal(steps, [0, 5, 20])
+
+
+def test_analyze_refuses_amounts_that_do_not_increase_in_steps():
+    ctx = population.Context(None, None, None, 10, 4)  # nothing is computed
+    maps = np.zeros((2, 1, 4, 4), bool)
+    for amounts in ([0.0, 0.5, 0.5], [0.0, 0.52, 0.5], [-0.5, 0.0, 0.5], [0.0, 0.51, 0.55]):
+        with pytest.raises(ValueError, match="non-negative and increasing in steps"):
+            resilience.analyze(ctx, maps, np.array(amounts), jax.random.key(0))
+
+
+def test_required_amounts_default_to_the_min_statistic():
+    # The mean meets the target one amount earlier than the worst sample (mean - 0.04).
+    acc = table([[0.92, 0.95, 0.95, 0.95], [0.5, 0.92, 0.95, 0.95]], spread=0.04)
+    required, stat = resilience.required_amounts(acc, AMOUNTS, 0.9)
+    np.testing.assert_array_equal(required, [0.5, 1.0])
+    np.testing.assert_allclose(stat[0], [0.88, 0.91, 0.91, 0.91])
+    mean, _ = resilience.required_amounts(acc, AMOUNTS, 0.9, "mean")
+    np.testing.assert_array_equal(mean, [0.0, 0.5])
+
+
+def test_a_map_keeps_unrecoverable_rates_infinite_in_steps_and_the_analysis_amounts():
+    acc = np.array([[0.95, 0.95, 0.95], [0.5, 0.95, 0.95], [0.5, 0.5, 0.5]])
+    analysis = resilience.Analysis(
+        accuracy=np.repeat(acc[..., None], 2, -1),
+        diverged=np.zeros((3, 2), bool),
+        amount_epochs=np.array([0.0, 0.5, 1.0]),
+        amount_steps=np.array([0, 5, 10]),
+    )
+    grid = np.zeros((3, 2, 4, 4), bool)
+    grid[1, :, 0, 0] = grid[2, :, 0, :2] = True
+    rmap = resilience.resilience_map(analysis, grid, {"pe": np.full((4, 4), 1 / 16)}, 0.9,
+                                     "min", "pe", 10)  # fmt: skip
+    assert rmap.required_steps.dtype == np.float64
+    np.testing.assert_array_equal(rmap.required_steps, [0, 5, np.inf])
+    np.testing.assert_array_equal(rmap.required_epochs, [0, 0.5, np.inf])
+    np.testing.assert_array_equal(rmap.amount_epochs, [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(rmap.amount_steps, [0, 5, 10])
+
+
+def test_a_chip_that_diverges_in_the_analysis_counts_as_0_from_then_on(
+    tiny_mlp, tiny_mlp_variables, digits_device, tmp_path, caplog, monkeypatch
+):
+    """A learning rate no chip survives: every chip of the analysis diverges on its first
+    steps, is flagged and logged, and reads 0 at every amount after; before any training it
+    reads its masked baseline's accuracy. The analysis' chunks are saved in the store: a
+    second call reads them back and computes nothing."""
+    trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 1e30), 32)
+    ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 41, 2)
+    maps = np.zeros((2, 1, 8, 8), bool)
+    maps[1, 0, :2] = True
+    store = ProgressStore(str(tmp_path), {"run": 1}, overwrite=False)
+    with caplog.at_level(logging.WARNING):
+        out = resilience.analyze(
+            ctx, maps, np.array([0.0, 2 / 41, 4 / 41]), jax.random.key(0), store, with_test=True
+        )
+    assert out.diverged.tolist() == [[True], [True]]
+    assert (out.accuracy[:, 1:] == 0).all() and (out.test_accuracy[:, 1:] == 0).all()
+    assert (out.accuracy[:, 0] > 0).all()  # the (untrained) baseline, not yet retrained
+    np.testing.assert_array_equal(out.amount_epochs, [0.0, 2 / 41, 4 / 41])
+    np.testing.assert_array_equal(out.amount_steps, [0, 2, 4])
+    assert "analysis chip 1: loss or weights became non-finite" in caplog.text
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a saved chunk was computed again")
+
+    monkeypatch.setattr(population, "init_chunk", no_compute)
+    again = resilience.analyze(
+        ctx, maps, np.array([0.0, 2 / 41, 4 / 41]), jax.random.key(0), store, with_test=True
+    )
+    np.testing.assert_array_equal(again.accuracy, out.accuracy)
