@@ -163,3 +163,18 @@ def test_choose_counts_a_held_out_chip_the_map_does_not_serve_as_missed():
     # Rate 2: not served (missed). Rate 3: not served, never met (missed).
     assert score["missed"] == 4
     assert score["total_epochs"] == 2 * 0.4
+
+
+def test_an_amount_on_an_evaluated_point_is_read_there_not_at_the_next():
+    curves = np.array([[0.5, 0.5, 0.95, 0.5, 0.5, 0.5, 0.5]])  # meets at 4 only
+    total, met = calibration.reduce_totals(curves, STEPS, np.array([4.0]), 0.9, 2, 4)
+    np.testing.assert_array_equal(total, [4])
+    np.testing.assert_array_equal(met, [True])
+
+
+def test_choose_on_a_grid_of_two_rates_holds_nothing_out():
+    analysis = _analysis([[_curve(0)] * 3, [_curve(4)] * 3])
+    rates = np.repeat(np.array([0.0, 0.1])[:, None], 3, 1)
+    choice = calibration.choose(_policy(), 10, analysis, rates, rates[:, 0])
+    assert choice.chips == 0 and (choice.statistic, choice.interpolation) == calibration.REFERENCE
+    assert all(c["total_epochs"] == 0 and c["missed"] == 0 for c in choice.scores)
