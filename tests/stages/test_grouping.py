@@ -341,3 +341,23 @@ def test_groups_of_mixed_sizes_serve_their_members_from_the_first_group_on(monke
     np.testing.assert_allclose(out.fused_pe_rate, [3 / 16, 2 / 16, 1 / 16])
     np.testing.assert_allclose(out.fused_rate, [3 / 8, 0.0, 0.0])  # rows 0-1 count only
     assert out.split.tolist() == [False] * 3 and out.split_from.tolist() == [-1] * 3
+
+
+def test_a_chip_needing_nothing_never_joins_a_group_even_for_free():
+    # Chip 2 has no fault: adding it to the group of chips 0 and 1 changes nothing (its rate
+    # is 0), but it needs no retraining, so it stays alone.
+    grid = np.arange(5) / 16
+    required = np.array([0, 4, 4, 4, np.inf])
+    amount = grouping.amount_fn(grid, required, "conservative")
+    maps = single_fault_maps([(0, 0), (1, 1), (0, 0)])
+    maps[2] = False
+    assert grouping.greedy_groups(maps, W_PE, amount, required, max_group_size=8) == [[0, 1], [2]]
+
+
+def test_chips_needing_a_single_step_are_grouped():
+    grid = np.arange(5) / 16
+    required = np.array([0, 1, 1, 1, np.inf])
+    amount = grouping.amount_fn(grid, required, "conservative")
+    maps = single_fault_maps([(0, 0), (1, 1)])
+    groups = grouping.greedy_groups(maps, W_PE, amount, required, max_group_size=8)
+    assert groups == [[0, 1]] and grouping.plan_steps(maps, W_PE, amount, groups) == 1
