@@ -257,19 +257,21 @@ def study(s: dict) -> dict:
     net = int8.Int8Net(folded, int8.calibrate(folded, params, calib), array)
     clean = stuck_at.StuckAt(*(m[None] for m in stuck_at.no_faults(*array)))
 
-    def int8_accuracy(p) -> dict:
+    def int8_accuracy(v) -> dict:
         a = mitigation.mitigate(
-            net, p, clean, device, tx, 0, keys["retrain"], s["batch_size"], ("none",)
+            net, v, clean, device, tx, 0, keys["retrain"], s["batch_size"], ("none",)
         )
         return dict(val=float(a.val[0, 0]), test=float(a.test[0, 0]))
 
-    out["int8_ptq"] = int8_accuracy(params)
+    # The int8 chips start from the baseline's own variables (Int8Model folds them).
+    int8_variables = variables
+    out["int8_ptq"] = int8_accuracy(int8_variables)
     qat_steps = int(train.epochs_to_steps(s["qat_epochs"], spe))
     if qat_steps:
-        params = mitigation.finetune(
-            net, params, device, tx, qat_steps, keys["qat"], s["batch_size"]
+        int8_variables = mitigation.finetune(
+            net, variables, device, tx, qat_steps, keys["qat"], s["batch_size"]
         )
-        out["int8_qat"] = dict(int8_accuracy(params), steps=qat_steps)
+        out["int8_qat"] = dict(int8_accuracy(int8_variables), steps=qat_steps)
     out["baseline_s"] = time.perf_counter() - start
     logging.info("baselines: %s", {k: out[k] for k in ("float32", "int8_ptq")})
 
@@ -295,7 +297,9 @@ def study(s: dict) -> dict:
     steps = int(train.epochs_to_steps(s["retrain_epochs"], spe))
     common = (device, tx, steps, keys["retrain"], s["batch_size"])
     start = time.perf_counter()
-    acc8 = mitigation.mitigate(net, params, stuck, *common, chips_per_batch=s["chips_per_batch"])
+    acc8 = mitigation.mitigate(
+        net, int8_variables, stuck, *common, chips_per_batch=s["chips_per_batch"]
+    )
     out["int8_mitigations_s"] = time.perf_counter() - start
     start = time.perf_counter()
     acc32 = mitigation.float_bypass(
@@ -329,7 +333,7 @@ def study(s: dict) -> dict:
             zstuck = stuck_at.sample_stuck_at(jax.random.fold_in(zkey, 1), zmaps, zmix)
             z = mitigation.mitigate(
                 net,
-                params,
+                int8_variables,
                 zstuck,
                 *common[:2],
                 0,

@@ -14,7 +14,8 @@ function trains quantization-aware and fault-aware.
 inputs of every layer); ``Int8Net`` holds them with the array and the fault sites simulated.
 ``Int8Model`` is what the engine's one-chip step and evaluation call (``model.apply``), one
 chip's faults inside it, so ``engine.train.chip_step`` and ``chip_correct`` run the int8
-chip unchanged and ``vmap`` over chips.
+chip unchanged and ``vmap`` over chips; it takes the model's unfolded variables and folds
+them in every forward pass, BatchNorm's statistics frozen.
 """
 
 from __future__ import annotations
@@ -163,17 +164,25 @@ class Int8Model:
     (``apply(variables, x, train, mutable)``), so the engine's one-chip training step and
     evaluation (``train.chip_step``, ``train.chip_correct``) run it unchanged.
 
-    ``variables["batch_stats"]`` is ignored (the folded model has none); with ``mutable``
-    the updated collections are ``{}``.
+    ``variables`` are the model's own, ``{"params", "batch_stats"}``, unfolded: every forward
+    pass folds them (``fold``) and runs the folded model on the array. BatchNorm is folded
+    with its running statistics, frozen (as in inference, and as quantization-aware training
+    of folded BatchNorm does once the statistics are frozen): training updates the kernels,
+    BatchNorm's scales and offsets, and the biases, each at its own scale (an optimizer's
+    steps on the folded kernels would be relative to no scale at all), and the statistics
+    stay those of the baseline (with ``mutable``, returned unchanged). A bypass mask on the
+    unfolded kernels is the same mask on the folded ones (``models.fold_batchnorm``).
     """
 
     def __init__(self, net: Int8Net, faults: stuck_at.StuckAt | None = None):
         self.net, self.faults = net, faults
 
     def apply(self, variables, x, train: bool = False, mutable: Sequence[str] | bool = False):
-        del train  # no BatchNorm: the same computation in training and evaluation
-        logits = apply(self.net, variables["params"], x, self.faults)
-        return (logits, {}) if mutable else logits
+        del train  # the same computation in training and evaluation (statistics frozen)
+        logits = apply(self.net, fold(variables), x, self.faults)
+        if not mutable:
+            return logits
+        return logits, {"batch_stats": variables.get("batch_stats", {})}
 
 
 def present_sites(faults: stuck_at.StuckAt) -> tuple[str, ...]:

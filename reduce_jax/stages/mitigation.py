@@ -119,13 +119,9 @@ def make_chip_trainer(
     )
 
 
-def _variables(params: PyTree) -> dict:
-    return {"params": params, "batch_stats": {}}
-
-
 def finetune(
     net: int8.Int8Net,
-    params: PyTree,
+    variables: PyTree,
     data: population.DeviceData,
     tx: optax.GradientTransformation,
     steps: int,
@@ -135,20 +131,21 @@ def finetune(
     """The int8 baseline trained quantization-aware for ``steps`` steps, fault-free.
 
     Args:
-      net: the int8 model; params: its folded parameters (the post-training quantized
-        baseline); data: the training set on the device; tx, batch_size: the optimizer and
-        batch; key: the batch order.
+      net: the int8 model; variables: the model's ``{"params", "batch_stats"}`` (unfolded:
+        ``int8.Int8Model`` folds them); data: the training set on the device; tx,
+        batch_size: the optimizer and batch; key: the batch order.
 
     Returns:
-      The folded parameters after ``steps`` steps (``params`` itself for 0).
+      The variables after ``steps`` steps (``variables`` itself for 0); BatchNorm's
+      statistics unchanged.
     """
     if steps <= 0:
-        return params
+        return variables
     trainer = make_chip_trainer(lambda f: int8.Int8Model(net, f), tx, batch_size)
-    ones = train.unit_masks(params)
-    states = trainer.init(_variables(params), ones)
+    ones = train.unit_masks(variables["params"])
+    states = trainer.init(variables, ones)
     states = trainer.run(states, (ones, None), data.train_images, data.train_labels, key, steps)
-    return train.slice_chips(states.params, 0)
+    return train.slice_chips(states.variables, 0)
 
 
 class Accuracies(NamedTuple):
@@ -184,7 +181,7 @@ def _accuracies(trainer, variables, chips, data) -> tuple[np.ndarray, np.ndarray
 
 def mitigate(
     net: int8.Int8Net,
-    params: PyTree,
+    variables: PyTree,
     faults: stuck_at.StuckAt,
     data: population.DeviceData,
     tx: optax.GradientTransformation,
@@ -204,7 +201,8 @@ def mitigate(
 
     Args:
       net: the int8 model (``int8.Int8Net``; its ``sites`` are replaced as above).
-      params: the int8 baseline's folded parameters (every chip starts from them).
+      variables: the baseline's ``{"params", "batch_stats"}``, unfolded (every chip starts
+        from them; ``int8.Int8Model`` folds them, BatchNorm's statistics frozen).
       faults: ``StuckAt`` of ``int32[chips, 3, R, C]``.
       data: train, validation and test sets on the device.
       tx: the retraining optimizer (its state starts fresh for every chip).
@@ -223,7 +221,7 @@ def mitigate(
     trainer = make_chip_trainer(
         lambda f: int8.Int8Model(net, f), tx, batch_size, eval_batch_size, chip_batching
     )
-    variables = _variables(params)
+    params = variables["params"]
 
     def compute(ids: np.ndarray, chunk: stuck_at.StuckAt) -> _Chunk:
         del ids

@@ -104,6 +104,7 @@ def test_vmap_over_chips_equals_a_loop(lenet):
     assert np.max(np.abs(batched[0] - one(fault_free))) > 1e-3  # the faults act
 
 
+@pytest.mark.slow
 def test_folded_resnet_on_the_array_follows_the_float_network(digits):
     # One block a stage: the stem, identity and projection shortcuts, strided convolutions.
     model = models.ResNet(10, widths=(4, 8), blocks_per_stage=1)
@@ -117,6 +118,18 @@ def test_folded_resnet_on_the_array_follows_the_float_network(digits):
     want = models.apply(model, variables, images, train=False)
     got = jax.jit(lambda x: int8.apply(net, params, x))(images)
     assert float(jnp.max(jnp.abs(got - want))) < 0.05 * float(jnp.max(jnp.abs(want)))
+    # The engine's chip: the unfolded variables, folded in the forward pass.
+    chip = int8.Int8Model(net)
+    logits, updated = jax.jit(lambda v, x: chip.apply(v, x, True, ["batch_stats"]))(
+        variables, images
+    )
+    np.testing.assert_allclose(logits, got, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(updated["batch_stats"]),
+        jax.tree.leaves(variables["batch_stats"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)  # the statistics are frozen
 
 
 def test_quantization_aware_steps_keep_bypassed_weights_zero(
@@ -168,7 +181,7 @@ def test_fault_free_int8_accuracy_is_close_to_float32(trained_mlp, digits_device
     net = int8.Int8Net(model, int8.calibrate(model, params, d.train_images), ARRAY)
     none = stuck_at.StuckAt(*(m[None] for m in stuck_at.no_faults(*ARRAY)))
     tx = train.make_optimizer("adam", 1e-3)
-    acc = mitigation.mitigate(net, params, none, d, tx, 0, jax.random.key(0), 64)
+    acc = mitigation.mitigate(net, variables, none, d, tx, 0, jax.random.key(0), 64)
     assert acc.mitigations == mitigation.MITIGATIONS
     assert abs(acc.test[0, 0] - float_acc) <= 0.02
     # A fault-free chip: every mitigation is the baseline (no retraining: 0 steps).
