@@ -358,3 +358,18 @@ def test_the_online_policy_learns_from_the_chips_before_it_and_refines_the_map(s
         reduce_jax.retrain_chips(bundle, rest, workdir=str(tmp_path / "x"), policy="cheapest")
     with pytest.raises(ConfigError, match="--save_chip_weights stores"):
         reduce_jax.retrain_chips(bundle, rest, save_chip_weights=True, **kw)
+
+
+def test_the_early_stop_sweep_keeps_the_training_and_with_alpha_0_every_decision(study):
+    """``experiments.early_stop`` on a study's chips: every setting trains the chips alike
+    (the decisions of the whole split are the same); alpha 0 never rejects a chip the whole
+    split accepts and evaluates no more than the whole split."""
+    from experiments import early_stop
+
+    rows = early_stop.sweep(study[0], [(1, 0.0), (4, 0.0), (4, 0.2)])
+    whole, exact, loose = rows
+    assert whole["cut"] == 0 and whole["false_rejects"] == 0
+    assert exact["false_rejects"] == 0 and exact["eval_passes"] <= whole["eval_passes"]
+    assert exact["train_epochs"] == whole["train_epochs"]
+    assert loose["eval_passes"] <= exact["eval_passes"]
+    assert loose["chips_meeting_target"] == whole["chips_meeting_target"] or loose["false_rejects"]
