@@ -5,8 +5,10 @@ mutants of the core modules; each needs a test process that compiles its program
 seconds on two cores. The score is measured on a fixed sample: the mutants whose name hashes
 into ``1/EVERY`` of the hash space, the same names on every machine (docs/testing.md).
 
-    python tests/mutation_sample.py names [MODULE ...]   # the sample's names, for mutmut run
-    python tests/mutation_sample.py score [MODULE ...]   # killed / total per module
+    python tests/mutation_sample.py names [--every=N] [MODULE ...]   # for mutmut run
+    python tests/mutation_sample.py score [--every=N] [MODULE ...]   # detected / total
+
+``--every=20`` takes half of the default sample (every name it picks, the default picks too).
 
 Run from the checkout's root after ``mutmut run`` has generated the mutants (``mutants/``).
 A MODULE is a dotted prefix (``reduce_jax.stages.cost``); none: every mutated module.
@@ -20,7 +22,7 @@ import hashlib
 import json
 import sys
 
-EVERY = 10  # one mutant in ten
+EVERY = 10  # one mutant in ten (by default)
 # mutmut's verdicts that count as detected: a failing test, a timeout, a crash.
 DETECTED = ("killed", "timeout", "segfault", "caught by type check")
 
@@ -33,8 +35,8 @@ def _all_mutants() -> dict[str, int | None]:
     return out
 
 
-def sampled(name: str) -> bool:
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % EVERY == 0
+def sampled(name: str, every: int = EVERY) -> bool:
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % every == 0
 
 
 def _module(name: str) -> str:
@@ -42,11 +44,13 @@ def _module(name: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    mode, prefixes = argv[0], argv[1:]
+    mode, prefixes, every = argv[0], argv[1:], EVERY
+    if prefixes and prefixes[0].startswith("--every="):
+        every, prefixes = int(prefixes[0].split("=", 1)[1]), prefixes[1:]
     mutants = {
         k: v
         for k, v in _all_mutants().items()
-        if sampled(k) and (not prefixes or any(k.startswith(p + ".") for p in prefixes))
+        if sampled(k, every) and (not prefixes or any(k.startswith(p + ".") for p in prefixes))
     }
     if mode == "names":
         print("\n".join(sorted(mutants)))
