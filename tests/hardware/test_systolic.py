@@ -317,3 +317,25 @@ def test_fused_map_is_superset_and_its_masks_bypass_every_member(members, seed, 
     for m in maps:
         member_mask = np.asarray(systolic.weight_masks(params, m)["dense"]["kernel"])
         assert (fused_mask <= member_mask).all()
+
+
+def test_rates_and_loads_are_float64_as_documented():
+    rng = np.random.default_rng(0)
+    params = {
+        "fc1": {"kernel": rng.normal(size=(64, 16)).astype(np.float32), "bias": np.ones(16)},
+        "fc2": {"kernel": rng.normal(size=(16, 10)).astype(np.float32)},
+    }
+    load = systolic.magnitude_load(params, 8, 8)
+    assert load.dtype == np.float64
+    assert load.sum() == pytest.approx(2.0, abs=1e-12)  # normalised in float64, per kernel
+    maps = rng.random((5, 8, 8)) < 0.2
+    rates = systolic.chip_rates({"pe": np.full((8, 8), 1 / 64), "load": load / 2}, maps)
+    for rate in rates.values():
+        assert rate.dtype == np.float64 and rate.shape == (5,)
+    np.testing.assert_allclose(rates["pe"], maps.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_kernels_in_a_list_of_layers_are_named_by_their_index():
+    params = {"layers": [{"kernel": np.zeros((3, 4))}, {"kernel": np.zeros((4, 2))}]}
+    names = [m["name"] for m in systolic.describe_mapping(params, 2, 2)]
+    assert names == ["layers/[0]/kernel", "layers/[1]/kernel"]

@@ -361,3 +361,10 @@ def test_chips_needing_a_single_step_are_grouped():
     maps = single_fault_maps([(0, 0), (1, 1)])
     groups = grouping.greedy_groups(maps, W_PE, amount, required, max_group_size=8)
     assert groups == [[0, 1]] and grouping.plan_steps(maps, W_PE, amount, groups) == 1
+
+
+def test_amount_fn_gives_float64_steps_and_inf_where_not_served():
+    amount = grouping.amount_fn(np.array([0.0, 0.1]), np.array([3.0, np.inf]), "linear")
+    steps = amount(np.array([0.0, 0.05, 0.2]))
+    assert steps.dtype == np.float64
+    np.testing.assert_array_equal(steps, [3.0, np.inf, np.inf])
