@@ -1,6 +1,7 @@
 """A study repeated over seeds: every headline number with its mean and spread."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -111,7 +112,7 @@ def test_table_prints_mean_std_and_values_and_skips_metrics_without_a_mean():
 
 
 def test_run_seeds_gives_each_seed_its_workdir_and_writes_seeds_json(
-    tmp_path, small_run_config, monkeypatch
+    tmp_path, small_run_config, monkeypatch, caplog
 ):
     from reduce_jax import pipeline
 
@@ -130,8 +131,11 @@ def test_run_seeds_gives_each_seed_its_workdir_and_writes_seeds_json(
 
     monkeypatch.setattr(pipeline, "run", fake_run)
     cfg = small_run_config(str(tmp_path), seed=5)
-    out = seeds.run_seeds(cfg, 3, overwrite=True)
+    with caplog.at_level(logging.INFO):
+        out = seeds.run_seeds(cfg, 3, overwrite=True)
     workdirs = [str(tmp_path / f"seed_{s}") for s in (5, 6, 7)]
+    assert f"seed 5 (1 of 3) in {workdirs[0]}" in caplog.text
+    assert f"seed 7 (3 of 3) in {workdirs[2]}" in caplog.text
     assert calls == [(s, w, True, 8) for s, w in zip((5, 6, 7), workdirs, strict=True)]
     assert out["seeds"] == [5, 6, 7] and out["workdirs"] == workdirs
     assert out["metrics"]["baseline_accuracy"]["values"] == pytest.approx([0.95, 0.96, 0.97])

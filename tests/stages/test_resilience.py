@@ -232,3 +232,10 @@ def test_a_chip_that_diverges_in_the_analysis_counts_as_0_from_then_on(
         ctx, maps, np.array([0.0, 2 / 41, 4 / 41]), jax.random.key(0), store, with_test=True
     )
     np.testing.assert_array_equal(again.accuracy, out.accuracy)
+
+
+def test_an_unknown_interpolation_names_the_allowed_ones():
+    with pytest.raises(
+        ValueError, match=r"^--interpolation='cubic'; allowed: conservative, linear$"
+    ):
+        resilience.retraining_amount(GRID, REQ, jnp.array([0.1]), "cubic")
