@@ -52,6 +52,13 @@ BASELINE_EPOCHS = flags.DEFINE_float("baseline_epochs", 15, "Baseline epochs, in
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Training batch size, 1..65536.")
 OPTIMIZER = flags.DEFINE_string("optimizer", "adam", f"One of {', '.join(OPTIMIZERS)}.")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate, in (0, 10].")
+INT8_LEARNING_RATE = flags.DEFINE_float(
+    "int8_learning_rate",
+    0.0,
+    "Learning rate of the int8 retraining (QAT, bypass+retrain, fault-aware), in [0, 10]; "
+    "0: --learning_rate. The int8 chips fold BatchNorm with frozen statistics, which wants "
+    "a smaller rate than float32 retraining in train mode.",
+)
 VALIDATION_FRACTION = flags.DEFINE_float(
     "validation_fraction", 0.1, "Training images held out for validation, in (0, 1)."
 )
@@ -143,6 +150,7 @@ def validate() -> dict:
     _within("baseline_epochs", BASELINE_EPOCHS.value, 0, 1000, lo_open=True)
     _within("batch_size", BATCH_SIZE.value, 1, 65536)
     _within("learning_rate", LEARNING_RATE.value, 0, 10, lo_open=True)
+    _within("int8_learning_rate", INT8_LEARNING_RATE.value, 0, 10)
     _within("validation_fraction", VALIDATION_FRACTION.value, 0, 1, True, True)
     _within("calibration_images", CALIBRATION_IMAGES.value, 1, 10**7)
     _within("qat_epochs", QAT_EPOCHS.value, 0, 1000)
@@ -178,6 +186,7 @@ def validate() -> dict:
         batch_size=BATCH_SIZE.value,
         optimizer=OPTIMIZER.value,
         learning_rate=LEARNING_RATE.value,
+        int8_learning_rate=INT8_LEARNING_RATE.value or LEARNING_RATE.value,
         validation_fraction=VALIDATION_FRACTION.value,
         calibration_images=CALIBRATION_IMAGES.value,
         qat_epochs=QAT_EPOCHS.value,
@@ -240,6 +249,7 @@ def study(s: dict) -> dict:
     variables, info = baseline.get_baseline(s["workdir"], model, data, keys["base"], spec)
     spe = train.steps_per_epoch(device.num_train, s["batch_size"])
     tx = train.make_optimizer(s["optimizer"], s["learning_rate"])
+    tx8 = train.make_optimizer(s["optimizer"], s["int8_learning_rate"])
     array = tuple(s["array"])
     out = dict(settings=s, steps_per_epoch=spe, baseline_reused=info["reused"])
 
@@ -259,7 +269,7 @@ def study(s: dict) -> dict:
 
     def int8_accuracy(v) -> dict:
         a = mitigation.mitigate(
-            net, v, clean, device, tx, 0, keys["retrain"], s["batch_size"], ("none",)
+            net, v, clean, device, tx8, 0, keys["retrain"], s["batch_size"], ("none",)
         )
         return dict(val=float(a.val[0, 0]), test=float(a.test[0, 0]))
 
@@ -269,7 +279,7 @@ def study(s: dict) -> dict:
     qat_steps = int(train.epochs_to_steps(s["qat_epochs"], spe))
     if qat_steps:
         int8_variables = mitigation.finetune(
-            net, variables, device, tx, qat_steps, keys["qat"], s["batch_size"]
+            net, variables, device, tx8, qat_steps, keys["qat"], s["batch_size"]
         )
         out["int8_qat"] = dict(int8_accuracy(int8_variables), steps=qat_steps)
     out["baseline_s"] = time.perf_counter() - start
@@ -298,7 +308,7 @@ def study(s: dict) -> dict:
     common = (device, tx, steps, keys["retrain"], s["batch_size"])
     start = time.perf_counter()
     acc8 = mitigation.mitigate(
-        net, int8_variables, stuck, *common, chips_per_batch=s["chips_per_batch"]
+        net, int8_variables, stuck, device, tx8, *common[2:], chips_per_batch=s["chips_per_batch"]
     )
     out["int8_mitigations_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -356,7 +366,8 @@ def report(out: dict) -> str:
     lines = [
         f"{s['model']} on {s['dataset']}, {s['array'][0]}x{s['array'][1]} array, "
         f"{s['chips_per_rate']} chips per rate, retraining {out['retrain_steps']} steps "
-        f"({s['retrain_epochs']} epochs); stuck bits: sites {s['site_probs']} "
+        f"({s['retrain_epochs']} epochs; learning rate {s['learning_rate']:g} float32, "
+        f"{s['int8_learning_rate']:g} int8); stuck bits: sites {s['site_probs']} "
         f"(weight, product, psum), P(stuck at 1) {s['p_one']}, bits {s['bits']}; "
         f"PE maps {s['fault_model']}.",
         "",
