@@ -65,3 +65,15 @@ def test_a_run_without_a_recommendation_does_not_recommend():
     assert empty.recommended is None
     line = dataclasses.replace(s, policies=empty).headline()
     assert "recommended" not in line and "no other policy run" in line
+
+
+def test_the_headline_says_never_for_another_alternative_too():
+    found = dict(
+        reduce=policies.Policy(3, 60, 3, 2, 2),
+        fixed=policies.Policy(3, 30, 3, 3, 3),  # 1 epoch a chip: less than Reduce's 2
+        adaptive=policies.Policy(3, 6, 3, 3, 3),
+    )
+    compute = policies.Compute(step_flops=1.0, eval_flops=float("nan"), steps_per_epoch=10)
+    s = _summary()
+    line = dataclasses.replace(s, policies=policies.compare(found, s.analysis, compute)).headline()
+    assert "Reduce never breaks even with it (with fixed: never)" in line
