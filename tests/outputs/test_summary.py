@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from reduce_jax import files
 from reduce_jax.config import ReduceConfig
@@ -254,3 +255,30 @@ def test_headline_without_other_policies_says_so():
     s = _with_policies(_summary(), dict(reduce=policies.Policy(3, 15, 3, 2, 2)))
     assert "no other policy run (--compare_policies=false)" in s.headline()
     assert s.to_json()["policies"]["cheapest_alternative"] is None
+
+
+def test_the_recommendation_rounds_audit_and_regions_reach_the_headline_and_the_json():
+    """Online cheapest for 3 chips, analysis included (Reduce 3.00 + 8 analysis): the
+    headline recommends it; rounds, the early-stop audit and the regions table are in
+    ``summary.json``, the regions from the same per-chip counts."""
+    found = dict(
+        reduce=policies.Policy(3, 15, 3, 2, 2, rounds_mean=1.0, rounds_max=1),
+        adaptive=policies.Policy(3, 6, 5, 3, 3, rounds_mean=5 / 3, rounds_max=3),
+        online=policies.Policy(3, 6, 2.5, 3, 3, rounds_mean=4 / 3, rounds_max=2),
+    )
+    compute = policies.Compute(step_flops=1.0, eval_flops=5.0, steps_per_epoch=SPE)
+    comparison = policies.compare(found, _summary().analysis, compute, {"online": (4, 1)})
+    s = dataclasses.replace(_summary(), policies=comparison)
+    assert "recommended for 3 chips: online (cheapest)" in s.headline()
+    pol = s.to_json()["policies"]
+    assert pol["recommended"] == "online" and pol["cheapest_alternative"] == "online"
+    assert pol["online"]["eval_passes"] == 2.5 and pol["online"]["rounds_max"] == 2
+    assert pol["adaptive"]["rounds_mean"] == pytest.approx(5 / 3)
+    assert pol["early_stop_audit"] == {
+        "online": {"verifications": 4, "false_rejects": 1, "same_decision": 0.75}
+    }
+    w = pol["where_each_wins"]
+    regions = policies.where_each_wins(comparison)
+    assert w["cheapest"] == regions.cheapest and len(w["cheapest"]) == len(w["eval_pass_epochs"])
+    assert all(len(row) == len(w["chips"]) for row in w["cheapest"])
+    assert w["measured_eval_pass_epochs"] == pytest.approx(5.0 / SPE)
