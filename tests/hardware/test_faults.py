@@ -488,3 +488,17 @@ def test_a_csv_of_no_chips_is_refused(tmp_path):
     path = tmp_path / "header_only.csv"
     path.write_text("chip,row,col\n")
     _rejects(path, "no chips in the file", rows=4, cols=4)
+
+
+def test_a_fault_spec_samples_each_chip_at_its_own_rate_with_its_settings():
+    spec = faults.FaultSpec("lines", 8, 8, alpha=5.0, line_fraction=0.5)
+    rates = [0.0, 0.1, 0.3]
+    maps = spec.sample(KEY, rates)
+    assert isinstance(maps, np.ndarray) and maps.shape == (3, 8, 8) and maps.dtype == bool
+    expected = faults.sample_fault_maps(
+        KEY, 3, 8, 8, np.array(rates), "lines", 5.0, line_fraction=0.5
+    )
+    np.testing.assert_array_equal(maps, expected)
+    assert not maps[0].any()
+    exact = faults.FaultSpec("exact", 8, 8).sample(KEY, [0.0, 0.125, 0.25])
+    assert exact.sum(axis=(1, 2)).tolist() == [0, 8, 16]

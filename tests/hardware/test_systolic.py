@@ -339,3 +339,18 @@ def test_kernels_in_a_list_of_layers_are_named_by_their_index():
     params = {"layers": [{"kernel": np.zeros((3, 4))}, {"kernel": np.zeros((4, 2))}]}
     names = [m["name"] for m in systolic.describe_mapping(params, 2, 2)]
     assert names == ["layers/[0]/kernel", "layers/[1]/kernel"]
+
+
+def test_check_mappable_names_a_grouped_convolution_and_a_kernel_of_another_rank():
+    conv = {"block": {"conv": {"kernel": np.zeros((3, 3, 4, 8))}}}
+    systolic.check_mappable(conv, {("params", "block", "conv", "kernel"): 4})  # 4 channels in
+    with pytest.raises(
+        systolic.MappingError,
+        match=r"^parameter params/block/conv/kernel \[3, 3, 4, 8\] is a grouped or depthwise "
+        r"convolution \(16 input channels, 4 per group\)",
+    ):
+        systolic.check_mappable(conv, {("params", "block", "conv", "kernel"): 16})
+    with pytest.raises(
+        systolic.MappingError, match=r"^parameter params/k/kernel has shape \[2, 2, 2\]"
+    ):
+        systolic.check_mappable({"k": {"kernel": np.zeros((2, 2, 2))}})
