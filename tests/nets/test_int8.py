@@ -4,6 +4,7 @@ bypassed weights at exactly zero, and a fault-free int8 net is about as accurate
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,20 +89,30 @@ def test_forward_equals_a_numpy_integer_network(lenet):
     assert np.max(np.abs(got - float_logits)) > 1e-4
 
 
-def test_vmap_over_chips_equals_a_loop(lenet):
-    net, params, images = lenet
+class _ConvDense(nn.Module):
+    """A convolution with pooling, then a Dense layer: both kinds of layer on the array."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        del train
+        x = nn.relu(models.Conv(4, (3, 3), pool=True, name="conv")(x))
+        return nn.Dense(10, name="out")(x.reshape(x.shape[0], -1))
+
+
+def test_vmap_over_chips_equals_a_loop(digits):
+    model = _ConvDense()
+    params = models.init_params(model, jax.random.key(0), digits.image_shape)
+    x = jnp.asarray(digits.train_images[:16])
+    net = int8.Int8Net(model, int8.calibrate(model, params, x), ARRAY)
     maps = faults.sample_fault_maps(jax.random.key(3), 3, *ARRAY, 0.25, "exact")
     pop = stuck_at.sample_stuck_at(jax.random.key(4), maps, stuck_at.StuckAtMix(bits="high"))
     assert int8.present_sites(pop) == stuck_at.SITES
-    x = images[:16]
     batched = jax.jit(jax.vmap(lambda f: int8.apply(net, params, x, f)))(pop)
     one = jax.jit(lambda f: int8.apply(net, params, x, f))
     for i in range(3):
         chip = one(jax.tree.map(lambda m, i=i: m[i], pop))
         np.testing.assert_allclose(batched[i], chip, rtol=1e-6, atol=1e-6)
-    fault_free = stuck_at.StuckAt(*map(jnp.asarray, stuck_at.no_faults(*ARRAY)))
-    np.testing.assert_array_equal(one(fault_free), int8.apply(net, params, x))
-    assert np.max(np.abs(batched[0] - one(fault_free))) > 1e-3  # the faults act
+    assert np.max(np.abs(batched[0] - batched[1])) > 1e-3  # each chip its own faults
 
 
 @pytest.mark.slow
