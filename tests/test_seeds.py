@@ -131,7 +131,8 @@ def test_run_seeds_gives_each_seed_its_workdir_and_writes_seeds_json(
 
     monkeypatch.setattr(pipeline, "run", fake_run)
     cfg = small_run_config(str(tmp_path), seed=5)
-    with caplog.at_level(logging.INFO):
+    # The absl logger's own level: an earlier run in the same process may have raised it.
+    with caplog.at_level(logging.INFO, logger="absl"):
         out = seeds.run_seeds(cfg, 3, overwrite=True)
     workdirs = [str(tmp_path / f"seed_{s}") for s in (5, 6, 7)]
     assert f"seed 5 (1 of 3) in {workdirs[0]}" in caplog.text
