@@ -23,7 +23,7 @@ from reduce_jax.engine import train
 from reduce_jax.errors import ConfigError
 from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import augment as augment_lib
-from reduce_jax.nets import models
+from reduce_jax.nets import int8, models
 from reduce_jax.stages import calibration, grouping, resilience
 
 
@@ -74,6 +74,12 @@ class ReduceConfig:
     )
     array_rows: int = _setting(16, "Rows R of the systolic array (PEs).")
     array_cols: int = _setting(16, "Columns C of the systolic array (PEs).")
+    arithmetic: str = _setting(
+        "float32",
+        f"What the array computes: {_choices(int8.ARITHMETICS)} (int8: post-training int8 of "
+        "the baseline, activation scales calibrated on training images, int32 partial sums; "
+        "retraining is quantization-aware; bypassed PEs are the only faults).",
+    )
     fault_model: str = _setting(
         "clustered", f"Fault model of the chip population: {_choices(faults.FAULT_MODELS)}."
     )
@@ -455,6 +461,7 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
             f"--adaptive_max_epochs={cfg.adaptive_max_epochs} must be > 0",
         )
     _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
+    _one_of(cfg, "arithmetic", int8.ARITHMETICS)
     _in_range(cfg, "verify_slices", 1, 1024)
     _in_range(cfg, "verify_alpha", 0, 0.5)
     _in_range(cfg, "online_batch", 1, 1 << 20)

@@ -30,7 +30,7 @@ from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import ProgressStore, Timer
 from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import augment as augment_lib
-from reduce_jax.nets import models
+from reduce_jax.nets import int8, models
 from reduce_jax.outputs import chip_store, map_bundle, report
 from reduce_jax.outputs.summary import Baseline, Summary
 from reduce_jax.stages import baseline as baseline_lib
@@ -294,8 +294,13 @@ def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_in
     """The run's engine context (``population.Context``), its policy
     (``retraining.Verification``: targets and top-ups) and its ``Baseline`` (accuracy
     measured here)."""
+    model = inp.model
+    if cfg.arithmetic == "int8":  # the chips compute in int8: the baseline quantized
+        model = int8.bypass_model(
+            model, variables, data.train_images, (cfg.array_rows, cfg.array_cols)
+        )
     trainer = train.make_trainer(
-        inp.model,
+        model,
         train.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
         cfg.batch_size,
         cfg.eval_batch_size,

@@ -41,7 +41,7 @@ from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import ProgressStore, Timer
 from reduce_jax.errors import ConfigError
 from reduce_jax.hardware import faults
-from reduce_jax.nets import models
+from reduce_jax.nets import int8, models
 from reduce_jax.outputs import map_bundle
 from reduce_jax.pipeline import Keys
 from reduce_jax.stages import cost as cost_lib
@@ -294,6 +294,8 @@ def _context(bundle, net, ds, compute) -> population.Context:
     spe = train.steps_per_epoch(data.num_train, recipe.batch_size)
     if spe != recipe.steps_per_epoch:  # the fingerprint's data check makes this unreachable
         raise ConfigError(f"{spe} steps per epoch, the map's recipe has {recipe.steps_per_epoch}")
+    if bundle.study.get("arithmetic", "float32") == "int8":  # as the study computed
+        net = int8.bypass_model(net, bundle.variables, data.train_images, bundle.array_shape)
     trainer = train.make_trainer(
         net,
         train.make_optimizer(recipe.optimizer, recipe.learning_rate, recipe.weight_decay),

@@ -470,6 +470,7 @@ BASE = config_lib.ReduceConfig(dataset="digits", model="mlp")
         (dict(max_group_size=1), "--max_group_size"),
         (dict(fixed_epochs=0.0), "--fixed_epochs"),
         (dict(topup_epochs=0.0), "--topup_epochs"),
+        (dict(arithmetic="int4"), "--arithmetic='int4'; allowed: float32, int8"),
         (dict(verify_slices=0), "--verify_slices=0 is outside [1, 1024]"),
         (dict(verify_alpha=0.6), "--verify_alpha=0.6 is outside [0, 0.5]"),
         (dict(online_batch=0), "--online_batch=0 is outside"),

@@ -23,6 +23,7 @@ DEFAULT_DICT = {
     "init_checkpoint": None,
     "array_rows": 16,
     "array_cols": 16,
+    "arithmetic": "float32",
     "fault_model": "clustered",
     "cluster_alpha": 2.0,
     "line_fraction": 1.0,

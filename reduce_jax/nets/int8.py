@@ -185,6 +185,25 @@ class Int8Model:
         return logits, {"batch_stats": variables.get("batch_stats", {})}
 
 
+ARITHMETICS = ("float32", "int8")
+
+
+def bypass_model(
+    model: nn.Module,
+    variables: PyTree,
+    images: jax.Array,
+    array: tuple[int, int],
+    calibration_images: int = 1000,
+) -> Int8Model:
+    """``model`` with trained ``variables`` on the int8 array, its only faults bypassed PEs
+    (the engine's masks): post-training quantization, the activation scales calibrated on
+    the first ``calibration_images`` of ``images`` (training data), no stuck-at site
+    simulated. What ``--arithmetic=int8`` retrains and evaluates."""
+    folded = folded_model(model)
+    scales = calibrate(folded, fold(variables), images[:calibration_images])
+    return Int8Model(Int8Net(folded, scales, tuple(array), sites=("weight",)))
+
+
 def present_sites(faults: stuck_at.StuckAt) -> tuple[str, ...]:
     """The sites where any chip of ``faults`` (``[..., 3, R, C]``) has a stuck bit, in
     ``stuck_at.SITES`` order; ``("weight",)`` when none has any (the fast matrix product)."""
