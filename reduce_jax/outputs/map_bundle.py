@@ -478,7 +478,9 @@ def load_map(path: str) -> MapBundle:
             fixed_epochs=meta["fixed_epochs"],
             analysis_epochs=meta["analysis_epochs"],
             study=meta["study"],
-            observations=online.Observations(arrays["observed_rates"], arrays["observed_needed_steps"]),
+            observations=online.Observations(
+                arrays["observed_rates"], arrays["observed_needed_steps"]
+            ),
         )
     except (KeyError, ValueError, TypeError) as e:
         raise _damaged(path, e) from None
