@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from reduce_jax.engine import population, train
+from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.stages import cost, grouping, policies, predictor, resilience, retraining
 
 SPE = 10
@@ -142,6 +143,8 @@ def test_the_oracle_and_the_analysis_as_policies():
     p = policies.oracle_policy(study, test_target=0.86)
     assert (p.chips, p.train_steps, p.eval_passes, p.chips_meeting_target) == (3, 5, 0, 2)
     assert p.chips_meeting_target_test == 1  # chip 1 reads 0.85 on the test set at 5 steps
+    # Read at each chip's own amount: chip 1 at 5 steps (0.85), not at 0 (0.5).
+    assert policies.oracle_policy(study, test_target=0.8).chips_meeting_target_test == 2
     one_off = policies.analysis_policy(_analysis(f=3, a=4, k=2, max_steps=12))
     assert (one_off.chips, one_off.train_steps, one_off.eval_passes) == (6, 6 * 12, 6 * 4)
 
@@ -154,17 +157,29 @@ def test_adaptive_verifies_at_the_cap_when_it_is_not_a_whole_number_of_increment
 
 
 def test_adaptive_stops_a_chip_that_diverges_and_never_counts_it(
-    tiny_mlp, tiny_mlp_variables, digits_device
+    tiny_mlp, tiny_mlp_variables, digits_device, tmp_path, monkeypatch
 ):
     """A learning rate no chip survives: each chip is stopped at the first verification
     after it diverged (validation 0, not met), and the policy counts none of them."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 1e30), 32)
     ctx = population.Context(trainer, tiny_mlp_variables, digits_device, 41, 2)
     maps = np.zeros((2, 8, 8), bool)
-    out = policies.run_adaptive(ctx, maps, 2, 6, 0.0, jax.random.key(0), first=np.array([2, 2]))
+    store = ProgressStore(str(tmp_path), {"run": 1}, overwrite=False)
+    run = lambda: policies.run_adaptive(  # noqa: E731
+        ctx, maps, 2, 6, 0.0, jax.random.key(0), store, first=np.array([2, 2])
+    )
+    out = run()
     assert out.diverged.dtype == bool and out.diverged.tolist() == [True, True]
     assert out.steps.tolist() == [2, 2] and out.val.tolist() == [0.0, 0.0]
     assert not out.met.any() and out.verifications.tolist() == [1, 1]
     p = policies.adaptive_policy(out, test_target=0.0)
     assert (p.chips_meeting_target, p.chips_meeting_target_test) == (0, 0)
     assert p.train_steps == 4 and p.eval_passes == 2.0
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a saved chunk was computed again")
+
+    monkeypatch.setattr(population, "init_chunk", no_compute)
+    again = run()  # read back from the store
+    for a, b in zip(again, out, strict=True):
+        np.testing.assert_array_equal(a, b)
