@@ -55,13 +55,14 @@ def _env() -> dict:
     return env
 
 
-def _run_script(code: str, cwd) -> subprocess.CompletedProcess:
+def _run_script(code: str, cwd, timeout: float = 1800) -> subprocess.CompletedProcess:
     path = os.path.join(cwd, "example.py")
     with open(path, "w") as f:
         f.write(code)
     return subprocess.run(
-        [sys.executable, path], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800
-    )
+        [sys.executable, path], cwd=cwd, env=_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 def _printed(stdout: str) -> dict:
@@ -176,7 +177,8 @@ def test_example_then_its_command(page, index, tmp_path):
 
 def test_a_save_that_does_not_wait_is_caught(tmp_path):
     """orbax's save left to finish at interpreter exit loses the checkpoint: the checks above
-    see it (the failure is logged from a background thread while the process exits 0)."""
+    see it (the failure is logged from a background thread while the process exits 0, or
+    the exit hangs on the save)."""
     code = textwrap.dedent(
         """
         import os
@@ -187,7 +189,12 @@ def test_a_save_that_does_not_wait_is_caught(tmp_path):
         ocp.StandardCheckpointer().save(os.path.abspath("weights"), {"params": {"w": np.ones(3)}})
         """
     )
-    proc = _run_script(code, tmp_path)
+    try:
+        # An interpreter whose exit waits on the unfinished save (minutes on a loaded
+        # machine) is a failure a user sees too: caught, not waited for.
+        proc = _run_script(code, tmp_path, timeout=20)
+    except subprocess.TimeoutExpired:
+        return
     try:
         _check_ran(proc, "a save that does not wait")
         _restore(str(tmp_path / "weights"))
