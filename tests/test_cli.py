@@ -151,9 +151,19 @@ def test_smoke_summary_has_every_key_and_consistent_values(smoke_run):
     for p in ("fixed", "adaptive", "reduce"):
         assert pol[p]["compute_epochs"] > pol[p]["train_epochs"]  # evaluation costs too
     assert pol["unit"] == "compute_epochs"
-    cheapest = min(("fixed", "adaptive"), key=lambda p: pol[p]["compute_epochs"])
+    others = ("fixed", "adaptive", "adaptive_es", "online")  # in policies.POLICIES' order
+    cheapest = min(others, key=lambda p: pol[p]["compute_epochs"])
     assert pol["cheapest_alternative"] == cheapest
     assert f"cheapest without Reduce: {cheapest}" in proc.stdout
+    # Without a false rejection, early stops change no decision: the same training, the
+    # same verifications, no more images evaluated.
+    audit = pol["early_stop_audit"]["adaptive_es"]
+    if audit["false_rejects"] == 0:
+        assert pol["adaptive_es"]["train_epochs"] == pytest.approx(pol["adaptive"]["train_epochs"])
+        assert audit["verifications"] == pytest.approx(len(chips) * pol["adaptive"]["rounds_mean"])
+        assert pol["adaptive_es"]["eval_passes"] <= pol["adaptive"]["eval_passes"]
+    assert pol["recommended"] in ("reduce", *others)
+    assert f"recommended for {len(chips)} chips: {pol['recommended']}" in proc.stdout
 
 
 @pytest.mark.slow
