@@ -206,13 +206,26 @@ def evaluate(
     ``float64[len(ids)]`` of chips ``ids`` only (computed on a power-of-4 bucket of them, as
     ``run_phase`` does, so a few chips cost a few chips' evaluations, not the chunk's; at
     most ``size`` of them, default all ``chips``)."""
+    return evaluate_on(trainer, states, masks, *data.split(split), ids, size)
+
+
+def evaluate_on(
+    trainer: train.Trainer,
+    states: train.ChipState,
+    masks: PyTree,
+    images: jax.Array,
+    labels: jax.Array,
+    ids: np.ndarray | None = None,
+    size: int | None = None,
+) -> np.ndarray:
+    """``evaluate`` on any images and labels (e.g. a slice of the validation split)."""
     variables, n = states.variables, len(states.step)
     if ids is not None and len(ids) < n:
         ids = np.asarray(ids)
         size = bucket_size(len(ids), n if size is None else size)
         idx = np.concatenate([ids, np.full(size - len(ids), ids[-1] if len(ids) else 0)])
         variables, masks = take(variables, idx), take(masks, idx)
-    acc = sharding.to_host(trainer.evaluate(variables, masks, *data.split(split)))
+    acc = sharding.to_host(trainer.evaluate(variables, masks, images, labels))
     return acc.astype(np.float64)[: n if ids is None else len(ids)]
 
 

@@ -321,23 +321,10 @@ def make_trainer(
 
         return jax.lax.fori_loop(start, start + num_steps, body, states)
 
+    correct_fn = over_chips(functools.partial(chip_correct, model), chip_batching)
+
     def evaluate(variables: PyTree, masks: Masks, images: jax.Array, labels: jax.Array):
-        n = images.shape[0]
-        bs = min(eval_batch_size, n)
-        num_batches = -(-n // bs)
-        pad = num_batches * bs - n
-        images = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
-        labels = jnp.pad(labels, (0, pad), constant_values=-1)  # padded rows never match
-        images = images.reshape(num_batches, bs, *images.shape[1:])
-        labels = labels.reshape(num_batches, bs)
-        correct_fn = over_chips(functools.partial(chip_correct, model), chip_batching)
-
-        def body(total, batch):
-            return total + correct_fn(variables, masks, *batch), None
-
-        chips = jax.tree.leaves(variables["params"])[0].shape[0]
-        total, _ = jax.lax.scan(body, jnp.zeros((chips,), jnp.int32), (images, labels))
-        return total.astype(jnp.float32) / n
+        return batched_accuracy(correct_fn, variables, masks, images, labels, eval_batch_size)
 
     if max_traces is not None:
         run = chex.assert_max_traces(run, n=max_traces)
@@ -350,6 +337,39 @@ def make_trainer(
         evaluate=jax.jit(evaluate),
         tx=tx,
     )
+
+
+def batched_accuracy(
+    correct_fn: Callable[..., jax.Array],
+    variables: PyTree,
+    masks: PyTree,
+    images: jax.Array,
+    labels: jax.Array,
+    eval_batch_size: int,
+) -> jax.Array:
+    """Accuracy ``float32[chips]`` of every chip on ``images``, ``labels``, scanned in batches
+    of ``eval_batch_size`` (the last padded with rows that never match).
+
+    Args:
+      correct_fn: ``(variables[chips], masks[chips], images[B], labels[B]) -> int32[chips]``
+        correct predictions on one batch (``over_chips`` of ``chip_correct``).
+      variables, masks: with a leading ``chips`` axis.
+    """
+    n = images.shape[0]
+    bs = min(eval_batch_size, n)
+    num_batches = -(-n // bs)
+    pad = num_batches * bs - n
+    images = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
+    labels = jnp.pad(labels, (0, pad), constant_values=-1)  # padded rows never match
+    images = images.reshape(num_batches, bs, *images.shape[1:])
+    labels = labels.reshape(num_batches, bs)
+
+    def body(total, batch):
+        return total + correct_fn(variables, masks, *batch), None
+
+    chips = jax.tree.leaves(variables["params"])[0].shape[0]
+    total, _ = jax.lax.scan(body, jnp.zeros((chips,), jnp.int32), (images, labels))
+    return total.astype(jnp.float32) / n
 
 
 def over_chips(fn: Callable[..., Any], chip_batching: str = "vmap") -> Callable[..., Any]:

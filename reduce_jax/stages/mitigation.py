@@ -96,21 +96,9 @@ def make_chip_trainer(
         return jax.lax.fori_loop(0, num_steps, body, states)
 
     def evaluate(variables, chips, images, labels):
-        n = images.shape[0]
-        bs = min(eval_batch_size, n)
-        num_batches = -(-n // bs)
-        pad = num_batches * bs - n
-        images = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
-        labels = jnp.pad(labels, (0, pad), constant_values=-1)  # padded rows never match
-        images = images.reshape(num_batches, bs, *images.shape[1:])
-        labels = labels.reshape(num_batches, bs)
-        count = jax.tree.leaves(variables["params"])[0].shape[0]
-
-        def body(total, batch):
-            return total + population_correct(variables, chips, *batch), None
-
-        total, _ = jax.lax.scan(body, jnp.zeros((count,), jnp.int32), (images, labels))
-        return total.astype(jnp.float32) / n
+        return train.batched_accuracy(
+            population_correct, variables, chips, images, labels, eval_batch_size
+        )
 
     return ChipTrainer(
         init=jax.jit(init),

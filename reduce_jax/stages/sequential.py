@@ -230,7 +230,7 @@ def verify(
       ids: ``int[m]`` the chips to verify.
     """
     ids = np.asarray(ids, np.int64)
-    m, n = len(ids), len(states.step)
+    m = len(ids)
     correct = np.zeros(m, np.int64)
     seen = np.zeros(m, np.int64)
     rejected = np.zeros(m, bool)
@@ -239,12 +239,10 @@ def verify(
         if not len(live):
             break
         size = len(sliced.labels[j])
-        idx = ids[live]
-        bucket = population.bucket_size(len(idx), n)
-        full = np.concatenate([idx, np.full(bucket - len(idx), idx[-1])])
-        variables, sub_masks = population.take((states.variables, masks), full)
-        acc = trainer.evaluate(variables, sub_masks, sliced.images[j], sliced.labels[j])
-        hits = np.rint(sharding.to_host(acc)[: len(idx)].astype(np.float64) * size)
+        acc = population.evaluate_on(
+            trainer, states, masks, sliced.images[j], sliced.labels[j], ids[live]
+        )
+        hits = np.rint(acc * size)
         correct[live] += hits.astype(np.int64)
         counted = live[~rejected[live]]
         seen[counted] += size
