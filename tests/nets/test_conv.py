@@ -4,6 +4,7 @@ in every batching case (shared input, shared kernel, both per chip; lax.map and 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 
 import jax
@@ -49,9 +50,39 @@ def _assert_value_and_grads_equal(ours, ref, x, kernel):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID"])
-@pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2), (4, 3), (5, 5)])
-@pytest.mark.parametrize("channels", [(2, 4), (5, 8)])  # (5, 8) pads the input to 8 on a CPU
+def _id(value):
+    """A test id's part: ``3x3`` for a shape, ``SAME_3x3_6x6_2_4_1x1`` for a geometry."""
+    if isinstance(value, tuple):
+        return ("x" if all(isinstance(v, int) for v in value) else "_").join(map(_id, value))
+    return str(value)
+
+
+def _cross(names: str, fast, **values):
+    """Every combination of ``values`` (in ``names``' order) as parameters; those not in
+    ``fast`` are marked slow. The fast ones hold every value of every parameter (and, where
+    listed so, every pair of values), so the fast tests still reach each case's code."""
+    keys = [k.strip() for k in names.split(",")]
+    combos = itertools.product(*(values[k] for k in keys))
+    return [c if c in fast else pytest.param(*c, marks=pytest.mark.slow) for c in combos]
+
+
+@pytest.mark.parametrize(
+    "padding, kernel_size, channels",
+    _cross(
+        "padding, kernel_size, channels",
+        # Each kernel size, each padding with each channel count.
+        fast={
+            ("SAME", (3, 3), (2, 4)),
+            ("VALID", (2, 2), (5, 8)),
+            ("SAME", (4, 3), (5, 8)),
+            ("VALID", (5, 5), (2, 4)),
+        },
+        padding=["SAME", "VALID"],
+        kernel_size=[(3, 3), (2, 2), (4, 3), (5, 5)],
+        channels=[(2, 4), (5, 8)],  # (5, 8) pads the input to 8 on a CPU
+    ),
+    ids=_id,
+)
 def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
     cin, cout = channels
     x, kernel = _normal(0, (3, 7, 6, cin)), _normal(1, (*kernel_size, cin, cout))
@@ -59,20 +90,47 @@ def test_conv2d_value_and_grads_equal_lax(padding, kernel_size, channels):
     _assert_value_and_grads_equal(ours, functools.partial(_ref_conv, padding=padding), x, kernel)
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID"])
-@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (1, 2)])
-@pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3)])
-@pytest.mark.parametrize("height,width", [(8, 8), (7, 9)])  # even and odd input sizes
-def test_strided_conv2d_value_and_grads_equal_lax(padding, strides, kernel_size, height, width):
+@pytest.mark.parametrize(
+    "padding, strides, kernel_size, size",
+    _cross(
+        "padding, strides, kernel_size, size",
+        # Every pair of values of any two parameters.
+        fast={
+            ("SAME", (1, 1), (1, 1), (8, 8)),
+            ("VALID", (1, 1), (3, 3), (7, 9)),
+            ("SAME", (2, 2), (1, 1), (7, 9)),
+            ("VALID", (2, 2), (3, 3), (8, 8)),
+            ("VALID", (1, 2), (1, 1), (8, 8)),
+            ("SAME", (1, 2), (3, 3), (7, 9)),
+        },
+        padding=["SAME", "VALID"],
+        strides=[(1, 1), (2, 2), (1, 2)],
+        kernel_size=[(1, 1), (3, 3)],
+        size=[(8, 8), (7, 9)],  # even and odd input sizes
+    ),
+    ids=_id,
+)
+def test_strided_conv2d_value_and_grads_equal_lax(padding, strides, kernel_size, size):
+    height, width = size
     x, kernel = _normal(0, (2, height, width, 3)), _normal(1, (*kernel_size, 3, 4))
     ours = functools.partial(conv.conv2d, padding=padding, strides=strides)
     ref = functools.partial(_ref_conv, padding=padding, strides=strides)
     _assert_value_and_grads_equal(ours, ref, x, kernel)
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID"])
-@pytest.mark.parametrize("height,width", [(8, 6), (7, 9)])  # odd sizes drop a row / column
-def test_conv2d_pool_value_equals_lax_and_grads_without_ties(padding, height, width):
+@pytest.mark.parametrize(
+    "padding, size",
+    _cross(
+        "padding, size",
+        # An even output (8x6, SAME) and an odd one (7x9, VALID: 5x7).
+        fast={("SAME", (8, 6)), ("VALID", (7, 9))},
+        padding=["SAME", "VALID"],
+        size=[(8, 6), (7, 9)],  # odd sizes drop a row / column
+    ),
+    ids=_id,
+)
+def test_conv2d_pool_value_equals_lax_and_grads_without_ties(padding, size):
+    height, width = size
     x, kernel = _normal(0, (2, height, width, 3)), _normal(1, (3, 3, 3, 5))
     ours = functools.partial(conv.conv2d_pool, padding=padding)
     ref = lambda x, k: _ref_pool(_ref_conv(x, k, padding))
@@ -125,11 +183,39 @@ def _out_shape(geometry, pool):
     return (2, h // 2, w // 2, cout) if pool else (2, h, w, cout)
 
 
-@pytest.mark.parametrize("x_batched,k_batched", CASES)
-@pytest.mark.parametrize("per_chip_convolutions", [True, False])
+LAYER_GEOMETRIES = [(False, g) for g in GEOMETRIES]
+LAYER_GEOMETRIES += [(True, g) for g in GEOMETRIES] + [(False, g) for g in STRIDED_GEOMETRIES]
+# Fast: every (pool, geometry) once, and every batching case on both paths (lax.map: True,
+# GEMMs: False) at least once: (layer geometry index, per-chip convolutions, batching case).
+FAST_VMAP = {
+    (0, False, (False, True)),
+    (1, False, (True, True)),
+    (2, False, (True, False)),
+    (3, True, (True, False)),
+    (4, True, (False, True)),
+    (5, True, (True, True)),
+    (6, True, (True, False)),
+    (7, False, (True, True)),
+    (8, True, (False, True)),
+    (9, True, (True, True)),
+}
+
+
 @pytest.mark.parametrize(
-    "pool,geometry",
-    [(p, g) for p in (False, True) for g in GEOMETRIES] + [(False, g) for g in STRIDED_GEOMETRIES],
+    "pool, geometry, per_chip_convolutions, x_batched, k_batched",
+    [
+        pytest.param(
+            pool,
+            geometry,
+            per_chip,
+            *case,
+            marks=[] if (i, per_chip, case) in FAST_VMAP else [pytest.mark.slow],
+        )
+        for i, (pool, geometry) in enumerate(LAYER_GEOMETRIES)
+        for per_chip in (True, False)
+        for case in CASES
+    ],
+    ids=_id,
 )
 def test_vmap_over_chips_equals_a_loop_over_chips(
     monkeypatch, pool, x_batched, k_batched, per_chip_convolutions, geometry
