@@ -11,7 +11,7 @@ steps, timed in the same process on the same batches (``--steps`` steps per call
 * ``float32``: the engine's ``Trainer.run`` (FAP+T as the study runs it, bypass masks of
   ``--fault_rate`` PE maps);
 * ``int8``: the int8 model (``nets.int8``) on the same bypass masks, no stuck bits (the
-  matrix-product path, ``mitigation.make_chip_trainer``);
+  matrix-product path, on ``mitigation.fault_aware`` hardware);
 * ``int8_psum``: the int8 model with a stuck partial-sum bit in every faulty PE of the same
   maps, no bypass (the fault-aware retraining; the row-by-row path of
   ``stuck_at.stuck_at_matmul``);
@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -85,20 +86,22 @@ def measure(n: int, dataset, model, batch_size: int, array, rate: float, steps: 
 
     folded, params = int8.folded_model(model), int8.fold(variables)
     net = int8.Int8Net(folded, int8.calibrate(folded, params, x[:500]), tuple(array))
-    int8_masks = population.population_masks(params, maps)
+    int8_masks = float_trainer.chips(params, jnp.asarray(maps))
     ones = train.unit_masks(params, n)
-    fast = mitigation.make_chip_trainer(lambda f: int8.Int8Model(net, f), tx, batch_size)
+    fast = train.make_trainer(mitigation.fault_aware(net, key), tx, batch_size)
     aware_net = net._replace(sites=("psum",))
-    aware = mitigation.make_chip_trainer(lambda f: int8.Int8Model(aware_net, f), tx, batch_size)
+    aware = train.make_trainer(mitigation.fault_aware(aware_net, key), tx, batch_size)
     v = {"params": params, "batch_stats": {}}
-    i_states, a_states = fast.init(v, int8_masks), aware.init(v, ones)
+    held["int8"] = fast.init_population(v, (int8_masks, None), budgets)
+    held["psum"] = aware.init_population(v, (ones, stuck), budgets)
 
     def int8_run():
-        out = fast.run(i_states, (int8_masks, None), x, y, key, steps)
-        jax.block_until_ready(out.params)
+        held["int8"] = fast.run(held["int8"], (int8_masks, None), x, y, key, 0, steps)
+        jax.block_until_ready(held["int8"].params)
 
     def psum_run():
-        jax.block_until_ready(aware.run(a_states, (ones, stuck), x, y, key, steps).params)
+        held["psum"] = aware.run(held["psum"], (ones, stuck), x, y, key, 0, steps)
+        jax.block_until_ready(held["psum"].params)
 
     row = dict(chips=n, steps=steps, batch_size=batch_size, array=list(array), fault_rate=rate)
     times = {}

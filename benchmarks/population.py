@@ -202,7 +202,7 @@ def _abstract_chunk(setup: Setup, c: int):
     """Shapes (and shardings) of the states and masks of a chunk of ``c`` chips."""
 
     def make(maps, budgets):
-        masks = population.population_masks(setup.variables["params"], maps)
+        masks = setup.trainer.chips(setup.variables["params"], maps)
         return setup.trainer.init_population(setup.variables, masks, budgets), masks
 
     shapes = jax.eval_shape(

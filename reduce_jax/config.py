@@ -21,10 +21,13 @@ from absl import flags
 from reduce_jax import data as data_lib
 from reduce_jax.engine import train
 from reduce_jax.errors import ConfigError
-from reduce_jax.hardware import faults, systolic
+from reduce_jax.hardware import faults, stuck_at, systolic
 from reduce_jax.nets import augment as augment_lib
 from reduce_jax.nets import int8, models
 from reduce_jax.stages import calibration, grouping, resilience
+
+# What ``--mitigation`` chooses for a Reduce run (``stages.mitigation.chip_hardware``).
+MITIGATIONS = ("bypass", "fault-aware")
 
 
 def _setting(default, help_text: str):
@@ -78,7 +81,29 @@ class ReduceConfig:
         "float32",
         f"What the array computes: {_choices(int8.ARITHMETICS)} (int8: post-training int8 of "
         "the baseline, activation scales calibrated on training images, int32 partial sums; "
-        "retraining is quantization-aware; bypassed PEs are the only faults).",
+        "retraining is quantization-aware).",
+    )
+    mitigation: str = _setting(
+        "bypass",
+        "What a chip does with its faulty PEs: bypass (FAP: the weights they hold act as zero, "
+        "retraining keeps them at zero) | fault-aware (--arithmetic=int8 only: each faulty "
+        "PE has one stuck bit, drawn from --stuck_site_probs, --stuck_p_one and --stuck_bits, "
+        "that stays in the forward pass; nothing is bypassed and retraining learns around "
+        "it). The map's rate axis is the faulty-PE rate either way.",
+    )
+    stuck_site_probs: Sequence[float] = _setting(
+        (1 / 3, 1 / 3, 1 / 3),
+        "--mitigation=fault-aware: probabilities that a faulty PE's stuck bit is in its "
+        "weight register, its product, its partial sum (three numbers in [0, 1] summing to 1).",
+    )
+    stuck_p_one: float = _setting(
+        0.5, "--mitigation=fault-aware: probability that the bit is stuck at 1, in [0, 1]."
+    )
+    stuck_bits: str = _setting(
+        "uniform",
+        f"--mitigation=fault-aware: the stuck bit's position: "
+        f"{_choices(stuck_at.BIT_DISTRIBUTIONS)} (high: weighted to the high bits; msb: the "
+        "sign bit).",
     )
     fault_model: str = _setting(
         "clustered", f"Fault model of the chip population: {_choices(faults.FAULT_MODELS)}."
@@ -276,7 +301,14 @@ class ReduceConfig:
         d = dataclasses.asdict(self)
         d["fault_rates"] = [float(x) for x in self.fault_rates]
         d["retrain_epochs"] = [float(x) for x in self.retrain_epochs]
+        d["stuck_site_probs"] = [float(x) for x in self.stuck_site_probs]
         return d
+
+    def stuck_mix(self) -> stuck_at.StuckAtMix:
+        """The stuck bits of ``--mitigation=fault-aware`` (``--stuck_*``)."""
+        return stuck_at.StuckAtMix(
+            tuple(float(p) for p in self.stuck_site_probs), self.stuck_p_one, self.stuck_bits
+        )
 
 
 class _FloatListParser(flags.ListParser):
@@ -462,6 +494,8 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
         )
     _require(cfg.topup_epochs > 0, f"--topup_epochs={cfg.topup_epochs} must be > 0")
     _one_of(cfg, "arithmetic", int8.ARITHMETICS)
+    _one_of(cfg, "mitigation", MITIGATIONS)
+    _check_stuck_mix(cfg)
     _in_range(cfg, "verify_slices", 1, 1024)
     _in_range(cfg, "verify_alpha", 0, 0.5)
     _in_range(cfg, "online_batch", 1, 1 << 20)
@@ -494,6 +528,32 @@ def validate(cfg: ReduceConfig, dataset_files: bool = True) -> None:
         "--save_chip_weights needs --workdir (the store is WORKDIR/chip_weights/)",
     )
     _validate_files(cfg, dataset_files)
+
+
+def _check_stuck_mix(cfg: ReduceConfig) -> None:
+    """``--mitigation=fault-aware`` needs the int8 array and a valid stuck-bit mix, and no
+    fused groups (a group's members have different stuck bits)."""
+    probs = tuple(float(p) for p in cfg.stuck_site_probs)
+    _require(
+        len(probs) == len(stuck_at.SITES) and min(probs, default=-1) >= 0,
+        f"--stuck_site_probs={_join(probs)} must be {len(stuck_at.SITES)} probabilities in "
+        f"[0, 1] ({', '.join(stuck_at.SITES)})",
+    )
+    _require(abs(sum(probs) - 1) <= 1e-6, f"--stuck_site_probs={_join(probs)} must sum to 1")
+    _in_range(cfg, "stuck_p_one", 0, 1)
+    _one_of(cfg, "stuck_bits", stuck_at.BIT_DISTRIBUTIONS)
+    if cfg.mitigation != "fault-aware":
+        return
+    _require(
+        cfg.arithmetic == "int8",
+        f"--mitigation=fault-aware needs --arithmetic=int8 (stuck bits are simulated on the "
+        f"int8 array), got --arithmetic={cfg.arithmetic}",
+    )
+    _require(
+        cfg.grouping == "none",
+        f"--grouping={cfg.grouping} fuses chips' maps, which --mitigation=fault-aware cannot "
+        "(the members' stuck bits differ); use --grouping=none",
+    )
 
 
 def _validate_files(cfg: ReduceConfig, dataset_files: bool) -> None:

@@ -30,13 +30,14 @@ from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import ProgressStore, Timer
 from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import augment as augment_lib
-from reduce_jax.nets import int8, models
+from reduce_jax.nets import models
 from reduce_jax.outputs import chip_store, map_bundle, report
 from reduce_jax.outputs.summary import Baseline, Summary
 from reduce_jax.stages import baseline as baseline_lib
 from reduce_jax.stages import (
     calibration,
     grouping,
+    mitigation,
     online,
     policies,
     predictor,
@@ -62,6 +63,7 @@ class Keys(NamedTuple):
     policies: jax.Array
     fixed_sample: jax.Array
     verify_order: jax.Array
+    stuck_at: jax.Array
 
     @classmethod
     def from_seed(cls, seed: int) -> Keys:
@@ -113,7 +115,7 @@ def run(
     with timer.phase("baseline"):
         variables, weights, base_info = _baseline(cfg, inp, keys.baseline, amaps)
     timer.times["baseline_reused"] = base_info["reused"]
-    ctx, policy, base = _context(cfg, inp, variables, data, base_info)
+    ctx, policy, base = _context(cfg, inp, variables, data, base_info, keys.stuck_at)
     # A target at chance: for a trained baseline known only now (given ones: in resolve).
     inputs_lib.check_target(cfg, base.accuracy, None, inp.dataset)
     warnings = inputs_lib.baseline_warnings(inp, base.accuracy, base.test_accuracy)
@@ -290,17 +292,20 @@ def _baseline(cfg: ReduceConfig, inp: inputs_lib.Inputs, key: jax.Array, amaps: 
     return sharding.replicate(jax.tree.map(jnp.asarray, variables)), weights, info
 
 
-def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_info: dict):
+def _context(
+    cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_info: dict, stuck_key
+):
     """The run's engine context (``population.Context``), its policy
     (``retraining.Verification``: targets and top-ups) and its ``Baseline`` (accuracy
-    measured here)."""
-    model = inp.model
-    if cfg.arithmetic == "int8":  # the chips compute in int8: the baseline quantized
-        model = int8.bypass_model(
-            model, variables, data.train_images, (cfg.array_rows, cfg.array_cols)
-        )
+    measured here, on a fault-free chip of the run's hardware: in int8, the quantized
+    baseline)."""
+    array = (cfg.array_rows, cfg.array_cols)
+    hardware = mitigation.chip_hardware(
+        inp.model, variables, data.train_images, array, cfg.arithmetic, cfg.mitigation,
+        stuck_key, cfg.stuck_mix(),
+    )  # fmt: skip
     trainer = train.make_trainer(
-        model,
+        hardware,
         train.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
         cfg.batch_size,
         cfg.eval_batch_size,
@@ -309,9 +314,9 @@ def _context(cfg: ReduceConfig, inp: inputs_lib.Inputs, variables, data, base_in
     )
     spe = train.steps_per_epoch(data.num_train, cfg.batch_size)
     one_chip = jax.tree.map(lambda x: x[None], variables)
-    ones = train.unit_masks(variables["params"])
+    fault_free = trainer.chips(variables["params"], jnp.zeros((1, *array), bool))
     accuracy, test_accuracy = (
-        float(trainer.evaluate(one_chip, ones, *data.split(s))[0]) for s in ("val", "test")
+        float(trainer.evaluate(one_chip, fault_free, *data.split(s))[0]) for s in ("val", "test")
     )
     test_target = (
         cfg.target_accuracy if cfg.target_accuracy is not None else accuracy - cfg.max_accuracy_drop
@@ -391,7 +396,7 @@ def _chip_store(cfg: ReduceConfig, store: ProgressStore, variables):
     if not cfg.save_chip_weights:
         return None
     key = chip_store.fingerprint(store.state["config"])
-    return chip_store.ChipStore(cfg.workdir, variables, key)
+    return chip_store.ChipStore(cfg.workdir, variables, key, bypass=cfg.mitigation == "bypass")
 
 
 def _grouped(cfg, ctx, policy, maps, assignment, rmap, per_chip, key, store, sink=None):
@@ -466,5 +471,7 @@ def _compare(
     if outcomes.study is not None:
         found["oracle"] = policies.oracle_policy(outcomes.study, policy.test_target)
     ordered = {name: found[name] for name in policies.POLICIES if name in found}
-    compute = policies.measure_compute(ctx, cfg.batch_size, cfg.eval_batch_size)
+    compute = policies.measure_compute(
+        ctx, cfg.batch_size, cfg.eval_batch_size, (cfg.array_rows, cfg.array_cols)
+    )
     return policies.compare(ordered, outcomes.analysis, compute, audits)

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from reduce_jax import config as config_lib
 from reduce_jax import data as data_lib
 from reduce_jax import files
 from reduce_jax import inputs as inputs_lib
@@ -41,11 +42,11 @@ from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import ProgressStore, Timer
 from reduce_jax.errors import ConfigError
 from reduce_jax.hardware import faults
-from reduce_jax.nets import int8, models
+from reduce_jax.nets import models
 from reduce_jax.outputs import map_bundle
 from reduce_jax.pipeline import Keys
 from reduce_jax.stages import cost as cost_lib
-from reduce_jax.stages import online, policies, resilience, retraining, sequential
+from reduce_jax.stages import mitigation, online, policies, resilience, retraining, sequential
 
 LEDGER = "production.json"
 REFINED_MAP = "refined_map"  # the bundle with every served chip's (rate, need) added
@@ -287,6 +288,21 @@ def _inputs(bundle, model, dataset, data_dir, variables) -> tuple[nn.Module, dat
     return net, dataset
 
 
+def _hardware(bundle, net, data: population.DeviceData) -> train.Hardware:
+    """The chips' hardware as the study had it (its ``--arithmetic`` and ``--mitigation``;
+    fault-aware chips' stuck bits drawn from their maps with the study's stuck-at key, so a
+    chip the study retrained has the same bits here)."""
+    study = bundle.study
+    cfg = config_lib.ReduceConfig(
+        **{k: study[k] for k in ("stuck_site_probs", "stuck_p_one", "stuck_bits") if k in study}
+    )
+    return mitigation.chip_hardware(
+        net, bundle.variables, data.train_images, bundle.array_shape,
+        study.get("arithmetic", "float32"), study.get("mitigation", "bypass"),
+        Keys.from_seed(bundle.recipe.seed).stuck_at, cfg.stuck_mix(),
+    )  # fmt: skip
+
+
 def _context(bundle, net, ds, compute) -> population.Context:
     """The engine's context of the bundle's recipe, model and data."""
     recipe = bundle.recipe
@@ -294,10 +310,9 @@ def _context(bundle, net, ds, compute) -> population.Context:
     spe = train.steps_per_epoch(data.num_train, recipe.batch_size)
     if spe != recipe.steps_per_epoch:  # the fingerprint's data check makes this unreachable
         raise ConfigError(f"{spe} steps per epoch, the map's recipe has {recipe.steps_per_epoch}")
-    if bundle.study.get("arithmetic", "float32") == "int8":  # as the study computed
-        net = int8.bypass_model(net, bundle.variables, data.train_images, bundle.array_shape)
+    hardware = _hardware(bundle, net, data)
     trainer = train.make_trainer(
-        net,
+        hardware,
         train.make_optimizer(recipe.optimizer, recipe.learning_rate, recipe.weight_decay),
         recipe.batch_size,
         recipe.eval_batch_size,
@@ -351,7 +366,10 @@ def _retrain(
     if save_weights:
         from reduce_jax.outputs import chip_store
 
-        sink = chip_store.ChipStore(workdir, bundle.variables, bundle.fingerprint.key, ids)
+        bypass = bundle.study.get("mitigation", "bypass") == "bypass"
+        sink = chip_store.ChipStore(
+            workdir, bundle.variables, bundle.fingerprint.key, ids, bypass=bypass
+        )
         options = dict(options, sink=sink)
     outcome = retraining.retrain(ctx, policy, units, maps, key, store, **options)
     if sink is not None:

@@ -152,7 +152,7 @@ def test_the_layers_are_in_use():
     """The graph is not trivially layered: the stages build on the engine, the engine on the
     hardware model, the pipeline on the stages and the outputs."""
     assert "reduce_jax.engine.population" in GRAPH["reduce_jax.stages.retraining"]
-    assert "reduce_jax.hardware.systolic" in GRAPH["reduce_jax.engine.population"]
+    assert "reduce_jax.hardware.systolic" in GRAPH["reduce_jax.engine.train"]
     assert {"reduce_jax.stages.resilience", "reduce_jax.outputs.summary"} <= GRAPH[
         "reduce_jax.pipeline"
     ]

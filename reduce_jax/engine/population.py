@@ -23,7 +23,6 @@ from reduce_jax import sharding
 from reduce_jax.data import Dataset
 from reduce_jax.engine import train
 from reduce_jax.engine.progress import Meter, ProgressStore
-from reduce_jax.hardware import systolic
 
 PyTree = Any
 
@@ -66,12 +65,6 @@ class DeviceData(NamedTuple):
     @property
     def num_train(self) -> int:
         return int(self.train_labels.shape[0])
-
-
-@jax.jit
-def population_masks(params: PyTree, fault_maps: jax.Array) -> PyTree:
-    """Masks ``[chips, ...]`` for every parameter, from ``bool[chips, R, C]`` fault maps."""
-    return jax.vmap(systolic.weight_masks, in_axes=(None, 0))(params, fault_maps)
 
 
 def chunk_size(num_chips: int, chips_per_batch: int) -> int:
@@ -131,7 +124,7 @@ def zeros(tree: PyTree, n: int) -> PyTree:
 def run_phase(
     trainer: train.Trainer,
     states: train.ChipState,
-    masks: PyTree,
+    chips: PyTree,
     data: DeviceData,
     phase_key: jax.Array,
     phase_steps: np.ndarray,
@@ -147,7 +140,7 @@ def run_phase(
     Args:
       trainer: from ``train.make_trainer``.
       states: ``ChipState[chips]``.
-      masks: masks ``[chips, ...]``.
+      chips: the chips (``trainer.chips``: under bypass, their masks).
       data: the training data on the device.
       phase_key: key of the phase's batch order.
       phase_steps: ``int[chips]`` steps to run per chip.
@@ -159,30 +152,30 @@ def run_phase(
       The updated ``ChipState[chips]``.
     """
     phase_steps = np.asarray(phase_steps, np.int64)
-    chips = len(phase_steps)
+    n = len(phase_steps)
     ends = start + phase_steps
     active = np.flatnonzero(phase_steps > 0)
     t = start
     while active.size:
         t_next = int(ends[active].min())
-        if active.size < chips:
-            pad = bucket_size(active.size, chips) - active.size
+        if active.size < n:
+            pad = bucket_size(active.size, n) - active.size
             idx = np.concatenate([active, np.full(pad, active[-1])])
             sub = trainer.run(
                 take(states, idx),
-                take(masks, idx),
+                take(chips, idx),
                 data.train_images,
                 data.train_labels,
                 phase_key,
                 t,
                 t_next - t,
             )
-            # The padding rows go to index ``chips``, past the end: dropped.
-            back = np.concatenate([active, np.full(pad, chips)])
+            # The padding rows go to index ``n``, past the end: dropped.
+            back = np.concatenate([active, np.full(pad, n)])
             states = put(states, back, sub)
         else:
             states = trainer.run(
-                states, masks, data.train_images, data.train_labels, phase_key, t, t_next - t
+                states, chips, data.train_images, data.train_labels, phase_key, t, t_next - t
             )
         if on_progress is not None:
             # Dispatch is asynchronous: wait for the steps, so the meter's rate is real.
@@ -196,7 +189,7 @@ def run_phase(
 def evaluate(
     trainer: train.Trainer,
     states: train.ChipState,
-    masks: PyTree,
+    chips: PyTree,
     data: DeviceData,
     split: str = "val",
     ids: np.ndarray | None = None,
@@ -206,13 +199,13 @@ def evaluate(
     ``float64[len(ids)]`` of chips ``ids`` only (computed on a power-of-4 bucket of them, as
     ``run_phase`` does, so a few chips cost a few chips' evaluations, not the chunk's; at
     most ``size`` of them, default all ``chips``)."""
-    return evaluate_on(trainer, states, masks, *data.split(split), ids, size)
+    return evaluate_on(trainer, states, chips, *data.split(split), ids, size)
 
 
 def evaluate_on(
     trainer: train.Trainer,
     states: train.ChipState,
-    masks: PyTree,
+    chips: PyTree,
     images: jax.Array,
     labels: jax.Array,
     ids: np.ndarray | None = None,
@@ -224,30 +217,30 @@ def evaluate_on(
         ids = np.asarray(ids)
         size = bucket_size(len(ids), n if size is None else size)
         idx = np.concatenate([ids, np.full(size - len(ids), ids[-1] if len(ids) else 0)])
-        variables, masks = take(variables, idx), take(masks, idx)
-    acc = sharding.to_host(trainer.evaluate(variables, masks, images, labels))
+        variables, chips = take(variables, idx), take(chips, idx)
+    acc = sharding.to_host(trainer.evaluate(variables, chips, images, labels))
     return acc.astype(np.float64)[: n if ids is None else len(ids)]
 
 
 def init_chunk(
     trainer: train.Trainer, variables: PyTree, fault_maps: np.ndarray, budgets: np.ndarray
 ) -> tuple[train.ChipState, PyTree]:
-    """States and masks of a chunk of chips (padded by ``drive``, or with ``pad``).
+    """States and chips of a chunk (padded by ``drive``, or with ``pad``).
 
     Args:
       variables: the baseline's ``{"params", "batch_stats"}``; every chip starts from them.
       fault_maps: ``bool[n, R, C]`` with ``n <= size``; budgets ``int[n]``.
 
     Returns:
-      ``(states[n], masks[n])``.
+      ``(states[n], chips[n])`` (``trainer.chips`` of the maps: under bypass, their masks).
     """
     maps, budgets = sharding.shard_chips((jnp.asarray(fault_maps), jnp.asarray(budgets, jnp.int32)))
-    masks = population_masks(variables["params"], maps)
+    chips = trainer.chips(variables["params"], maps)
     # XLA may replicate leaves that do not depend on the maps (step counts, optimizer
     # counters); every leaf is laid out over the chips so each compiled program sees one
     # sharding.
-    states = sharding.shard_chips(trainer.init_population(variables, masks, budgets))
-    return states, sharding.shard_chips(masks)
+    states = sharding.shard_chips(trainer.init_population(variables, chips, budgets))
+    return states, sharding.shard_chips(chips)
 
 
 class Context(NamedTuple):

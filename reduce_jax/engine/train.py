@@ -9,6 +9,11 @@ chip on the same data batch. Each chip has a step budget: once ``step == budget`
 has diverged) its state no longer changes, so a chip's trajectory does not depend on which
 chips it is trained with (up to the last bits: XLA may pick other GEMM kernels for other
 numbers of chips).
+
+What a faulty PE does is the trainer's ``Hardware``: by default the chip bypasses it
+(``bypass``: the chip is its masks); a chip whose faults stay in the forward pass (stuck-at
+bits on the int8 array, ``stages.mitigation.fault_aware``) brings its own model and a unit
+mask, and the same step retrains it fault-aware.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import optax
 from flax import struct
 
 from reduce_jax import sharding
+from reduce_jax.hardware import systolic
 from reduce_jax.nets import augment as augment_lib
 
 PyTree = Any
@@ -231,30 +237,56 @@ def chip_correct(
     return jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
 
 
+class Hardware(NamedTuple):
+    """How a chip's faulty PEs act on what it computes.
+
+    A *chip* is a pytree (a population's has a leading ``chips`` axis) that the engine passes
+    to ``Trainer.run`` and ``Trainer.evaluate`` without looking inside.
+
+    Attributes:
+      chip: ``(params, fault_map bool[R, C]) -> chip``: one chip from its PE fault map.
+      compute: ``chip -> (model, mask)``: what ``chip_step`` and ``chip_correct`` compute
+        that chip with: a model called like a Flax module, and 0/1 masks like ``params``
+        (the weights it holds at zero).
+    """
+
+    chip: Callable[[PyTree, jax.Array], PyTree]
+    compute: Callable[[PyTree], tuple[Any, PyTree]]
+
+
+def bypass(model: nn.Module) -> Hardware:
+    """FAP: a chip's faulty PEs are bypassed, the weights they hold act as zero. A chip is its
+    masks (``systolic.weight_masks``); ``unit_masks`` is a fault-free one."""
+    return Hardware(chip=systolic.weight_masks, compute=lambda masks: (model, masks))
+
+
 # The jitted functions of a ``Trainer`` (``make_trainer`` documents each one).
-Masks = PyTree  # 0/1 masks shaped like ``params`` (with a leading ``chips`` axis for many chips)
-InitPopulation = Callable[[PyTree, Masks, jax.Array], ChipState]
-Step = Callable[[ChipState, Masks, jax.Array, jax.Array], tuple[ChipState, jax.Array]]
+Chips = PyTree  # ``Hardware.chip``'s pytrees with a leading ``chips`` axis (bypass: masks)
+InitPopulation = Callable[[PyTree, Chips, jax.Array], ChipState]
+Step = Callable[[ChipState, Chips, jax.Array, jax.Array], tuple[ChipState, jax.Array]]
 Run = Callable[
-    [ChipState, Masks, jax.Array, jax.Array, jax.Array, int | jax.Array, int | jax.Array],
+    [ChipState, Chips, jax.Array, jax.Array, jax.Array, int | jax.Array, int | jax.Array],
     ChipState,
 ]
-Evaluate = Callable[[PyTree, Masks, jax.Array, jax.Array], jax.Array]
+Evaluate = Callable[[PyTree, Chips, jax.Array, jax.Array], jax.Array]
 
 
 class Trainer(NamedTuple):
-    """Jitted functions of one model and optimizer (see ``make_trainer``).
+    """Jitted functions of one model on one kind of hardware, and one optimizer (see
+    ``make_trainer``).
 
     Attributes:
-      init_population: ``(variables, masks[chips], budgets int32[chips]) -> ChipState[chips]``.
-      step: ``(state, mask, images, labels) -> (state, loss)``: one chip, one step.
+      chips: ``(params, fault_maps bool[chips, R, C]) -> chips``: the population's chips.
+      init_population: ``(variables, chips, budgets int32[chips]) -> ChipState[chips]``.
+      step: ``(state, chip, images, labels) -> (state, loss)``: one chip, one step.
       population_step: the same over ``[chips]`` (``loss float32[chips]``).
-      run: ``(states, masks, train_images, train_labels, phase_key, start, num_steps) ->
+      run: ``(states, chips, train_images, train_labels, phase_key, start, num_steps) ->
         states``: phase steps ``start .. start + num_steps - 1``; donates ``states``.
-      evaluate: ``(variables[chips], masks[chips], images, labels) -> float32[chips]``.
+      evaluate: ``(variables[chips], chips, images, labels) -> float32[chips]``.
       tx: the retraining optimizer.
     """
 
+    chips: Callable[[PyTree, jax.Array], Chips]
     init_population: InitPopulation
     step: Step
     population_step: Step
@@ -264,7 +296,7 @@ class Trainer(NamedTuple):
 
 
 def make_trainer(
-    model: nn.Module,
+    model: nn.Module | Hardware,
     tx: optax.GradientTransformation,
     batch_size: int,
     eval_batch_size: int = 100,
@@ -275,20 +307,23 @@ def make_trainer(
     """Builds the jitted single-chip and population functions.
 
     Returns a ``Trainer`` with:
-      ``init_population(variables, masks[chips], budgets int32[chips]) -> ChipState[chips]``
-        (``variables``: the baseline's ``{"params", "batch_stats"}``).
-      ``step(state, mask, images, labels) -> (state, loss)``: one chip, one step.
-      ``population_step(states[chips], masks[chips], images, labels) -> (states, loss[chips])``
-      ``run(states, masks, train_images, train_labels, phase_key, start, num_steps)``: runs
+      ``chips(params, fault_maps bool[chips, R, C]) -> chips`` (``Hardware.chip`` of each).
+      ``init_population(variables, chips, budgets int32[chips]) -> ChipState[chips]``
+        (``variables``: the baseline's ``{"params", "batch_stats"}``; each chip's masked).
+      ``step(state, chip, images, labels) -> (state, loss)``: one chip, one step.
+      ``population_step(states[chips], chips, images, labels) -> (states, loss[chips])``
+      ``run(states, chips, train_images, train_labels, phase_key, start, num_steps)``: runs
         phase steps ``start .. start + num_steps - 1`` (each on the batch
         ``batch_indices(phase_key, t)``, with ``augment`` cropped and flipped with
         ``augment.step_key(phase_key, t)``: the same batch for every chip) in one call;
         donates ``states``; ``start`` and ``num_steps`` are traced, so a new budget never
         recompiles.
-      ``evaluate(variables[chips], masks[chips], images, labels) -> float32[chips]``
+      ``evaluate(variables[chips], chips, images, labels) -> float32[chips]``
         accuracy (``variables``: ``{"params", "batch_stats"}``, e.g. ``states.variables``).
 
     Args:
+      model: a Flax model, whose chips bypass their faulty PEs (``bypass(model)``), or the
+        ``Hardware`` the chips compute on.
       max_traces: if set, ``run`` and ``evaluate`` fail when traced more often (tests).
       augment: random crop (pad 4) and flip of every training batch (``augment.crop_flip``).
       chip_batching: how ``population_step``, ``run`` and ``evaluate`` compute the chips
@@ -296,15 +331,30 @@ def make_trainer(
     """
     if chip_batching not in CHIP_BATCHING:
         raise ValueError(f"chip_batching must be one of {CHIP_BATCHING}, got {chip_batching!r}")
-    step = functools.partial(chip_step, model, tx)
+    hardware = model if isinstance(model, Hardware) else bypass(model)
+
+    def step(state: ChipState, chip: PyTree, images: jax.Array, labels: jax.Array):
+        chip_model, mask = hardware.compute(chip)
+        return chip_step(chip_model, tx, state, mask, images, labels)
+
+    def correct(variables: PyTree, chip: PyTree, images: jax.Array, labels: jax.Array):
+        chip_model, mask = hardware.compute(chip)
+        return chip_correct(chip_model, variables, mask, images, labels)
+
     population_step = over_chips(step, chip_batching)
 
-    def init_population(variables: PyTree, masks: Masks, budgets: jax.Array) -> ChipState:
-        return jax.vmap(lambda m, b: init_chip(variables, m, tx, b))(masks, budgets)
+    def chips(params: PyTree, fault_maps: jax.Array) -> Chips:
+        return jax.vmap(hardware.chip, in_axes=(None, 0))(params, fault_maps)
+
+    def init_population(variables: PyTree, chips: Chips, budgets: jax.Array) -> ChipState:
+        def one(chip, budget):
+            return init_chip(variables, hardware.compute(chip)[1], tx, budget)
+
+        return jax.vmap(one)(chips, budgets)
 
     def run(
         states: ChipState,
-        masks: Masks,
+        chips: Chips,
         images: jax.Array,
         labels: jax.Array,
         phase_key: jax.Array,
@@ -316,20 +366,21 @@ def make_trainer(
             batch = images[idx]
             if augment:
                 batch = augment_lib.crop_flip(augment_lib.step_key(phase_key, t), batch)
-            states, _ = population_step(states, masks, batch, labels[idx])
+            states, _ = population_step(states, chips, batch, labels[idx])
             return states
 
         return jax.lax.fori_loop(start, start + num_steps, body, states)
 
-    correct_fn = over_chips(functools.partial(chip_correct, model), chip_batching)
+    correct_fn = over_chips(correct, chip_batching)
 
-    def evaluate(variables: PyTree, masks: Masks, images: jax.Array, labels: jax.Array):
-        return batched_accuracy(correct_fn, variables, masks, images, labels, eval_batch_size)
+    def evaluate(variables: PyTree, chips: Chips, images: jax.Array, labels: jax.Array):
+        return batched_accuracy(correct_fn, variables, chips, images, labels, eval_batch_size)
 
     if max_traces is not None:
         run = chex.assert_max_traces(run, n=max_traces)
         evaluate = chex.assert_max_traces(evaluate, n=max_traces)
     return Trainer(
+        chips=jax.jit(chips),
         init_population=jax.jit(init_population),
         step=jax.jit(step),
         population_step=jax.jit(population_step),
@@ -342,7 +393,7 @@ def make_trainer(
 def batched_accuracy(
     correct_fn: Callable[..., jax.Array],
     variables: PyTree,
-    masks: PyTree,
+    chips: PyTree,
     images: jax.Array,
     labels: jax.Array,
     eval_batch_size: int,
@@ -351,9 +402,9 @@ def batched_accuracy(
     of ``eval_batch_size`` (the last padded with rows that never match).
 
     Args:
-      correct_fn: ``(variables[chips], masks[chips], images[B], labels[B]) -> int32[chips]``
-        correct predictions on one batch (``over_chips`` of ``chip_correct``).
-      variables, masks: with a leading ``chips`` axis.
+      correct_fn: ``(variables[chips], chips, images[B], labels[B]) -> int32[chips]``
+        correct predictions on one batch (``over_chips`` of a one-chip count).
+      variables, chips: with a leading ``chips`` axis.
     """
     n = images.shape[0]
     bs = min(eval_batch_size, n)
@@ -365,10 +416,10 @@ def batched_accuracy(
     labels = labels.reshape(num_batches, bs)
 
     def body(total, batch):
-        return total + correct_fn(variables, masks, *batch), None
+        return total + correct_fn(variables, chips, *batch), None
 
-    chips = jax.tree.leaves(variables["params"])[0].shape[0]
-    total, _ = jax.lax.scan(body, jnp.zeros((chips,), jnp.int32), (images, labels))
+    n_chips = jax.tree.leaves(variables["params"])[0].shape[0]
+    total, _ = jax.lax.scan(body, jnp.zeros((n_chips,), jnp.int32), (images, labels))
     return total.astype(jnp.float32) / n
 
 

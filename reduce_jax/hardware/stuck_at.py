@@ -299,6 +299,39 @@ def _sample_many(key, ids, fault_maps, site_thresholds, p_one, bit_thresholds):
     )
 
 
+def map_fingerprint(key: jax.Array, fault_map: jax.Array) -> jax.Array:
+    """``uint32[]``: a hash of a PE map, the sum of one random 32-bit word of ``key`` per
+    faulty PE, wrapping (two different maps collide with probability ``2**-32``)."""
+    fault_map = jnp.asarray(fault_map, bool)
+    words = jax.random.bits(key, fault_map.shape, jnp.uint32)
+    return jnp.sum(jnp.where(fault_map, words, jnp.uint32(0)), dtype=jnp.uint32)
+
+
+def from_map(key: jax.Array, fault_map: jax.Array, mix: StuckAtMix = DEFAULT_MIX) -> StuckAt:
+    """One stuck bit in each faulty PE of a chip known only by its PE map (a pure function of
+    ``key`` and the map, so every stage that meets the chip sees the same bits).
+
+    The chip's key is ``fold_in(key, map_fingerprint(key', map))``: chips with different maps
+    draw independently; a chip seen again (in the analysis, the policies, a later production
+    call) has the same stuck bits.
+
+    Args:
+      key: the run's stuck-at key.
+      fault_map: ``bool[R, C]``; mix: validated by the caller (``StuckAtMix.validate``).
+
+    Returns:
+      ``StuckAt`` of ``int32[3, R, C]``; ``faulty_pes`` of it is ``fault_map``.
+    """
+    k_hash, k_draw = jax.random.split(key)
+    chip_key = jax.random.fold_in(k_draw, map_fingerprint(k_hash, fault_map))
+    return sample_chip(chip_key, fault_map, mix)
+
+
+def mix_sites(mix: StuckAtMix) -> tuple[str, ...]:
+    """The sites a mix can put a stuck bit in (probability > 0), in ``SITES`` order."""
+    return tuple(s for s, p in zip(SITES, mix.site_probs, strict=True) if float(p) > 0)
+
+
 # -------------------------------------------------------------------- tables and masks
 
 

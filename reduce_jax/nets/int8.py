@@ -188,6 +188,22 @@ class Int8Model:
 ARITHMETICS = ("float32", "int8")
 
 
+def post_training(
+    model: nn.Module,
+    variables: PyTree,
+    images: jax.Array,
+    array: tuple[int, int],
+    sites: tuple[str, ...] = ("weight",),
+    calibration_images: int = 1000,
+) -> Int8Net:
+    """``model`` with trained ``variables`` on the int8 array, quantized post-training: the
+    folded model, its activation scales calibrated on the first ``calibration_images`` of
+    ``images`` (training data), the stuck-at ``sites`` simulated."""
+    folded = folded_model(model)
+    scales = calibrate(folded, fold(variables), images[:calibration_images])
+    return Int8Net(folded, scales, tuple(array), sites=tuple(sites))
+
+
 def bypass_model(
     model: nn.Module,
     variables: PyTree,
@@ -195,13 +211,12 @@ def bypass_model(
     array: tuple[int, int],
     calibration_images: int = 1000,
 ) -> Int8Model:
-    """``model`` with trained ``variables`` on the int8 array, its only faults bypassed PEs
-    (the engine's masks): post-training quantization, the activation scales calibrated on
-    the first ``calibration_images`` of ``images`` (training data), no stuck-at site
-    simulated. What ``--arithmetic=int8`` retrains and evaluates."""
-    folded = folded_model(model)
-    scales = calibrate(folded, fold(variables), images[:calibration_images])
-    return Int8Model(Int8Net(folded, scales, tuple(array), sites=("weight",)))
+    """``model`` on the int8 array (``post_training``), its only faults bypassed PEs (the
+    engine's masks), no stuck-at site simulated: what ``--arithmetic=int8`` retrains and
+    evaluates under ``--mitigation=bypass``."""
+    return Int8Model(
+        post_training(model, variables, images, array, ("weight",), calibration_images)
+    )
 
 
 def present_sites(faults: stuck_at.StuckAt) -> tuple[str, ...]:

@@ -100,9 +100,13 @@ class ChipStore:
         store with another fingerprint (a run started again with ``--overwrite``) is cleared.
       chip_ids: ``int[chips]`` the chip id of each row of the fault maps ``retrain`` is given
         (default: the row number).
+      bypass: the chips bypass their faulty PEs (a chip given 0 epochs is the baseline with
+        its map's mask); False under ``--mitigation=fault-aware`` (it is the baseline).
     """
 
-    def __init__(self, workdir: str, baseline: PyTree, fingerprint: str, chip_ids=None):
+    def __init__(
+        self, workdir: str, baseline: PyTree, fingerprint: str, chip_ids=None, bypass=True
+    ):
         self.dir = os.path.join(workdir, STORE_DIR)
         self.chip_ids = None if chip_ids is None else np.asarray(chip_ids, np.int64)
         self.primary = jax.process_index() == 0
@@ -116,6 +120,7 @@ class ChipStore:
             "format": FORMAT,
             "fingerprint": fingerprint,
             "baseline": BASELINE_FILE,
+            "bypass": bool(bypass),
             "chunks": {},
             "serving": {},
         }
@@ -281,7 +286,8 @@ def load_chip(workdir: str, chip: int) -> dict:
       ``{"params": ..., "batch_stats": ...}`` (numpy leaves; ``batch_stats`` empty for a model
       without BatchNorm): the weights that go onto the chip, every weight on a bypassed PE
       exactly zero. A chip given 0 epochs (not retrained, or a budget of 0 and no top-up) is
-      the baseline with its fault map's mask applied.
+      the baseline with its fault map's mask applied (under ``--mitigation=fault-aware``,
+      which bypasses nothing: the baseline).
 
     Raises:
       ConfigError: no store in ``workdir``, or ``chip`` is not in it.
@@ -294,6 +300,8 @@ def load_chip(workdir: str, chip: int) -> dict:
         if row >= 0:
             return unflatten({k: z[k][row] for k in z.files if k not in _META})
         fault_map = z["_fault_maps"][unit]
+    if not index.get("bypass", True):  # fault-aware: nothing bypassed
+        fault_map = np.zeros_like(fault_map)
     return masked_baseline(directory, fault_map)
 
 

@@ -11,16 +11,18 @@ the accuracy on the validation and test splits:
 * ``fault-aware``: no bypass; retrained with the stuck values in the forward pass and the
   gradients straight through them (``hardware.datapath``).
 
-Retraining is the engine's one-chip step (``train.chip_step``) on the chip's int8 model
-(``nets.int8.Int8Model``), ``vmap``-ped over the chips of a chunk; every chip takes the same
-number of steps on the same batches. ``float_bypass`` gives the float32 FAP and FAP+T
+Retraining is the engine's trainer on the int8 hardware (``fault_aware``: a chip is
+``(mask, faults)``, computed by ``nets.int8.Int8Model``), ``vmap``-ped over the chips of a
+chunk; every chip takes the same number of steps on the same batches. The same hardware is
+what ``--mitigation=fault-aware`` runs Reduce on: its chips' stuck bits drawn from their PE
+maps. ``float_bypass`` gives the float32 FAP and FAP+T
 accuracies of the same PE maps (the engine's ``train.make_trainer``), the reference curve;
 ``finetune`` trains the int8 baseline quantization-aware.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -29,7 +31,7 @@ import numpy as np
 import optax
 
 from reduce_jax.engine import population, train
-from reduce_jax.hardware import stuck_at
+from reduce_jax.hardware import stuck_at, systolic
 from reduce_jax.nets import int8
 
 PyTree = Any
@@ -38,73 +40,64 @@ MITIGATIONS = ("none", "bypass", "bypass+retrain", "fault-aware")
 FLOAT_MITIGATIONS = ("bypass", "bypass+retrain")
 
 
-class ChipTrainer(NamedTuple):
-    """Jitted population functions of a model whose chips carry faults (``make_chip_trainer``).
+def fault_aware(
+    net: int8.Int8Net, key: jax.Array, mix: stuck_at.StuckAtMix = stuck_at.DEFAULT_MIX
+) -> train.Hardware:
+    """Chips on the int8 array whose stuck bits stay in the forward pass: a chip is
+    ``(mask, faults)``, computed by ``int8.Int8Model(net, faults)`` with ``mask`` (the
+    weights it holds at zero) on top.
 
-    A chip is ``(mask, faults)``: 0/1 masks like ``params`` and its ``StuckAt`` or None, each
-    with a leading ``chips`` axis for a population.
-
-    Attributes:
-      init: ``(variables, masks[chips]) -> ChipState[chips]`` (budget: unlimited).
-      run: ``(states, chips, images, labels, key, num_steps) -> states``: steps
-        ``0 .. num_steps - 1`` on batches ``train.batch_indices(key, t)``, the same for
-        every chip.
-      evaluate: ``(variables[chips], chips, images, labels) -> float32[chips]`` accuracy.
-    """
-
-    init: Callable
-    run: Callable
-    evaluate: Callable
-
-
-def make_chip_trainer(
-    model_of: Callable[[stuck_at.StuckAt | None], Any],
-    tx: optax.GradientTransformation,
-    batch_size: int,
-    eval_batch_size: int = 100,
-    chip_batching: str = "vmap",
-) -> ChipTrainer:
-    """Population training and evaluation of chips whose model depends on their faults.
+    From a PE map (``Hardware.chip``, the engine's ``trainer.chips``) a chip is fault-aware:
+    no weight bypassed (a unit mask) and one stuck bit in each faulty PE, drawn from ``mix``
+    by ``stuck_at.from_map(key, map, mix)``. ``mitigate`` builds every mitigation's
+    ``(mask, faults)`` itself and uses only ``compute``.
 
     Args:
-      model_of: a chip's faults (or None) -> what ``train.chip_step`` calls as its model
-        (``int8.Int8Model(net, faults)``, or a Flax model that ignores them).
-      tx: the retraining optimizer; batch_size, eval_batch_size: training and evaluation
-        batches; chip_batching: ``train.CHIP_BATCHING``.
+      net: the int8 model; its ``sites`` must include every site ``mix`` can draw.
+      key: the run's stuck-at key; mix: site, polarity and bit distributions (validated).
     """
+    mix.validate()
 
-    def step(state, chip, images, labels):
-        mask, faults = chip
-        return train.chip_step(model_of(faults), tx, state, mask, images, labels)
+    def chip(params, fault_map):
+        ones = jax.tree.map(jnp.ones_like, params)
+        return ones, stuck_at.from_map(key, fault_map, mix)
 
-    def correct(variables, chip, images, labels):
-        mask, faults = chip
-        return train.chip_correct(model_of(faults), variables, mask, images, labels)
+    return train.Hardware(chip=chip, compute=lambda c: (int8.Int8Model(net, c[1]), c[0]))
 
-    population_step = train.over_chips(step, chip_batching)
-    population_correct = train.over_chips(correct, chip_batching)
-    budget = jnp.iinfo(jnp.int32).max
 
-    def init(variables, masks):
-        return jax.vmap(lambda m: train.init_chip(variables, m, tx, budget))(masks)
+def chip_hardware(
+    model,
+    variables: PyTree,
+    train_images: jax.Array,
+    array: tuple[int, int],
+    arithmetic: str = "float32",
+    mitigation: str = "bypass",
+    key: jax.Array | None = None,
+    mix: stuck_at.StuckAtMix = stuck_at.DEFAULT_MIX,
+) -> train.Hardware:
+    """What the chips of a Reduce run compute on (``--arithmetic``, ``--mitigation``).
 
-    def run(states, chips, images, labels, key, num_steps):
-        def body(t, states):
-            idx = train.batch_indices(key, t, images.shape[0], batch_size)
-            return population_step(states, chips, images[idx], labels[idx])[0]
+    * ``bypass``: FAP (``train.bypass``) of ``model`` in float32, or of the baseline
+      quantized post-training (``int8.bypass_model``) in int8;
+    * ``fault-aware`` (int8 only): ``fault_aware`` hardware on the quantized baseline, its
+      stuck-at sites those ``mix`` can draw, each chip's stuck bits drawn from its PE map
+      with ``key``.
 
-        return jax.lax.fori_loop(0, num_steps, body, states)
-
-    def evaluate(variables, chips, images, labels):
-        return train.batched_accuracy(
-            population_correct, variables, chips, images, labels, eval_batch_size
-        )
-
-    return ChipTrainer(
-        init=jax.jit(init),
-        run=jax.jit(run),
-        evaluate=jax.jit(evaluate),
-    )
+    Args:
+      model: the Flax model; variables: its trained ``{"params", "batch_stats"}`` (the
+        int8 activation scales are calibrated with them on ``train_images``).
+      array: ``(R, C)``.
+    """
+    if mitigation == "fault-aware":
+        if arithmetic != "int8" or key is None:
+            raise ValueError("fault-aware chips need the int8 array and a stuck-at key")
+        net = int8.post_training(model, variables, train_images, array, stuck_at.mix_sites(mix))
+        return fault_aware(net, key, mix)
+    if mitigation != "bypass":
+        raise ValueError(f"mitigation must be bypass or fault-aware, got {mitigation!r}")
+    if arithmetic == "int8":
+        model = int8.bypass_model(model, variables, train_images, array)
+    return train.bypass(model)
 
 
 def finetune(
@@ -129,10 +122,11 @@ def finetune(
     """
     if steps <= 0:
         return variables
-    trainer = make_chip_trainer(lambda f: int8.Int8Model(net, f), tx, batch_size)
+    # A fault-free chip, ``(ones, None)``, built here: ``fault_aware``'s ``compute`` only.
+    trainer = train.make_trainer(fault_aware(net, key), tx, batch_size)
     ones = train.unit_masks(variables["params"])
-    states = trainer.init(variables, ones)
-    states = trainer.run(states, (ones, None), data.train_images, data.train_labels, key, steps)
+    states = trainer.init_population(variables, (ones, None), np.full(1, steps, np.int32))
+    states = trainer.run(states, (ones, None), data.train_images, data.train_labels, key, 0, steps)
     return train.slice_chips(states.variables, 0)
 
 
@@ -206,8 +200,9 @@ def mitigate(
     mitigations = _check(mitigations, MITIGATIONS)
     faults = stuck_at.StuckAt(*(np.asarray(m, np.int32) for m in faults))
     net = net._replace(sites=int8.present_sites(faults))
-    trainer = make_chip_trainer(
-        lambda f: int8.Int8Model(net, f), tx, batch_size, eval_batch_size, chip_batching
+    hardware = fault_aware(net, key)  # its ``compute`` only: the chips are built below
+    trainer = train.make_trainer(
+        hardware, tx, batch_size, eval_batch_size, chip_batching=chip_batching
     )
     params = variables["params"]
 
@@ -216,7 +211,7 @@ def mitigate(
         chunk = stuck_at.StuckAt(*(jnp.asarray(m) for m in chunk))
         n = chunk.and_mask.shape[0]
         ones = train.unit_masks(params, n)
-        masks = population.population_masks(params, stuck_at.faulty_pes(chunk))
+        masks = jax.vmap(systolic.weight_masks, (None, 0))(params, stuck_at.faulty_pes(chunk))
         chips = {
             "none": (ones, chunk),
             "bypass": (masks, None),
@@ -225,10 +220,11 @@ def mitigate(
         }
         val, test = [], []
         for name in mitigations:
-            states = trainer.init(variables, chips[name][0])
+            budgets = np.full(n, max(steps, 0), np.int32)
+            states = trainer.init_population(variables, chips[name], budgets)
             if name in ("bypass+retrain", "fault-aware") and steps > 0:
                 images, labels = data.train_images, data.train_labels
-                states = trainer.run(states, chips[name], images, labels, key, steps)
+                states = trainer.run(states, chips[name], images, labels, key, 0, steps)
             v, t = _accuracies(trainer, states.variables, chips[name], data)
             val.append(v)
             test.append(t)

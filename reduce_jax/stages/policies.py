@@ -30,10 +30,11 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from reduce_jax import sharding
-from reduce_jax.engine import population, train
+from reduce_jax.engine import population
 from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.stages import cost as cost_lib
 from reduce_jax.stages import grouping, predictor, resilience, sequential
@@ -71,12 +72,16 @@ class Compute(NamedTuple):
         return train_steps * self.step_flops + eval_passes * self.eval_flops
 
 
-def measure_compute(ctx: population.Context, batch_size: int, eval_batch_size: int) -> Compute:
+def measure_compute(
+    ctx: population.Context, batch_size: int, eval_batch_size: int, array=(1, 1)
+) -> Compute:
     """``Compute`` of the run's model from XLA's cost analysis (compiles, runs nothing).
 
     The evaluation pass is counted as one evaluation batch times the number of batches of
     the validation split (XLA counts the body of ``Trainer.evaluate``'s scan once, not once
-    per batch; the last batch is padded, and computed, in full).
+    per batch; the last batch is padded, and computed, in full). ``array``: the chips'
+    ``(R, C)`` (what a chip is may depend on it: fault-aware chips carry ``[3, R, C]`` stuck
+    bits); a chip's computation does not depend on its faulty PEs' positions.
     """
     trainer, variables = ctx.trainer, ctx.variables
     images, labels = ctx.data.val_images, ctx.data.val_labels
@@ -87,12 +92,17 @@ def measure_compute(ctx: population.Context, batch_size: int, eval_batch_size: i
             jax.ShapeDtypeStruct((b,), labels.dtype),
         )
     )
-    mask = jax.tree.map(shape, variables["params"])
-    state = jax.eval_shape(lambda m: train.init_chip(variables, m, trainer.tx, 1), mask)
-    step = xla_flops(trainer.step.lower(state, mask, *batch(batch_size)).compile())
+    maps = jax.ShapeDtypeStruct((1, *array), jnp.bool_)
+    chips = jax.eval_shape(trainer.chips, variables["params"], maps)
+    chip = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), chips)
+    state = jax.eval_shape(
+        lambda c: trainer.init_population(variables, c, jnp.ones((1,), jnp.int32)), chips
+    )
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    step = xla_flops(trainer.step.lower(state, chip, *batch(batch_size)).compile())
     one_chip = lambda tree: jax.tree.map(lambda x: shape(x, (1,)), tree)  # noqa: E731
     b = min(eval_batch_size, len(labels))
-    evaluate = trainer.evaluate.lower(one_chip(variables), one_chip(mask), *batch(b))
+    evaluate = trainer.evaluate.lower(one_chip(variables), chips, *batch(b))
     per_batch = xla_flops(evaluate.compile())
     return Compute(step, per_batch * math.ceil(len(labels) / b), ctx.steps_per_epoch)
 
@@ -308,7 +318,7 @@ def run_adaptive(
         active = (np.arange(n) < len(ids)) & ~chunk.skip
         served = active.copy()
         budgets = np.where(active, chunk.last, 0)
-        states, masks = population.init_chunk(ctx.trainer, ctx.variables, chunk.maps, budgets)
+        states, chips = population.init_chunk(ctx.trainer, ctx.variables, chunk.maps, budgets)
         stop, checks, false_rejects = (np.zeros(n, np.int64) for _ in range(3))
         seen, val = np.zeros(n), np.where(served, 0.0, np.nan)
         diverged, met, prev = np.zeros(n, bool), np.zeros(n, bool), 0
@@ -316,14 +326,14 @@ def run_adaptive(
             if s > prev:
                 phase = np.where(active, s - prev, 0)
                 states = population.run_phase(
-                    ctx.trainer, states, masks, ctx.data, key, phase, start=prev
+                    ctx.trainer, states, chips, ctx.data, key, phase, start=prev
                 )
             prev = int(s)
             due = active & ((chunk.first <= s) | (s >= chunk.last))
             now = np.flatnonzero(due)
             if not len(now):
                 continue
-            verdict = sequential.verify(ctx.trainer, states, masks, sliced, test, now, audit)
+            verdict = sequential.verify(ctx.trainer, states, chips, sliced, test, now, audit)
             div = sharding.to_host(states.diverged)[now]
             seen[now] += verdict.seen
             checks[now] += 1
@@ -333,7 +343,7 @@ def run_adaptive(
             active[now[verdict.accept | div | (s >= chunk.last[now])]] = False
             if not active.any():
                 break
-        test_acc = population.evaluate(ctx.trainer, states, masks, ctx.data, "test")
+        test_acc = population.evaluate(ctx.trainer, states, chips, ctx.data, "test")
         return AdaptiveOutcome(
             steps=stop,
             eval_passes=seen / test.num_images,

@@ -134,14 +134,14 @@ def analyze(
         maps = chunk.maps
         real = np.arange(len(maps)) < len(ids)
         budgets = np.where(real, steps.max(), 0)
-        states, masks = population.init_chunk(ctx.trainer, ctx.variables, maps, budgets)
+        states, chips = population.init_chunk(ctx.trainer, ctx.variables, maps, budgets)
         splits = ("val", "test") if with_test else ("val",)
         chunk_acc, prev = {split: [] for split in splits}, 0
         for s in steps:
             states = population.run_phase(
                 ctx.trainer,
                 states,
-                masks,
+                chips,
                 ctx.data,
                 key,
                 np.where(real, s - prev, 0),
@@ -153,7 +153,7 @@ def analyze(
             # recovered from the amount at which it diverged on.
             div_now = sharding.to_host(states.diverged)
             for split in splits:
-                acc_now = population.evaluate(ctx.trainer, states, masks, ctx.data, split)
+                acc_now = population.evaluate(ctx.trainer, states, chips, ctx.data, split)
                 chunk_acc[split].append(np.where(div_now, 0.0, acc_now))
         for chip in ids[div_now[: len(ids)]]:
             logging.warning(

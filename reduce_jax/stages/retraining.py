@@ -278,33 +278,33 @@ def _retrain_pool(
     before, after = np.zeros(n), np.zeros(n)
     for lo in range(0, n, size):
         steps = pool.steps[lo : lo + size]
-        part, part_masks = population.init_chunk(
+        part, part_chips = population.init_chunk(
             ctx.trainer, ctx.variables, maps[lo : lo + size], steps
         )
-        before[lo : lo + size] = population.evaluate(ctx.trainer, part, part_masks, ctx.data)
+        before[lo : lo + size] = population.evaluate(ctx.trainer, part, part_chips, ctx.data)
         part = population.run_phase(
-            ctx.trainer, part, part_masks, ctx.data, keys[0], steps, on_progress=meter
+            ctx.trainer, part, part_chips, ctx.data, keys[0], steps, on_progress=meter
         )
         # A unit without steps is unchanged: its accuracy after is the one before.
         trained = np.flatnonzero(steps > 0)
         after[lo : lo + size] = before[lo : lo + size]
         after[lo + trained] = population.evaluate(
-            ctx.trainer, part, part_masks, ctx.data, ids=trained
+            ctx.trainer, part, part_chips, ctx.data, ids=trained
         )
         if n == size:
-            states, masks = part, part_masks
+            states, chips = part, part_chips
         else:  # the pool's states, filled in place chunk by chunk
             if lo == 0:
-                states, masks = population.zeros((part, part_masks), n)
-            chips = np.arange(lo, lo + size)
-            states, masks = population.put((states, masks), chips, (part, part_masks))
+                states, chips = population.zeros((part, part_chips), n)
+            rows = np.arange(lo, lo + size)
+            states, chips = population.put((states, chips), rows, (part, part_chips))
     states, after, topup = top_up(
-        ctx, policy, states, masks, after, pool.retrain[:n], keys[1], size
+        ctx, policy, states, chips, after, pool.retrain[:n], keys[1], size
     )
     test_after = np.concatenate(
         [
             population.evaluate(
-                ctx.trainer, states, masks, ctx.data, "test", np.arange(lo, lo + size), size
+                ctx.trainer, states, chips, ctx.data, "test", np.arange(lo, lo + size), size
             )
             for lo in range(0, n, size)
         ]
@@ -323,7 +323,7 @@ def top_up(
     ctx: population.Context,
     policy: Verification,
     states: train.ChipState,
-    masks,
+    chips,
     after: np.ndarray,
     retrained: np.ndarray,
     key: jax.Array,
@@ -339,7 +339,7 @@ def top_up(
     help a frozen chip); after each increment only the chips just topped up are evaluated.
 
     Args:
-      states: ``ChipState[n]``; masks: ``[n, ...]``.
+      states: ``ChipState[n]``; chips: their chips (``trainer.chips``).
       after: ``float64[n]`` accuracy now; retrained: ``bool[n]`` chips that may be topped up.
       key: key of the top-ups' batch order.
       size: most chips computed together (default ``n``).
@@ -363,7 +363,7 @@ def top_up(
         phase_key = jax.random.fold_in(key, rnd)
         for lo in range(0, len(below), size):
             ids = below[lo : lo + size]
-            states, acc, diverged = _top_up_once(ctx, states, masks, ids, inc, size, phase_key)
+            states, acc, diverged = _top_up_once(ctx, states, chips, ids, inc, size, phase_key)
             topup[ids] += inc
             after[ids] = acc
             missing[ids] &= (acc < policy.decision_target) & ~diverged
@@ -371,19 +371,19 @@ def top_up(
     return states, after, topup
 
 
-def _top_up_once(ctx, states, masks, ids, inc, size, phase_key):
+def _top_up_once(ctx, states, chips, ids, inc, size, phase_key):
     """One increment of ``inc`` steps for chips ``ids`` (at most ``size``), computed on a
     power-of-4 bucket of them: ``(states, accuracy float64[len(ids)], diverged bool[...])``."""
     n, bucket = len(states.step), population.bucket_size(len(ids), size)
     pad = bucket - len(ids)
     # The padding rows repeat the last chip (so the bucket runs as one block); their results
     # are scattered to index ``n``, past the end, and dropped.
-    sub, sub_masks = population.take((states, masks), np.concatenate([ids, np.full(pad, ids[-1])]))
+    sub, sub_chips = population.take((states, chips), np.concatenate([ids, np.full(pad, ids[-1])]))
     sub = sub.replace(budget=sub.budget + inc)
     sub = population.run_phase(
-        ctx.trainer, sub, sub_masks, ctx.data, phase_key, np.full(bucket, inc)
+        ctx.trainer, sub, sub_chips, ctx.data, phase_key, np.full(bucket, inc)
     )
-    acc = population.evaluate(ctx.trainer, sub, sub_masks, ctx.data)[: len(ids)]
+    acc = population.evaluate(ctx.trainer, sub, sub_chips, ctx.data)[: len(ids)]
     states = population.put(states, np.concatenate([ids, np.full(pad, n)]), sub)
     return states, acc, sharding.to_host(sub.diverged)[: len(ids)]
 
@@ -403,8 +403,8 @@ def _verify_members(
 
     Args:
       variables: ``[>= m, ...]`` the pool's trained ``{"params", "batch_stats"}`` (a member
-        chip runs the unit's weights, its own mask on top, and the unit's BatchNorm
-        statistics).
+        chip runs the unit's weights on its own hardware, under bypass its own mask on top,
+        and the unit's BatchNorm statistics).
       members: ``int64[m, W]`` the pool's real units' members (``-1``: none).
       chip_maps: ``bool[chips, R, C]``; after: ``float64[>= m]`` accuracy on the unit's map.
       size: chips evaluated together.
@@ -416,7 +416,7 @@ def _verify_members(
         u, j = unit[lo : lo + size], slot[lo : lo + size]
         maps, idx = population.pad((chip_maps[members[u, j]], u), size)
         maps = sharding.shard_chips(jnp.asarray(maps))
-        masks = population.population_masks(ctx.variables["params"], maps)
-        acc = ctx.trainer.evaluate(population.take(variables, idx), masks, *ctx.data.split("val"))
+        chips = ctx.trainer.chips(ctx.variables["params"], maps)
+        acc = ctx.trainer.evaluate(population.take(variables, idx), chips, *ctx.data.split("val"))
         member_acc[u, j] = sharding.to_host(acc).astype(np.float64)[: len(u)]
     return member_acc

@@ -215,7 +215,7 @@ def slice_data(data: population.DeviceData, test: SequentialTest) -> SlicedData:
 def verify(
     trainer: train.Trainer,
     states: train.ChipState,
-    masks,
+    chips,
     sliced: SlicedData,
     test: SequentialTest,
     ids: np.ndarray,
@@ -226,7 +226,7 @@ def verify(
     decision; the verdict and its cost are the same).
 
     Args:
-      states: ``ChipState[chips]``; masks: ``[chips, ...]``.
+      states: ``ChipState[chips]``; chips: their chips (``trainer.chips``).
       ids: ``int[m]`` the chips to verify.
     """
     ids = np.asarray(ids, np.int64)
@@ -240,7 +240,7 @@ def verify(
             break
         size = len(sliced.labels[j])
         acc = population.evaluate_on(
-            trainer, states, masks, sliced.images[j], sliced.labels[j], ids[live]
+            trainer, states, chips, sliced.images[j], sliced.labels[j], ids[live]
         )
         hits = np.rint(acc * size)
         correct[live] += hits.astype(np.int64)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reduce_jax.engine import population, train
+from reduce_jax.engine import train
 from reduce_jax.hardware import faults, stuck_at
 from reduce_jax.nets import int8, models
 from reduce_jax.stages import mitigation
@@ -150,14 +150,16 @@ def test_quantization_aware_steps_keep_bypassed_weights_zero(
     scales = int8.calibrate(tiny_mlp, params, d.train_images[:256])
     net = int8.Int8Net(tiny_mlp, scales, ARRAY)
     tx = train.make_optimizer("adam", 1e-2)
-    trainer = mitigation.make_chip_trainer(lambda f: int8.Int8Model(net, f), tx, 32)
+    trainer = train.make_trainer(mitigation.fault_aware(net, jax.random.key(4)), tx, 32)
     maps = faults.sample_fault_maps(jax.random.key(5), 2, *ARRAY, 0.3, "exact")
     pop = stuck_at.sample_stuck_at(jax.random.key(6), maps)
-    masks = population.population_masks(params, maps)
+    masks = train.make_trainer(tiny_mlp, tx, 32).chips(params, maps)
     variables = {"params": params, "batch_stats": {}}
+    budgets = np.full(2, 3, np.int32)
     for chips in ((masks, None), (masks, pop)):  # bypass+retrain; and with faults active
-        states = trainer.init(variables, masks)
-        states = trainer.run(states, chips, d.train_images, d.train_labels, jax.random.key(7), 3)
+        states = trainer.init_population(variables, chips, budgets)
+        images, labels = d.train_images, d.train_labels
+        states = trainer.run(states, chips, images, labels, jax.random.key(7), 0, 3)
         assert np.all(np.asarray(states.step) == 3)
         for w, m, w0 in zip(
             jax.tree.leaves(states.params),

@@ -55,3 +55,47 @@ def test_unknown_mitigation_is_refused(setup, digits_device):
         mitigation.mitigate(
             net, variables, pop, digits_device, tx, 1, jax.random.key(0), 8, mitigations=("fap",)
         )
+
+
+def test_stuck_bits_drawn_from_a_map_are_a_function_of_the_map():
+    key = jax.random.key(7)
+    maps = np.array(faults.sample_fault_maps(jax.random.key(8), 64, 8, 8, 0.25, "exact"))
+    maps[:, 0, 0] = True  # every chip has PE (0, 0) faulty
+    draw = jax.jit(jax.vmap(lambda m: stuck_at.from_map(key, m, stuck_at.DEFAULT_MIX)))
+    a, b = draw(maps), draw(maps[::-1])
+    for x, y in zip(a, b, strict=True):  # the same map: the same bits, in any batch
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y)[::-1])
+    np.testing.assert_array_equal(np.asarray(stuck_at.faulty_pes(a)), maps)
+    one = stuck_at.from_map(key, maps[5], stuck_at.DEFAULT_MIX)
+    np.testing.assert_array_equal(np.asarray(one.or_mask), np.asarray(a.or_mask[5]))
+    # Other maps draw independently: PE (0, 0)'s stuck bit differs from chip to chip.
+    pe = np.concatenate([np.asarray(a.and_mask[:, :, 0, 0]), np.asarray(a.or_mask[:, :, 0, 0])], 1)
+    bits = {tuple(row) for row in pe.tolist()}
+    assert len(bits) > 16
+    # Another key: other bits.
+    other = jax.vmap(lambda m: stuck_at.from_map(jax.random.key(9), m, stuck_at.DEFAULT_MIX))(maps)
+    assert not np.array_equal(np.asarray(other.or_mask), np.asarray(a.or_mask))
+
+
+def test_fault_aware_chips_are_the_int8_chips_of_their_stuck_bits(setup, digits_device):
+    net, variables, maps, _ = setup
+    mix = stuck_at.StuckAtMix((0.2, 0.3, 0.5), 0.5, "high")
+    key = jax.random.key(3)
+    aware = net._replace(sites=stuck_at.SITES)
+    trainer = train.make_trainer(
+        mitigation.fault_aware(aware, key, mix), train.make_optimizer("adam", 1e-3), 32
+    )
+    params = int8.fold(variables)
+    chips = trainer.chips(params, maps)
+    masks, found = chips
+    for m in jax.tree.leaves(masks):  # nothing bypassed
+        assert np.all(np.asarray(m) == 1)
+    x, y = digits_device.test_images[:50], digits_device.test_labels[:50]
+    many = jax.tree.map(lambda v: np.stack([v] * len(maps)), {"params": params, "batch_stats": {}})
+    acc = np.asarray(trainer.evaluate(many, chips, x, y))
+    for i, m in enumerate(maps):  # a loop over chips: each one's own bits from its own map
+        bits = stuck_at.from_map(key, m, mix)
+        for f, g in zip(bits, found, strict=True):
+            np.testing.assert_array_equal(np.asarray(f), np.asarray(g[i]))
+        logits = int8.apply(aware, params, x, bits)
+        assert acc[i] == pytest.approx(float(np.mean(np.argmax(logits, -1) == np.asarray(y))))
