@@ -16,6 +16,8 @@ What it measures, on one network (default: LeNet-5 on mnist5k, a 16x16 array):
 3. The Zhang et al. check: ``--zhang_pes`` faulty PEs (exactly that many per chip), each
    with a stuck bit of the partial sum (``--zhang_bits``, ``--zhang_p_one``), unmitigated
    against bypassed.
+4. With ``--stuck_at_file``: your chips' stuck bits (a CSV ``chip,row,col,site,bit,value``),
+   each chip under the four mitigations and float32 bypass of its faulty PEs.
 
 Writes ``results.json``, ``report.md`` (the tables, also printed) and
 ``datapath_<model>.png`` (accuracy against fault rate) into ``--workdir``; the baseline's
@@ -97,6 +99,13 @@ ZHANG_P_ONE = flags.DEFINE_float(
     "zhang_p_one", 0.5, "Probability a partial-sum bit of that check is stuck at 1, in [0, 1]."
 )
 ZHANG_CHIPS = flags.DEFINE_integer("zhang_chips", 8, "Chips per count of that check, 0..4096.")
+STUCK_AT_FILE = flags.DEFINE_string(
+    "stuck_at_file",
+    None,
+    "Your chips' stuck bits: a CSV chip,row,col,site,bit,value (site weight|product|psum; "
+    "an optional first line '# chips=N rows=R cols=C'); each chip is also measured under the "
+    "four mitigations, and float32 bypass of its faulty PEs.",
+)
 CHIPS_PER_BATCH = flags.DEFINE_integer("chips_per_batch", 16, "Chips computed together, >= 1.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed, >= 0.")
 COMPILATION_CACHE_DIR = cli.define_compilation_cache_dir()
@@ -177,6 +186,13 @@ def validate() -> dict:
     cells = ARRAY_ROWS.value * ARRAY_COLS.value
     for k in pes:
         _within("zhang_pes", k, 1, cells)
+    if STUCK_AT_FILE.value is not None:
+        from reduce_jax.hardware import stuck_at
+
+        try:
+            stuck_at.load_stuck_at(STUCK_AT_FILE.value, ARRAY_ROWS.value, ARRAY_COLS.value)
+        except stuck_at.StuckAtError as e:
+            raise ConfigError(f"--stuck_at_file: {e}") from None
     return dict(
         dataset=DATASET.value,
         model=MODEL.value,
@@ -203,6 +219,7 @@ def validate() -> dict:
         zhang_p_one=ZHANG_P_ONE.value,
         zhang_chips=ZHANG_CHIPS.value,
         chips_per_batch=CHIPS_PER_BATCH.value,
+        stuck_at_file=STUCK_AT_FILE.value,
         seed=SEED.value,
     )
 
@@ -357,6 +374,40 @@ def study(s: dict) -> dict:
                     faulty_pes=count, pe_rate=count / cells, test=_stats(z.test), val=_stats(z.val)
                 )
             )
+
+    # 4. The chips of --stuck_at_file, one by one.
+    if s["stuck_at_file"]:
+        given = stuck_at.load_stuck_at(s["stuck_at_file"], *array)
+        pes = np.asarray(stuck_at.faulty_pes(given))
+        f8 = mitigation.mitigate(
+            net,
+            int8_variables,
+            given,
+            device,
+            tx8,
+            *common[2:],
+            chips_per_batch=s["chips_per_batch"],
+        )
+        f32 = mitigation.float_bypass(
+            model, variables, pes, *common, chips_per_batch=s["chips_per_batch"]
+        )
+        bad = (given.and_mask != -1) | (given.or_mask != 0)  # [chips, 3, R, C]
+        out["file"] = [
+            dict(
+                chip=i,
+                faulty_pes=int(pes[i].sum()),
+                stuck_bits={site: int(bad[i, j].sum()) for j, site in enumerate(stuck_at.SITES)},
+                int8={
+                    m: dict(val=float(f8.val[i, j]), test=float(f8.test[i, j]))
+                    for j, m in enumerate(f8.mitigations)
+                },
+                float32={
+                    m: dict(val=float(f32.val[i, j]), test=float(f32.test[i, j]))
+                    for j, m in enumerate(f32.mitigations)
+                },
+            )  # fmt: skip
+            for i in range(len(pes))
+        ]
     return out
 
 
@@ -409,6 +460,25 @@ def report(out: dict) -> str:
             lines.append(
                 f"| {z['faulty_pes']} | {z['pe_rate']:.4%} | {t['mean'][0]:.4f} ({t['min'][0]:.4f})"
                 f" | {t['mean'][1]:.4f} ({t['min'][1]:.4f}) |"
+            )
+    if out.get("file"):
+        names = [f"int8 {m}" for m in out["int8_mitigations"]]
+        names += [f"float32 {m}" for m in out["float32_mitigations"]]
+        lines += [
+            "",
+            f"The chips of {s['stuck_at_file']}, test accuracy:",
+            "",
+            "| chip | faulty PEs | stuck bits (weight/product/psum) | " + " | ".join(names) + " |",
+            "| --- " * (len(names) + 3) + "|",
+        ]
+        for c in out["file"]:
+            bits = "/".join(str(c["stuck_bits"][site]) for site in ("weight", "product", "psum"))
+            accs = [c["int8"][m]["test"] for m in out["int8_mitigations"]]
+            accs += [c["float32"][m]["test"] for m in out["float32_mitigations"]]
+            lines.append(
+                f"| {c['chip']} | {c['faulty_pes']} | {bits} | "
+                + " | ".join(f"{a:.4f}" for a in accs)
+                + " |"
             )
     return "\n".join(lines) + "\n"
 
