@@ -269,47 +269,45 @@ def test_other_flags_into_same_workdir_refused(smoke_run):
     assert open(os.path.join(workdir, "summary.json")).read() == before
 
 
-@pytest.mark.parametrize(
-    "args, flag",
-    [
-        (["--num_chips=0"], "--num_chips"),
-        (["--fault_rates=0,0.5,0.2"], "--fault_rates"),
-        (["--statistic=median"], "--statistic"),
-        (["--retrain_epochs=0,1,x"], "--retrain_epochs"),
-        (["--num_chips=abc"], "--num_chips"),
-        (["--fault_rates=0,0.001,0.5"], "--fault_rates"),  # 0.001 of 64 PEs rounds to 0
-        (["--fault_rates=0.1"], "--fault_rates=0.1 must start at 0 and have at least 2"),
-        (["--retrain_epochs=0.5,1"], "--retrain_epochs=0.5,1 must start at 0"),
-        (["--fixed_epochs=abc"], "--fixed_epochs=abc"),
-        (["--no_such_flag=1"], "no_such_flag"),
-        (["--dataset=mnist", "--data_dir={tmp}/idx"], "train-images-idx3-ubyte"),
-        (["--chip_fault_maps={tmp}/float_maps.npz"], "float_maps.npz"),
-        (["--chip_fault_maps={tmp}/maps.csv"], "maps.csv"),
-        (["--distributed_auto", "--num_processes=2"], "--distributed_auto"),
-        (["--num_processes=2"], "--coordinator_address"),
-        (["--compilation_cache_dir={tmp}/maps.csv/xla"], "--compilation_cache_dir"),
-        (["--chip_batching=loop"], "--chip_batching"),
-        (  # the smoke study's digits: 1,293 training images once 10% are held out
-            ["--batch_size=100000"],
-            "--batch_size=100000 is larger than the training split (1293 images after holding "
-            "out --validation_fraction=0.1); use at most 1293",
-        ),
-        (["--flagfile={tmp}/notes.md"], "--flagfile={tmp}/notes.md is not a flagfile: line 2"),
-    ],
-)
-def test_bad_flag_gives_one_line_and_exit_code(tmp_path, args, flag):
-    (tmp_path / "idx").mkdir()
+# (arguments after the smoke flagfile and a --workdir, what the one line says); {tmp}: the
+# folder of the files that _bad_inputs writes.
+BAD_FLAGS = [
+    (["--num_chips=0"], "--num_chips"),
+    (["--fault_rates=0,0.5,0.2"], "--fault_rates"),
+    (["--statistic=median"], "--statistic"),
+    (["--retrain_epochs=0,1,x"], "--retrain_epochs"),
+    (["--num_chips=abc"], "--num_chips"),
+    (["--fault_rates=0,0.001,0.5"], "--fault_rates"),  # 0.001 of 64 PEs rounds to 0
+    (["--fault_rates=0.1"], "--fault_rates=0.1 must start at 0 and have at least 2"),
+    (["--retrain_epochs=0.5,1"], "--retrain_epochs=0.5,1 must start at 0"),
+    (["--fixed_epochs=abc"], "--fixed_epochs=abc"),
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--dataset=mnist", "--data_dir={tmp}/idx"], "train-images-idx3-ubyte"),
+    (["--chip_fault_maps={tmp}/float_maps.npz"], "float_maps.npz"),
+    (["--chip_fault_maps={tmp}/maps.csv"], "maps.csv"),
+    (["--distributed_auto", "--num_processes=2"], "--distributed_auto"),
+    (["--num_processes=2"], "--coordinator_address"),
+    (["--compilation_cache_dir={tmp}/maps.csv/xla"], "--compilation_cache_dir"),
+    (["--chip_batching=loop"], "--chip_batching"),
+    (  # the smoke study's digits: 1,293 training images once 10% are held out
+        ["--batch_size=100000"],
+        "--batch_size=100000 is larger than the training split (1293 images after holding "
+        "out --validation_fraction=0.1); use at most 1293",
+    ),
+    (["--flagfile={tmp}/notes.md"], "--flagfile={tmp}/notes.md is not a flagfile: line 2"),
+]
+
+
+def _bad_inputs(d) -> None:
+    """The files that BAD_FLAGS name, in folder ``d``."""
+    (d / "idx").mkdir()
     for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (tmp_path / "idx" / name).write_bytes(b"")
-    (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03trunc")
-    np.savez(tmp_path / "float_maps.npz", fault_maps=np.full((2, 8, 8), 0.5))
-    (tmp_path / "maps.csv").write_text("chip,row,col\n0,9,1\n")  # row 9 on an 8x8 array
+        (d / "idx" / name).write_bytes(b"")
+    (d / "idx" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03trunc")
+    np.savez(d / "float_maps.npz", fault_maps=np.full((2, 8, 8), 0.5))
+    (d / "maps.csv").write_text("chip,row,col\n0,9,1\n")  # row 9 on an 8x8 array
     # Prose with a flag in it (absl would read the prose as arguments, then the flag).
-    (tmp_path / "notes.md").write_text("# Notes\nRun it so:\n\n--seed=1\n")
-    args = [a.format(tmp=tmp_path) for a in args]
-    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
-    one_line_error(proc, flag.format(tmp=tmp_path))
-    assert not (tmp_path / "w").exists()  # nothing computed or written
+    (d / "notes.md").write_text("# Notes\nRun it so:\n\n--seed=1\n")
 
 
 @pytest.fixture(scope="module")
@@ -386,41 +384,116 @@ def test_init_checkpoint_of_a_run_and_npz_data_reproduce_it_without_training(
     assert {k: second[k] for k in same} == {k: first[k] for k in same}
 
 
-@pytest.mark.parametrize(
-    "args, needles",
-    [
-        (["--dataset=npz", "--data_dir={d}/no_y_test.npz"], ["no_y_test.npz", "'y_test'"]),
-        (["--init_checkpoint={d}/small_ckpt"], ["small_ckpt", "params/fc2/bias"]),
-        (  # untrained weights of the smoke study's model
-            ["--init_checkpoint={d}/mlp_ckpt"],
-            [
-                "--init_checkpoint={d}/mlp_ckpt: the baseline's validation accuracy",
-                "is at or near chance on 144 validation images of 10 classes",
-                "give trained weights",
-            ],
-        ),
-        (
-            ["--dataset=npz", "--data_dir={d}/big.npz", "--init_checkpoint={d}/mlp_ckpt"],
-            ["mlp_ckpt", "params/fc1/kernel", "[64, 256]", "[256, 256]", "big.npz"],
-        ),
-    ],
-)
+# (arguments after the smoke flagfile and a --workdir, what the one line says); {d}: the
+# folder of user_files.
+BAD_FILES = [
+    (["--dataset=npz", "--data_dir={d}/no_y_test.npz"], ["no_y_test.npz", "'y_test'"]),
+    (["--init_checkpoint={d}/small_ckpt"], ["small_ckpt", "params/fc2/bias"]),
+    (  # untrained weights of the smoke study's model
+        ["--init_checkpoint={d}/mlp_ckpt"],
+        [
+            "--init_checkpoint={d}/mlp_ckpt: the baseline's validation accuracy",
+            "is at or near chance on 144 validation images of 10 classes",
+            "give trained weights",
+        ],
+    ),
+    (
+        ["--dataset=npz", "--data_dir={d}/big.npz", "--init_checkpoint={d}/mlp_ckpt"],
+        ["mlp_ckpt", "params/fc1/kernel", "[64, 256]", "[256, 256]", "big.npz"],
+    ),
+]
+EMPTY_WORKDIRS = ["", "  "]
+CASES = os.path.join(ROOT, "tests", "cli_cases.py")
+
+
+def run_cli_cases(module: str, cases: list[dict], tmp, env=ENV, timeout=300) -> list:
+    """``python -m module ARGS`` for each case (``{"args", "cwd"}``), all in one process
+    (tests/cli_cases.py): a ``subprocess.CompletedProcess`` per case."""
+    given, got = tmp / "cases.json", tmp / "results.json"
+    given.write_text(json.dumps(cases))
+    proc = subprocess.run(
+        [sys.executable, CASES, module, str(given), str(got)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(got.read_text())
+    return [
+        subprocess.CompletedProcess(c["args"], r["code"], r["stdout"], r["stderr"])
+        for c, r in zip(cases, results, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def cli_cases(tmp_path_factory, user_files):
+    """Every case of BAD_FLAGS, BAD_FILES and EMPTY_WORKDIRS, each run as the CLI runs it
+    (tests/cli_cases.py), all in one process: ``{(kind, arguments): (result, path)}``, the
+    path being the case's --workdir (BAD_FLAGS, BAD_FILES) or the empty folder it ran in
+    (EMPTY_WORKDIRS); ``["files"]``: the folder of BAD_FLAGS' files."""
+    root = tmp_path_factory.mktemp("cli_cases")
+    files = root / "files"
+    files.mkdir()
+    _bad_inputs(files)
+    keys, cases, paths = [], [], []
+    for kind, table, folder in (("flag", BAD_FLAGS, files), ("file", BAD_FILES, user_files)):
+        for i, (args, _) in enumerate(table):
+            workdir = root / f"{kind}{i}" / "w"
+            given = [a.format(tmp=folder, d=folder) for a in args]
+            keys.append((kind, tuple(args)))
+            cases.append(
+                dict(args=[f"--flagfile={SMOKE}", f"--workdir={workdir}", *given], cwd=ROOT)
+            )
+            paths.append(workdir)
+    for i, workdir in enumerate(EMPTY_WORKDIRS):
+        # Run from an empty directory: an empty --workdir used to mean "write here".
+        cwd = root / f"empty{i}"
+        cwd.mkdir()
+        keys.append(("empty", workdir))
+        cases.append(dict(args=[f"--flagfile={SMOKE}", f"--workdir={workdir}"], cwd=str(cwd)))
+        paths.append(cwd)
+    results = run_cli_cases("experiments.resilience", cases, root)
+    out = {key: (r, p) for key, r, p in zip(keys, results, paths, strict=True)}
+    out["files"] = files
+    return out
+
+
+@pytest.mark.parametrize("args, flag", BAD_FLAGS)
+def test_bad_flag_gives_one_line_and_exit_code(cli_cases, args, flag):
+    proc, workdir = cli_cases["flag", tuple(args)]
+    one_line_error(proc, flag.format(tmp=cli_cases["files"]))
+    assert not workdir.exists()  # nothing computed or written
+
+
+@pytest.mark.parametrize("args, needles", BAD_FILES)
 def test_bad_checkpoint_or_npz_gives_one_line_naming_file_and_key(
-    user_files, tmp_path, args, needles
+    cli_cases, user_files, args, needles
 ):
-    args = [a.format(d=user_files) for a in args]
-    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={tmp_path / 'w'}", *args, timeout=120)
+    proc, workdir = cli_cases["file", tuple(args)]
     for needle in needles:
         one_line_error(proc, needle.format(d=user_files))
-    assert not (tmp_path / "w").exists()  # checked before the workdir is touched
+    assert not workdir.exists()  # checked before the workdir is touched
 
 
-@pytest.mark.parametrize("workdir", ["", "  "])
-def test_empty_workdir_is_refused_and_nothing_is_written(tmp_path, workdir):
-    # Run from an empty directory: an empty --workdir used to mean "write here".
-    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", cwd=tmp_path, timeout=120)
+@pytest.mark.parametrize("workdir", EMPTY_WORKDIRS)
+def test_empty_workdir_is_refused_and_nothing_is_written(cli_cases, workdir):
+    proc, cwd = cli_cases["empty", workdir]
     one_line_error(proc, "--workdir is empty")
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(cwd) == []
+
+
+def test_a_bad_flag_on_the_command_line_is_the_one_line_of_its_case(cli_cases, tmp_path):
+    """The user's path, ``python -m experiments.resilience`` in a process of its own, refuses a
+    bad flag with the same exit code and line as its case run in one process with the others
+    (the cases above)."""
+    workdir = tmp_path / "w"
+    proc = run_cli(f"--flagfile={SMOKE}", f"--workdir={workdir}", "--num_chips=0", timeout=120)
+    one_line_error(proc, "--num_chips=0")
+    case, _ = cli_cases["flag", ("--num_chips=0",)]
+    assert (proc.returncode, proc.stderr, proc.stdout) == (
+        case.returncode,
+        case.stderr,
+        case.stdout,
+    )
+    assert not workdir.exists()
 
 
 def test_help_lists_every_setting_and_not_other_modules_flags():
