@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from test_cli import run_cli_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,21 +23,35 @@ def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize(
-    "flag, says",
-    [
-        ("--fault_rates=0,1.5", "--fault_rates=1.5 is out of range [0, 1]"),
-        ("--site_probs=0.5,0.5", "--site_probs=0.5,0.5 must be three probabilities"),
-        ("--zhang_pes=0", "--zhang_pes=0 is out of range [1, 256]"),
-        ("--bits=low", "--bits='low' is not one of uniform, high, msb"),
-    ],
-)
-def test_a_bad_flag_is_one_line_naming_it(tmp_path, flag, says):
-    proc = _run(f"--workdir={tmp_path / 'w'}", flag)
+BAD_FLAGS = [
+    ("--fault_rates=0,1.5", "--fault_rates=1.5 is out of range [0, 1]"),
+    ("--site_probs=0.5,0.5", "--site_probs=0.5,0.5 must be three probabilities"),
+    ("--zhang_pes=0", "--zhang_pes=0 is out of range [1, 256]"),
+    ("--bits=low", "--bits='low' is not one of uniform, high, msb"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    """Each of BAD_FLAGS given to the CLI as ``python -m experiments.datapath`` runs it, all in
+    one process (tests/cli_cases.py): ``{flag: (result, its --workdir)}``."""
+    root = tmp_path_factory.mktemp("datapath_cases")
+    workdirs = [root / f"w{i}" for i in range(len(BAD_FLAGS))]
+    cases = [
+        dict(args=[f"--workdir={w}", flag], cwd=ROOT)
+        for w, (flag, _) in zip(workdirs, BAD_FLAGS, strict=True)
+    ]
+    results = run_cli_cases("experiments.datapath", cases, root)
+    return {flag: (r, w) for (flag, _), r, w in zip(BAD_FLAGS, results, workdirs, strict=True)}
+
+
+@pytest.mark.parametrize("flag, says", BAD_FLAGS)
+def test_a_bad_flag_is_one_line_naming_it(bad_flag_runs, flag, says):
+    proc, workdir = bad_flag_runs[flag]
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(f"error: {says}")
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "w").exists()  # refused before anything was made
+    assert not workdir.exists()  # refused before anything was made
 
 
 def test_workdir_is_required():
