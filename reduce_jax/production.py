@@ -155,11 +155,6 @@ def retrain_chips(
             raise ConfigError("--save_chip_weights needs --workdir (the store is in it)")
         if policy not in POLICIES:
             raise ConfigError(f"--policy={policy!r}; allowed: {', '.join(POLICIES)}")
-        if policy == "online" and save_chip_weights:
-            raise ConfigError(
-                "--save_chip_weights stores the weights of --policy=reduce only; the online "
-                "policy does not deliver weights yet"
-            )
         if not 1 <= verify_slices <= 1024:
             raise ConfigError(f"--verify_slices={verify_slices} is outside [1, 1024]")
         if not 0 <= verify_alpha <= 0.5:
@@ -183,6 +178,7 @@ def retrain_chips(
                 rows = _retrain_online(
                     bundle, net, ds, ids[todo], maps[todo], source, workdir, compute,
                     settings, (verify_slices, verify_alpha), _observations(bundle, ledger),
+                    save_chip_weights,
                 )  # fmt: skip
             else:
                 rows = _retrain(
@@ -364,12 +360,7 @@ def _retrain(
     store = _batch_store(bundle, ids, maps, compute, workdir, "reduce")
     sink = None
     if save_weights:
-        from reduce_jax.outputs import chip_store
-
-        bypass = bundle.study.get("mitigation", "bypass") == "bypass"
-        sink = chip_store.ChipStore(
-            workdir, bundle.variables, bundle.fingerprint.key, ids, bypass=bypass
-        )
+        sink = _chip_store(bundle, workdir, ids)
         options = dict(options, sink=sink)
     outcome = retraining.retrain(ctx, policy, units, maps, key, store, **options)
     if sink is not None:
@@ -407,12 +398,24 @@ def _retrain(
     return rows
 
 
+def _chip_store(bundle, workdir: str, ids: np.ndarray):
+    """The writer of the chips' weights into ``workdir/chip_weights`` (row ``i`` of the
+    call's maps is chip ``ids[i]``)."""
+    from reduce_jax.outputs import chip_store
+
+    bypass = bundle.study.get("mitigation", "bypass") == "bypass"
+    return chip_store.ChipStore(
+        workdir, bundle.variables, bundle.fingerprint.key, ids, bypass=bypass
+    )
+
+
 def _retrain_online(
-    bundle, net, ds, ids, maps, source, workdir, compute, settings, verify, prior
+    bundle, net, ds, ids, maps, source, workdir, compute, settings, verify, prior, save_weights
 ) -> list[dict]:
     """The online policy on chips ``ids`` (maps ``bool[n, R, C]``) in their order, from the
     observations ``prior``; their records (``selected_steps``: the chip's start;
-    ``accuracy_before``: not measured, None)."""
+    ``accuracy_before``: not measured, None). With ``save_weights``, every chip's final
+    weights go to ``workdir``'s chip store as its round finishes."""
     ctx = _context(bundle, net, ds, compute)
     spe, recipe = ctx.steps_per_epoch, bundle.recipe
     keys = Keys.from_seed(recipe.seed)
@@ -422,10 +425,13 @@ def _retrain_online(
     )
     cap = int(train.epochs_to_steps(bundle.fixed_epochs, spe))
     store = _batch_store(bundle, ids, maps, compute, workdir, "online")
+    sink = _chip_store(bundle, workdir, ids) if save_weights else None
     out = online.run_online(
         ctx, maps, rates[bundle.rmap.rate_measure], recipe.topup_steps, cap,
-        bundle.decision_target, keys.policies, settings, test, prior, store,
+        bundle.decision_target, keys.policies, settings, test, prior, store, sink=sink,
     ).outcome  # fmt: skip
+    if sink is not None:
+        sink.finish()
     rows = []
     for i in range(len(ids)):
         served, diverged, met = bool(out.served[i]), bool(out.diverged[i]), bool(out.met[i])

@@ -16,9 +16,10 @@ import pytest
 
 import reduce_jax
 from experiments import cli
+from reduce_jax import config as config_lib
 from reduce_jax import data as data_lib
-from reduce_jax import pipeline, production
-from reduce_jax.engine import progress, train
+from reduce_jax import inputs, pipeline, production
+from reduce_jax.engine import population, progress, train
 from reduce_jax.errors import ConfigError
 from reduce_jax.hardware import faults, systolic
 from reduce_jax.nets import models
@@ -329,7 +330,8 @@ def test_the_online_policy_learns_from_the_chips_before_it_and_refines_the_map(s
     bundle = reduce_jax.load_map(os.path.join(study[0], "map"))
     s = online.OnlineSettings(batch=2, quantile=0.5, confidence=0.5, min_evidence=0)
     kw = dict(workdir=out, policy="online", online_settings=s, chips_per_batch=8)
-    a = reduce_jax.retrain_chips(bundle, first, **kw)
+    a = reduce_jax.retrain_chips(bundle, first, save_chip_weights=True, **kw)
+    _assert_stored_weights_are_the_chips(bundle, out, a.chips, maps[:4])
     refined = reduce_jax.load_map(os.path.join(out, production.REFINED_MAP))
     rows = {r["chip"]: r for r in a.chips}
     learned = [c for c in range(4) if rows[c]["status"] in ("ok", "missed_target")]
@@ -356,8 +358,30 @@ def test_the_online_policy_learns_from_the_chips_before_it_and_refines_the_map(s
     )
     with pytest.raises(ConfigError, match="--policy='cheapest'; allowed: reduce, online"):
         reduce_jax.retrain_chips(bundle, rest, workdir=str(tmp_path / "x"), policy="cheapest")
-    with pytest.raises(ConfigError, match="--save_chip_weights stores"):
-        reduce_jax.retrain_chips(bundle, rest, save_chip_weights=True, **kw)
+
+
+def _assert_stored_weights_are_the_chips(bundle, workdir, rows, maps):
+    """Every chip's stored weights: bypassed weights zero; a chip that met the target reads
+    its ``accuracy_after`` on the validation split; a retrained chip is not the masked
+    baseline, a chip given no steps is."""
+    inp = inputs.resolve(config_lib.ReduceConfig(**bundle.study))
+    data = population.DeviceData.from_dataset(inp.dataset)
+    trainer = train.make_trainer(inp.model, train.make_optimizer("adam", 1e-3), 32)
+    served = 0
+    for row in rows:
+        chip = row["chip"]
+        variables = reduce_jax.load_chip(workdir, chip)
+        mask = systolic.weight_masks(variables["params"], maps[chip])
+        one = jax.tree.map(lambda x: np.asarray(x)[None], (variables, mask))
+        if row["status"] == "ok":
+            acc = float(trainer.evaluate(*one, *data.split("val"))[0])
+            assert acc == pytest.approx(row["accuracy_after"], abs=1e-6), chip
+        masked = jax.tree.map(lambda w, m: np.asarray(w * m), bundle.variables["params"], mask)
+        same = all(jax.tree.leaves(jax.tree.map(np.array_equal, variables["params"], masked)))
+        steps = (row["selected_steps"] or 0) + row["topup_steps"]
+        assert same == (steps == 0), chip
+        served += steps > 0
+    assert served > 0
 
 
 def test_the_early_stop_sweep_keeps_the_training_and_with_alpha_0_every_decision(study):

@@ -140,7 +140,7 @@ class ChipStore:
         if self.chip_ids is not None:
             members = np.where(members >= 0, self.chip_ids[np.maximum(members, 0)], -1)
         digest = hashlib.sha256(f"{stage}:".encode() + members.tobytes()).hexdigest()[:16]
-        key = f"{stage}-{digest}"
+        key = f"{stage.replace('/', '_')}-{digest}"
         if key in self.index["chunks"]:
             self.chunks_skipped += 1
             return

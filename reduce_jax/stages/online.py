@@ -35,7 +35,7 @@ from scipy import stats
 
 from reduce_jax.engine import population
 from reduce_jax.engine.progress import ProgressStore
-from reduce_jax.stages import policies, sequential
+from reduce_jax.stages import policies, retraining, sequential
 
 
 class Observations(NamedTuple):
@@ -221,6 +221,7 @@ def run_online(
     prior: Observations | None = None,
     store: ProgressStore | None = None,
     audit: bool = False,
+    sink: retraining.WeightSink | None = None,
 ) -> OnlineOutcome:
     """The online policy on chips ``bool[n, R, C]`` of rates ``float[n]``, in arrival order.
 
@@ -232,6 +233,8 @@ def run_online(
       prior: observations the map starts from (a saved map's); default none.
       store: saves finished rounds (a resumed round's observations are added again, so a
         resumed run plans every round as the uninterrupted run did).
+      sink: receives every chip's final variables (``policies.run_adaptive``; chip ``i`` is
+        member ``i``).
     """
     points = policies.adaptive_points(topup_steps, cap_steps)
     rates = np.asarray(chip_rates, np.float64)
@@ -244,7 +247,7 @@ def run_online(
         out = policies.run_adaptive(
             ctx, chip_maps[ids], topup_steps, cap_steps, target, key, store,
             test=test, audit=audit, first=p.first, last=p.last, skip=p.skip,
-            stage=f"online_policy/round_{r}", size=size,
+            stage=f"online_policy/round_{r}", size=size, sink=sink, first_id=lo,
         )  # fmt: skip
         obs = obs.add(*observations_of(out, rates[ids]))
         parts.append(out)

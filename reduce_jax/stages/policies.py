@@ -37,7 +37,7 @@ from reduce_jax import sharding
 from reduce_jax.engine import population
 from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.stages import cost as cost_lib
-from reduce_jax.stages import grouping, predictor, resilience, sequential
+from reduce_jax.stages import grouping, predictor, resilience, retraining, sequential
 
 POLICIES = ("fixed", "adaptive", "adaptive_es", "online", "reduce", "grouped", "oracle")
 
@@ -282,6 +282,8 @@ def run_adaptive(
     skip: np.ndarray | None = None,
     stage: str = "adaptive_policy",
     size: int | None = None,
+    sink: retraining.WeightSink | None = None,
+    first_id: int = 0,
 ) -> AdaptiveOutcome:
     """The adaptive policy on chips ``bool[n, R, C]``: each trained continuously on the
     batches of ``key``, verified at 0 and after every ``topup_steps``, and stopped at the
@@ -302,6 +304,9 @@ def run_adaptive(
       skip: ``bool[n]`` chips neither retrained nor evaluated (not served).
       stage, size: the stage's name in ``store`` and its chips per chunk (default:
         ``ctx.chips_per_batch``).
+      sink: receives every chunk's chips' final variables as the chunk finishes
+        (``retraining.WeightSink``; a chip not served is the baseline on its hardware);
+        first_id: the id there of chip 0 (its members are ``first_id + i``).
     """
     points = adaptive_points(topup_steps, cap_steps)
     n_all = len(chip_maps)
@@ -344,6 +349,11 @@ def run_adaptive(
             if not active.any():
                 break
         test_acc = population.evaluate(ctx.trainer, states, chips, ctx.data, "test")
+        if sink is not None:
+            m = len(ids)
+            trained = sharding.to_host(states.step)[:m].astype(np.int64)
+            members = (first_id + np.asarray(ids, np.int64))[:, None]
+            sink.write(stage, members, trained, chunk.maps[:m], diverged[:m], states.variables)
         return AdaptiveOutcome(
             steps=stop,
             eval_passes=seen / test.num_images,
