@@ -13,7 +13,6 @@ study's; only the evaluation differs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -53,17 +52,10 @@ def sweep(study: str, settings: list[tuple[int, float]]) -> list[dict]:
     from reduce_jax.stages import policies, sequential
 
     bundle = map_bundle.load_map(os.path.join(study, map_bundle.MAP_DIR))
-    fields = {f.name for f in dataclasses.fields(ReduceConfig)}
-    saved = {k: v for k, v in bundle.study.items() if k in fields}
-    cfg = ReduceConfig(
-        **dict(saved, fault_rates=tuple(saved["fault_rates"]),
-               retrain_epochs=tuple(saved["retrain_epochs"]))
-    )  # fmt: skip
-    net, ds = production._inputs(bundle, None, None, None, None)
-    compute = dict(chips_per_batch=cfg.chips_per_batch, chip_batching=cfg.chip_batching)
-    ctx = production._context(bundle, net, ds, compute)
+    cfg = ReduceConfig.from_dict(bundle.study)
+    ctx, ds = production.study_context(bundle, cfg.chips_per_batch, cfg.chip_batching)
     keys = pipeline.Keys.from_seed(cfg.seed)
-    maps = pipeline._chip_fault_maps(cfg, keys.chips)
+    maps = pipeline.chip_fault_maps(cfg, keys.chips)
     spe, target = ctx.steps_per_epoch, bundle.decision_target
     cap_epochs = cfg.adaptive_max_epochs or bundle.fixed_epochs
     cap = int(train.epochs_to_steps(cap_epochs, spe))

@@ -304,6 +304,17 @@ class ReduceConfig:
         d["stuck_site_probs"] = [float(x) for x in self.stuck_site_probs]
         return d
 
+    @classmethod
+    def from_dict(cls, settings: dict) -> ReduceConfig:
+        """The settings ``as_dict`` wrote (a saved study's): the grids as tuples again;
+        a key this version does not know is ignored, a missing one takes its default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in settings.items() if k in names}
+        for name in ("fault_rates", "retrain_epochs", "stuck_site_probs"):
+            if name in kept:
+                kept[name] = tuple(kept[name])
+        return cls(**kept)
+
     def stuck_mix(self) -> stuck_at.StuckAtMix:
         """The stuck bits of ``--mitigation=fault-aware`` (``--stuck_*``)."""
         return stuck_at.StuckAtMix(

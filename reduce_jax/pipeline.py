@@ -131,7 +131,7 @@ def run(
             study = _predictor_study(cfg, ctx, policy, rmap, keys, store)
 
     # 3. Per-chip amounts; 4-5. retraining, verification and top-ups of every chip alone.
-    maps = _chip_fault_maps(cfg, keys.chips)
+    maps = chip_fault_maps(cfg, keys.chips)
     assignment = resilience.assign(rmap, maps)
     with timer.phase("retrain"):
         singles = [[i] for i in range(len(maps))]
@@ -362,7 +362,7 @@ def _context(
     return ctx, policy, base
 
 
-def _chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
+def chip_fault_maps(cfg: ReduceConfig, key: jax.Array) -> np.ndarray:
     """The population's fault maps ``bool[chips, R, C]``: from the file, or sampled."""
     if cfg.chip_fault_maps is None:
         return _fault_spec(cfg, cfg.fault_model).sample(

@@ -288,15 +288,22 @@ def _hardware(bundle, net, data: population.DeviceData) -> train.Hardware:
     """The chips' hardware as the study had it (its ``--arithmetic`` and ``--mitigation``;
     fault-aware chips' stuck bits drawn from their maps with the study's stuck-at key, so a
     chip the study retrained has the same bits here)."""
-    study = bundle.study
-    cfg = config_lib.ReduceConfig(
-        **{k: study[k] for k in ("stuck_site_probs", "stuck_p_one", "stuck_bits") if k in study}
-    )
+    cfg = config_lib.ReduceConfig.from_dict(bundle.study)
     return mitigation.chip_hardware(
-        net, bundle.variables, data.train_images, bundle.array_shape,
-        study.get("arithmetic", "float32"), study.get("mitigation", "bypass"),
-        Keys.from_seed(bundle.recipe.seed).stuck_at, cfg.stuck_mix(),
+        net, bundle.variables, data.train_images, bundle.array_shape, cfg.arithmetic,
+        cfg.mitigation, Keys.from_seed(bundle.recipe.seed).stuck_at, cfg.stuck_mix(),
     )  # fmt: skip
+
+
+def study_context(
+    bundle: map_bundle.MapBundle, chips_per_batch: int = 32, chip_batching: str = "vmap"
+) -> tuple[population.Context, data_lib.Dataset]:
+    """The engine's context of a study's bundle on its own model and data (rebuilt from its
+    settings and checked against its fingerprint), and that dataset: what a tool that
+    reruns part of a study on its chips needs (``experiments.early_stop``)."""
+    net, ds = _inputs(bundle, None, None, None, None)
+    compute = dict(chips_per_batch=chips_per_batch, chip_batching=chip_batching)
+    return _context(bundle, net, ds, compute), ds
 
 
 def _context(bundle, net, ds, compute) -> population.Context:

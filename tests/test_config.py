@@ -187,3 +187,12 @@ def test_fixed_policy_chips_outside_the_population_names_the_flag_and_range(valu
     with pytest.raises(ConfigError) as e:
         config_lib.validate(cfg)
     assert str(e.value) == f"--fixed_policy_chips={value} is outside [0, 64]"
+
+
+def test_a_saved_studys_settings_read_back_as_the_same_config():
+    cfg = config_lib.ReduceConfig(
+        fault_rates=(0.0, 0.2), stuck_site_probs=(1.0, 0.0, 0.0), mitigation="fault-aware"
+    )
+    assert config_lib.ReduceConfig.from_dict(cfg.as_dict()) == cfg
+    older = {k: v for k, v in cfg.as_dict().items() if k != "stuck_bits"}
+    assert config_lib.ReduceConfig.from_dict(dict(older, removed_flag=1)) == cfg

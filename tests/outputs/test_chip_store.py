@@ -38,7 +38,7 @@ def study(tmp_path_factory, small_run_config):
 
 
 def _chip_maps(cfg) -> np.ndarray:
-    return pipeline._chip_fault_maps(cfg, pipeline.Keys.from_seed(cfg.seed).chips)
+    return pipeline.chip_fault_maps(cfg, pipeline.Keys.from_seed(cfg.seed).chips)
 
 
 def _rows(workdir) -> list[dict]:
