@@ -46,10 +46,11 @@ def test_resnet20_resnet18_vgg11_bn_shapes_and_what_is_on_the_array():
     for var in shapes.values():
         assert len(jax.tree.leaves(var["batch_stats"])) == 2 * (len(_kernels(var["params"])) - 1)
         assert not any("conv']['bias" in k for k in map(str, _paths(var["params"])))
-    # Only kernels are on the array: with every PE faulty, every kernel and nothing else is 0.
-    model = models.get_model("resnet20", 10, 0.25)
-    params = models.init_variables(model, jax.random.key(0), (8, 8, 1))["params"]
-    masks = systolic.weight_masks(params, jnp.ones((4, 4), bool))
+    # Only kernels are on the array: with every PE faulty, every kernel and nothing else is 0
+    # (masks depend on the parameters' shapes only).
+    shape = _abstract("resnet20", 10, (8, 8, 1), width=0.25)["params"]
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shape)
+    masks = jax.jit(systolic.weight_masks)(params, jnp.ones((4, 4), bool))
     for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
         assert np.all(np.asarray(m) == (0 if systolic.is_kernel_path(path) else 1)), path
 
@@ -89,26 +90,42 @@ def test_width_scales_channels_and_no_bn_variant_has_biases():
     assert plain["params"]["stem"]["conv"]["bias"].shape == (8,)
 
 
+def _key(seed: int) -> jax.Array:
+    """A key for variables whose values these tests do not depend on: the "rbg" generator,
+    whose programs compile in a fraction of threefry's time."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def _init(model, key, image_shape=(8, 8, 1)):
+    """``models.init_variables``, compiled as one program (not op by op)."""
+    return jax.jit(lambda k: models.init_variables(model, k, image_shape))(key)
+
+
 def _random_bn_variables(model, key, image_shape=(8, 8, 1)):
-    """Variables with random BatchNorm scales, offsets and running statistics."""
-    var = models.init_variables(model, key, image_shape)
+    """Variables with random BatchNorm scales, offsets and running statistics (computed as
+    one program, not op by op)."""
 
-    def randomize(path, x):
-        name = jax.tree_util.keystr(path)
-        k = jax.random.fold_in(key, hash(name) % (1 << 30))
-        if name.endswith("['scale']") or name.endswith("['var']"):
-            return jax.random.uniform(k, x.shape, minval=0.5, maxval=2.0)
-        if name.endswith("['bias']") or name.endswith("['mean']"):
-            return 0.3 * jax.random.normal(k, x.shape)
-        return x
+    @jax.jit
+    def make(key):
+        def randomize(path, x):
+            name = jax.tree_util.keystr(path)
+            k = jax.random.fold_in(key, hash(name) % (1 << 30))
+            if name.endswith("['scale']") or name.endswith("['var']"):
+                return jax.random.uniform(k, x.shape, minval=0.5, maxval=2.0)
+            if name.endswith("['bias']") or name.endswith("['mean']"):
+                return 0.3 * jax.random.normal(k, x.shape)
+            return x
 
-    return jax.tree_util.tree_map_with_path(randomize, var)
+        variables = models.init_variables(model, key, image_shape)
+        return jax.tree_util.tree_map_with_path(randomize, variables)
+
+    return make(key)
 
 
 def test_folded_masked_model_equals_unfolded_masked_model_in_evaluation(digits):
     """BatchNorm folded into the kernel (w * gamma / sigma per output channel): a bypassed PE
     zeroes the folded weight exactly where it zeroes w, so the chip computes the same."""
-    var = _random_bn_variables(TINY_RESNET, jax.random.key(3))
+    var = _random_bn_variables(TINY_RESNET, _key(3))
     folded_model = TINY_RESNET.clone(batch_norm=False)
     fault_map = np.asarray(faults.sample_fault_maps(jax.random.key(4), 1, 4, 4, 0.3))[0]
     mask = systolic.weight_masks(var["params"], fault_map)
@@ -139,7 +156,7 @@ def test_folded_masked_model_equals_unfolded_masked_model_in_evaluation(digits):
 
 @pytest.fixture(scope="module")
 def bn_setup(digits):
-    var = jax.tree.map(np.asarray, models.init_variables(TINY_RESNET, jax.random.key(0), (8, 8, 1)))
+    var = jax.tree.map(np.asarray, _init(TINY_RESNET, _key(0)))
     maps = np.asarray(faults.sample_fault_maps(jax.random.key(5), 3, 4, 4, 0.25))
     data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     return var, maps, data
