@@ -143,8 +143,14 @@ def test_weight_masks_ones_for_non_kernels_and_dtypes():
         np.testing.assert_array_equal(np.asarray(leaf, np.float32), 0.0)
 
 
+def _bernoulli(seed, p, shape):
+    """Fault maps with each PE faulty with probability ``p``, from numpy: a jax.random draw
+    compiles a program for every new shape, which costs more than these tests."""
+    return jnp.asarray(np.random.default_rng(seed).random(shape) < p)
+
+
 def test_weight_masks_vmap_over_chips_equals_loop():
-    fault_maps = jax.random.bernoulli(jax.random.key(3), 0.3, (5, 4, 4))
+    fault_maps = _bernoulli(3, 0.3, (5, 4, 4))
     params = _params()
     batched = jax.vmap(systolic.weight_masks, in_axes=(None, 0))(params, fault_maps)
     chex.assert_tree_shape_prefix(batched, (5,))
@@ -154,7 +160,7 @@ def test_weight_masks_vmap_over_chips_equals_loop():
 
 
 def test_weight_masks_jit_equals_eager():
-    fault = jax.random.bernoulli(jax.random.key(4), 0.4, (4, 4))
+    fault = _bernoulli(4, 0.4, (4, 4))
     params = _params()
     eager = systolic.weight_masks(params, fault)
     jitted = jax.jit(systolic.weight_masks)(params, fault)
@@ -175,7 +181,7 @@ def _zeroed_fraction(params, masks):
 
 def test_effective_fault_rate_counts_zeroed_kernel_weights():
     params = _params()
-    fault_maps = jax.random.bernoulli(jax.random.key(5), 0.25, (6, 4, 4))
+    fault_maps = _bernoulli(5, 0.25, (6, 4, 4))
     rates = jax.vmap(systolic.effective_fault_rate, in_axes=(None, 0))(params, fault_maps)
     assert rates.shape == (6,)
     for i in range(6):
@@ -196,7 +202,7 @@ def test_effective_fault_rate_equals_pe_rate_for_whole_tiles():
         "b": {"kernel": jnp.zeros((2, 2, 1, 8))},  # im2col [4, 8]
         "c": {"kernel": jnp.zeros((12, 12))},
     }
-    fault_maps = jax.random.bernoulli(jax.random.key(6), 0.3, (8, 4, 4))
+    fault_maps = _bernoulli(6, 0.3, (8, 4, 4))
     for fault in fault_maps:
         assert float(systolic.effective_fault_rate(params, fault)) == pytest.approx(
             float(np.mean(np.asarray(fault))), abs=1e-6

@@ -31,7 +31,9 @@ def _ref_pool(y):
 
 
 def _normal(seed, shape):
-    return jax.random.normal(jax.random.key(seed), shape)
+    """Standard normal float32 values, from numpy: a jax.random draw compiles a program for
+    every new shape, which costs more than most of these tests."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
 def _loss(fn, x, kernel, probe):

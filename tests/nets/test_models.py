@@ -13,13 +13,19 @@ from reduce_jax.hardware import systolic
 from reduce_jax.nets import conv, models
 
 
+def _normal(seed, shape):
+    """Standard normal float32 values, from numpy: a jax.random draw compiles a program for
+    every new shape, which costs more than these tests."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize(
     "kernel_size,strides",
     [((3, 3), (1, 1)), ((2, 2), (1, 1)), ((4, 3), (1, 1)), ((3, 3), (2, 2)), ((1, 1), (2, 2))],
 )
 def test_conv_equals_flax_conv(padding, kernel_size, strides):
-    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    x = _normal(0, (2, 7, 6, 3))
     layer = models.Conv(4, kernel_size, padding=padding, strides=strides)
     flax_conv = nn.Conv(4, kernel_size, padding=padding, strides=strides)
     # Same parameter names, shapes (HWIO kernel) and dtypes as nn.Conv.
@@ -29,7 +35,7 @@ def test_conv_equals_flax_conv(padding, kernel_size, strides):
     assert shapes["kernel"].shape == (*kernel_size, 3, 4)
     # Random kernel and a non-zero bias, so that both are checked.
     params = {
-        "kernel": jax.random.normal(jax.random.key(1), shapes["kernel"].shape),
+        "kernel": _normal(1, shapes["kernel"].shape),
         "bias": jnp.arange(4.0) / 10,
     }
     out = jax.jit(layer.apply)({"params": params}, x)
@@ -77,10 +83,10 @@ def test_im2col_ordering_matches_hwio_reshape(padding):
 @pytest.mark.parametrize("height,width", [(8, 8), (7, 9)])
 def test_pooling_conv_is_conv_relu_pool(height, width):
     """``relu(Conv(pool=True)(x))`` (bias after the pool) is Flax's conv, ReLU, max pool."""
-    x = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+    x = _normal(0, (2, height, width, 3))
     layer, flax_conv = models.Conv(4, (3, 3), pool=True), nn.Conv(4, (3, 3))
     params = {
-        "kernel": jax.random.normal(jax.random.key(1), (3, 3, 3, 4)),
+        "kernel": _normal(1, (3, 3, 3, 4)),
         "bias": jnp.array([-0.5, 0.0, 0.3, 1.0]),
     }
     out = nn.relu(layer.apply({"params": params}, x))
@@ -150,9 +156,9 @@ def test_get_model_unknown():
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 def test_vmapped_conv_over_chips_equals_flax_conv_per_chip(strides):
     """Per-chip kernels under vmap (a shared input) give each chip's own convolution."""
-    x = jax.random.normal(jax.random.key(2), (4, 7, 6, 3))
-    kernels = jax.random.normal(jax.random.key(3), (3, 3, 3, 3, 5))  # [chips, kh, kw, cin, cout]
-    biases = jax.random.normal(jax.random.key(4), (3, 5))
+    x = _normal(2, (4, 7, 6, 3))
+    kernels = _normal(3, (3, 3, 3, 3, 5))  # [chips, kh, kw, cin, cout]
+    biases = _normal(4, (3, 5))
     layer = models.Conv(5, (3, 3), strides=strides)
     flax_conv = nn.Conv(5, (3, 3), strides=strides)
     batched = jax.jit(jax.vmap(lambda k, b: layer.apply({"params": {"kernel": k, "bias": b}}, x)))(
