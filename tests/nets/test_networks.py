@@ -10,7 +10,7 @@ import pytest
 
 from reduce_jax import data as data_lib
 from reduce_jax.engine import population, train
-from reduce_jax.hardware import faults, systolic
+from reduce_jax.hardware import systolic
 from reduce_jax.nets import augment, models
 
 # A two-stage ResNet (stem, an identity block, a strided block with a 1x1 projection): every
@@ -96,6 +96,12 @@ def _key(seed: int) -> jax.Array:
     return jax.random.key(seed, impl="rbg")
 
 
+def _fault_maps(seed: int, chips: int, rate: float) -> np.ndarray:
+    """``bool[chips, 4, 4]`` maps, each PE faulty with probability ``rate`` (numpy: sampling
+    with jax.random compiles a program for every new shape)."""
+    return np.random.default_rng(seed).random((chips, 4, 4)) < rate
+
+
 def _init(model, key, image_shape=(8, 8, 1)):
     """``models.init_variables``, compiled as one program (not op by op)."""
     return jax.jit(lambda k: models.init_variables(model, k, image_shape))(key)
@@ -127,7 +133,7 @@ def test_folded_masked_model_equals_unfolded_masked_model_in_evaluation(digits):
     zeroes the folded weight exactly where it zeroes w, so the chip computes the same."""
     var = _random_bn_variables(TINY_RESNET, _key(3))
     folded_model = TINY_RESNET.clone(batch_norm=False)
-    fault_map = np.asarray(faults.sample_fault_maps(jax.random.key(4), 1, 4, 4, 0.3))[0]
+    fault_map = _fault_maps(4, 1, 0.3)[0]
     mask = systolic.weight_masks(var["params"], fault_map)
     x = jnp.asarray(digits.test_images[:32])
 
@@ -157,7 +163,7 @@ def test_folded_masked_model_equals_unfolded_masked_model_in_evaluation(digits):
 @pytest.fixture(scope="module")
 def bn_setup(digits):
     var = jax.tree.map(np.asarray, _init(TINY_RESNET, _key(0)))
-    maps = np.asarray(faults.sample_fault_maps(jax.random.key(5), 3, 4, 4, 0.25))
+    maps = _fault_maps(5, 3, 0.25)
     data = population.DeviceData.from_dataset(data_lib.split_validation(digits, 0.1))
     return var, maps, data
 
@@ -253,7 +259,7 @@ def test_weight_decay_and_cosine_schedule():
 
 
 def test_crop_flip_is_a_shifted_window_of_the_padded_image_or_its_mirror():
-    images = np.asarray(jax.random.uniform(jax.random.key(0), (16, 6, 5, 2)))
+    images = np.random.default_rng(0).random((16, 6, 5, 2), np.float32)
     out = np.asarray(augment.crop_flip(jax.random.key(1), jnp.asarray(images), pad=2))
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
     shifts, flips = set(), 0
