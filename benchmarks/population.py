@@ -199,11 +199,11 @@ class Setup(NamedTuple):
 
 
 def _abstract_chunk(setup: Setup, c: int):
-    """Shapes (and shardings) of the states and masks of a chunk of ``c`` chips."""
+    """Shapes (and shardings) of the states and chips of a chunk of ``c`` chips."""
 
     def make(maps, budgets):
-        masks = setup.trainer.chips(setup.variables["params"], maps)
-        return setup.trainer.init_population(setup.variables, masks, budgets), masks
+        chips = setup.trainer.chips(setup.variables["params"], maps)
+        return setup.trainer.init_population(setup.variables, chips, budgets), chips
 
     shapes = jax.eval_shape(
         make,
@@ -217,25 +217,25 @@ def _abstract_chunk(setup: Setup, c: int):
 
 
 def _compile_run(setup: Setup, c: int):
-    states, masks = _abstract_chunk(setup, c)
+    states, chips = _abstract_chunk(setup, c)
     d = setup.data
     start = time.perf_counter()
     run = setup.trainer.run.lower(
-        states, masks, d.train_images, d.train_labels, jax.random.key(2), 0, setup.steps
+        states, chips, d.train_images, d.train_labels, jax.random.key(2), 0, setup.steps
     ).compile()
     return run, time.perf_counter() - start
 
 
 def _compile_rest(setup: Setup, c: int, run, compile_s: float, chip_flops: float) -> Programs:
-    states, masks = _abstract_chunk(setup, c)
+    states, chips = _abstract_chunk(setup, c)
     d = setup.data
     step = (
         jax.jit(setup.trainer.population_step.__wrapped__, donate_argnums=0)
-        .lower(states, masks, setup.x, setup.y)
+        .lower(states, chips, setup.x, setup.y)
         .compile()
     )
     evaluate = setup.trainer.evaluate.lower(
-        states.variables, masks, d.test_images, d.test_labels
+        states.variables, chips, d.test_images, d.test_labels
     ).compile()
     sizes = [compiled_bytes(p) for p in (run, step, evaluate)]
     need = None if any(s is None for s in sizes) else max(sizes)
@@ -250,8 +250,8 @@ def chip_step_flops(setup: Setup) -> float:
     in the CPU convolutions) once, not once per chip. On a CPU the count includes the zero
     channels ``conv.conv_single`` pads in.
     """
-    states, masks = jax.eval_shape(lambda t: train.slice_chips(t, 0), _abstract_chunk(setup, 1))
-    return policies.xla_flops(setup.trainer.step.lower(states, masks, setup.x, setup.y).compile())
+    states, chips = jax.eval_shape(lambda t: train.slice_chips(t, 0), _abstract_chunk(setup, 1))
+    return policies.xla_flops(setup.trainer.step.lower(states, chips, setup.x, setup.y).compile())
 
 
 def plan(

@@ -391,12 +391,15 @@ def study(s: dict) -> dict:
         f32 = mitigation.float_bypass(
             model, variables, pes, *common, chips_per_batch=s["chips_per_batch"]
         )
-        bad = (given.and_mask != -1) | (given.or_mask != 0)  # [chips, 3, R, C]
+        # Stuck bits per site: the bits cleared (stuck at 0) and set (stuck at 1), counted.
+        stuck = np.stack([~np.asarray(given.and_mask), np.asarray(given.or_mask)])
+        bits = np.unpackbits(stuck.astype(np.uint32).view(np.uint8), axis=-1)
+        bits = bits.reshape(*stuck.shape, 32).sum(axis=(0, 3, 4, 5))  # [chips, 3]
         out["file"] = [
             dict(
                 chip=i,
                 faulty_pes=int(pes[i].sum()),
-                stuck_bits={site: int(bad[i, j].sum()) for j, site in enumerate(stuck_at.SITES)},
+                stuck_bits={site: int(bits[i, j]) for j, site in enumerate(stuck_at.SITES)},
                 int8={
                     m: dict(val=float(f8.val[i, j]), test=float(f8.test[i, j]))
                     for j, m in enumerate(f8.mitigations)

@@ -89,7 +89,8 @@ class ReduceConfig:
         "retraining keeps them at zero) | fault-aware (--arithmetic=int8 only: each faulty "
         "PE has one stuck bit, drawn from --stuck_site_probs, --stuck_p_one and --stuck_bits, "
         "that stays in the forward pass; nothing is bypassed and retraining learns around "
-        "it). The map's rate axis is the faulty-PE rate either way.",
+        "it). The map's rate axis is --rate_measure of the PE maps either way (under "
+        "fault-aware, weights on faulty PEs are stuck, not bypassed).",
     )
     stuck_site_probs: Sequence[float] = _setting(
         (1 / 3, 1 / 3, 1 / 3),

@@ -223,6 +223,12 @@ def _progress_store(cfg: ReduceConfig, overwrite: bool, inp: inputs_lib.Inputs) 
         with open(cfg.chip_fault_maps, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
     key = dict(cfg.as_dict(), devices=jax.device_count(), chip_fault_maps_sha256=sha)
+    if cfg.mitigation == "bypass":
+        # Bypassed chips have no stuck bits: their settings change nothing, and a run from
+        # before these settings existed keeps its key (it resumes).
+        for name in ("mitigation", "stuck_site_probs", "stuck_p_one", "stuck_bits"):
+            del key[name]
+
     key.update(model=inp.model_id, dataset=inp.dataset_id)
     if inp.baseline_sha256 is not None:  # not trained by the tool
         key.update(baseline_source=inp.source, baseline_sha256=inp.baseline_sha256)

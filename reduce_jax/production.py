@@ -331,16 +331,22 @@ def _context(bundle, net, ds, compute) -> population.Context:
     )
 
 
-def _batch_store(bundle, ids, maps, compute, workdir, policy: str) -> ProgressStore | None:
-    """The progress of one call's chips (resume), in ``workdir/batches/<key>``."""
+def _batch_store(
+    bundle, ids, maps, compute, workdir, policy: str, save_weights: bool
+) -> ProgressStore | None:
+    """The progress of one call's chips (resume), in ``workdir/batches/<key>``; a call that
+    stores the chips' weights does not resume one that did not (its finished chunks' weights
+    were never written)."""
     if not workdir:
         return None
     shas = [_map_sha256(m) for m in maps]
-    parts = [bundle.fingerprint.key, *map(str, ids), *shas, repr(sorted(compute.items()))]
+    parts = [bundle.key, *map(str, ids), *shas, repr(sorted(compute.items()))]
     if policy != "reduce":
         parts.append(policy)
+    if save_weights:
+        parts.append("weights")
     batch = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-    store_key = dict(bundle=bundle.fingerprint.key, batch=batch, devices=jax.device_count())
+    store_key = dict(bundle=bundle.key, batch=batch, devices=jax.device_count())
     batch_dir = os.path.join(workdir, _BATCHES, batch)
     os.makedirs(batch_dir, exist_ok=True)
     return ProgressStore(batch_dir, store_key, overwrite=False)
@@ -364,7 +370,7 @@ def _retrain(
     singles = [[i] for i in range(len(maps))]
     units = retraining.Units.of_groups(singles, assignment.budgets, assignment.ok)
     shas = [_map_sha256(m) for m in maps]
-    store = _batch_store(bundle, ids, maps, compute, workdir, "reduce")
+    store = _batch_store(bundle, ids, maps, compute, workdir, "reduce", save_weights)
     sink = None
     if save_weights:
         sink = _chip_store(bundle, workdir, ids)
@@ -411,9 +417,7 @@ def _chip_store(bundle, workdir: str, ids: np.ndarray):
     from reduce_jax.outputs import chip_store
 
     bypass = bundle.study.get("mitigation", "bypass") == "bypass"
-    return chip_store.ChipStore(
-        workdir, bundle.variables, bundle.fingerprint.key, ids, bypass=bypass
-    )
+    return chip_store.ChipStore(workdir, bundle.variables, bundle.key, ids, bypass=bypass)
 
 
 def _retrain_online(
@@ -431,7 +435,7 @@ def _retrain_online(
         len(ds.val_labels), bundle.decision_target, *verify, keys.verify_order
     )
     cap = int(train.epochs_to_steps(bundle.fixed_epochs, spe))
-    store = _batch_store(bundle, ids, maps, compute, workdir, "online")
+    store = _batch_store(bundle, ids, maps, compute, workdir, "online", save_weights)
     sink = _chip_store(bundle, workdir, ids) if save_weights else None
     out = online.run_online(
         ctx, maps, rates[bundle.rmap.rate_measure], recipe.topup_steps, cap,
@@ -506,7 +510,7 @@ class _Ledger:
 
     @classmethod
     def read(cls, workdir: str | None, bundle: map_bundle.MapBundle, where_map: str) -> _Ledger:
-        key = bundle.fingerprint.key
+        key = bundle.key
         if not workdir:
             return cls(None, key, {}, where_map)
         if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -1,6 +1,6 @@
 """Sharding the chips axis over devices, on one host or many (``jax.distributed``).
 
-Every population array (chip states, masks) has a leading ``chips`` axis, laid out with
+Every population array (chip states, the chips' masks or stuck bits) has a leading ``chips`` axis, laid out with
 ``NamedSharding(mesh, P("chips"))`` over a 1-D mesh of all devices; the data is replicated.
 Since chips are independent, XLA partitions the vmapped step with no communication.
 With one device every function here is the identity.

@@ -248,10 +248,14 @@ class Hardware(NamedTuple):
       compute: ``chip -> (model, mask)``: what ``chip_step`` and ``chip_correct`` compute
         that chip with: a model called like a Flax module, and 0/1 masks like ``params``
         (the weights it holds at zero).
+      counted: hardware with the same arithmetic whose programs XLA's cost analysis counts
+        in full (None: this one's do). Stuck product and partial-sum bits run the array row
+        by row in a ``scan``, whose body the cost analysis counts once.
     """
 
     chip: Callable[[PyTree, jax.Array], PyTree]
     compute: Callable[[PyTree], tuple[Any, PyTree]]
+    counted: Hardware | None = None
 
 
 def bypass(model: nn.Module) -> Hardware:
@@ -284,6 +288,7 @@ class Trainer(NamedTuple):
         states``: phase steps ``start .. start + num_steps - 1``; donates ``states``.
       evaluate: ``(variables[chips], chips, images, labels) -> float32[chips]``.
       tx: the retraining optimizer.
+      hardware: what the chips compute on.
     """
 
     chips: Callable[[PyTree, jax.Array], Chips]
@@ -293,6 +298,7 @@ class Trainer(NamedTuple):
     run: Run
     evaluate: Evaluate
     tx: optax.GradientTransformation
+    hardware: Hardware
 
 
 def make_trainer(
@@ -387,6 +393,7 @@ def make_trainer(
         run=jax.jit(run, donate_argnums=0),
         evaluate=jax.jit(evaluate),
         tx=tx,
+        hardware=hardware,
     )
 
 

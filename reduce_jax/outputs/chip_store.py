@@ -4,14 +4,18 @@ Layout (format 1):
 
 * ``baseline.npz``: the baseline's variables, once (flattened tree paths as keys,
   ``params/Conv_0/kernel``).
-* one ``<stage>-<digest>.npz`` per pool of units that ``retraining.retrain`` finished: the
+* one ``<stage>-<digest>.npz`` per pool of units that ``retraining.retrain`` finished, or
+  per chunk of chips the online policy finished (``policies.run_adaptive``; ``/`` in a
+  stage's name is written ``_``): the
   units' members ``_members int64[m, W]`` (chip ids, ``-1``: none), steps in all
   ``_steps int64[m]``, ``_diverged bool[m]``, fused fault maps ``_fault_maps bool[m, R, C]``,
   ``_rows int64[m]`` (each unit's row in the weights, ``-1``: a unit given 0 steps, stored as
   a reference to the masked baseline, not as a copy) and every variable with a leading axis
   over the trained units only (``params/...``, ``batch_stats/...``).
-* ``index.json``: the run's fingerprint and, per complete chunk, its file and its units'
-  members, steps and rows; ``serving``: chip -> (chunk, unit) for the chips a group serves.
+* ``index.json``: the run's fingerprint, ``bypass`` (False for fault-aware chips, which
+  bypass nothing: a unit given 0 steps is the baseline itself) and, per complete chunk, its
+  file and its units' members, steps and rows; ``serving``: chip -> (chunk, unit) for the
+  chips a group serves.
 
 A chunk is written to a temporary name, fsynced and renamed, and only then entered in the
 index (itself replaced atomically): a chunk file missing from the index is incomplete and

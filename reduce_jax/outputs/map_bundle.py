@@ -117,6 +117,19 @@ class Fingerprint(NamedTuple):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+def hardware_settings(study: dict) -> dict:
+    """The settings of a study (``ReduceConfig.as_dict``) that make its chips' hardware, where
+    they are not the defaults: ``arithmetic``, ``mitigation``, and for fault-aware chips the
+    stuck-bit mix and the seed that draws the bits (``{}`` for float32 bypass)."""
+    out = {}
+    if study.get("arithmetic", "float32") != "float32":
+        out["arithmetic"] = study["arithmetic"]
+    if study.get("mitigation", "bypass") != "bypass":
+        keep = ("mitigation", "stuck_site_probs", "stuck_p_one", "stuck_bits", "seed")
+        out.update({k: study[k] for k in keep if k in study})
+    return out
+
+
 class MapBundle(NamedTuple):
     """A study's map and what it takes to use it on new chips.
 
@@ -154,6 +167,18 @@ class MapBundle(NamedTuple):
     analysis_epochs: float
     study: dict
     observations: online.Observations
+
+    @property
+    def key(self) -> str:
+        """What chips served from the bundle depend on besides their maps: the fingerprint and
+        the chips' hardware (``hardware_settings``). It keys a production workdir's ledger,
+        resume and chip store, so chips of studies on other hardware never mix there; a float32
+        bypass study's is its fingerprint's key."""
+        hardware = hardware_settings(self.study)
+        if not hardware:
+            return self.fingerprint.key
+        text = self.fingerprint.key + "|" + json.dumps(hardware, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def observe(self, rates, needed_steps) -> MapBundle:
         """The bundle with the pairs ``rates float[n]``, ``needed_steps float[n]`` added."""

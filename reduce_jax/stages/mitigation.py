@@ -62,7 +62,12 @@ def fault_aware(
         ones = jax.tree.map(jnp.ones_like, params)
         return ones, stuck_at.from_map(key, fault_map, mix)
 
-    return train.Hardware(chip=chip, compute=lambda c: (int8.Int8Model(net, c[1]), c[0]))
+    compute = lambda c: (int8.Int8Model(net, c[1]), c[0])  # noqa: E731
+    if set(net.sites) <= {"weight"}:
+        return train.Hardware(chip=chip, compute=compute)
+    # The same multiply-adds on the matrix-product path, for XLA's cost analysis.
+    counted = fault_aware(net._replace(sites=("weight",)), key, mix)
+    return train.Hardware(chip=chip, compute=compute, counted=counted)
 
 
 def chip_hardware(

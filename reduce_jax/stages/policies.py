@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reduce_jax import sharding
-from reduce_jax.engine import population
+from reduce_jax.engine import population, train
 from reduce_jax.engine.progress import ProgressStore
 from reduce_jax.stages import cost as cost_lib
 from reduce_jax.stages import grouping, predictor, resilience, retraining, sequential
@@ -73,7 +73,7 @@ class Compute(NamedTuple):
 
 
 def measure_compute(
-    ctx: population.Context, batch_size: int, eval_batch_size: int, array=(1, 1)
+    ctx: population.Context, batch_size: int, eval_batch_size: int, array: tuple[int, int]
 ) -> Compute:
     """``Compute`` of the run's model from XLA's cost analysis (compiles, runs nothing).
 
@@ -84,6 +84,10 @@ def measure_compute(
     bits); a chip's computation does not depend on its faulty PEs' positions.
     """
     trainer, variables = ctx.trainer, ctx.variables
+    if trainer.hardware.counted is not None:  # the same arithmetic, counted in full
+        trainer = train.make_trainer(
+            trainer.hardware.counted, trainer.tx, batch_size, eval_batch_size
+        )
     images, labels = ctx.data.val_images, ctx.data.val_labels
     shape = lambda x, lead=(): jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype)  # noqa: E731
     batch = (

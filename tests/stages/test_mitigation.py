@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from reduce_jax.engine import train
+from reduce_jax.engine import population, train
 from reduce_jax.hardware import faults, stuck_at
 from reduce_jax.nets import int8
-from reduce_jax.stages import mitigation
+from reduce_jax.stages import mitigation, policies
 
 ARRAY = (4, 4)
 
@@ -99,3 +99,23 @@ def test_fault_aware_chips_are_the_int8_chips_of_their_stuck_bits(setup, digits_
             np.testing.assert_array_equal(np.asarray(f), np.asarray(g[i]))
         logits = int8.apply(aware, params, x, bits)
         assert acc[i] == pytest.approx(float(np.mean(np.argmax(logits, -1) == np.asarray(y))))
+
+
+def test_fault_aware_compute_counts_the_row_by_row_array_in_full(setup, tiny_mlp, digits_device):
+    """Stuck psum bits run the array row by row in a scan, which XLA's cost analysis counts
+    once: the policies' compute is measured on the same arithmetic without it."""
+    net, variables, _, _ = setup
+    tx = train.make_optimizer("adam", 1e-3)
+    params = {"params": int8.fold(variables), "batch_stats": {}}
+    counts = {}
+    for sites in (("weight",), ("weight", "product", "psum")):
+        hw = mitigation.fault_aware(net._replace(sites=sites), jax.random.key(0))
+        ctx = population.Context(train.make_trainer(hw, tx, 32), params, digits_device, 41, 8)
+        counts[sites] = policies.measure_compute(ctx, 32, 100, ARRAY)
+    weight, every = counts.values()
+    assert every.step_flops == weight.step_flops and every.eval_flops == weight.eval_flops
+    bypass = train.make_trainer(tiny_mlp, tx, 32)
+    plain = policies.measure_compute(
+        population.Context(bypass, params, digits_device, 41, 8), 32, 100, ARRAY
+    )
+    assert 0.5 * plain.eval_flops <= weight.eval_flops <= 4 * plain.eval_flops

@@ -213,7 +213,7 @@ def test_measured_compute_matches_the_model_arithmetic(tiny_mlp, tiny_mlp_variab
     """MLP 64-16-10: a forward pass is about 2 * (64*16 + 16*10) flops per image."""
     trainer = train.make_trainer(tiny_mlp, train.make_optimizer("adam", 1e-3), 32)
     ctx = _context(trainer, tiny_mlp_variables, digits_device)
-    c = policies.measure_compute(ctx, 32, 100)
+    c = policies.measure_compute(ctx, 32, 100, (8, 8))
     forward = 2 * (64 * 16 + 16 * 10)
     n_val = 200  # 144 images, in two batches of 100
     assert forward * n_val <= c.eval_flops <= 1.2 * forward * n_val
