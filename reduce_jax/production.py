@@ -536,8 +536,8 @@ class _Ledger:
         if saved.get("bundle") != key:
             raise ConfigError(
                 f"--workdir={workdir} holds chips retrained from another map "
-                f"({saved.get('map')}); --map={where_map} differs in its fingerprint: give "
-                "another --workdir"
+                f"({saved.get('map')}); --map={where_map} differs in its fingerprint or its "
+                "chips' hardware (--arithmetic, --mitigation, stuck bits): give another --workdir"
             )
         return cls(workdir, key, chips, where_map)
 

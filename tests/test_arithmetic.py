@@ -102,6 +102,11 @@ def test_a_fault_aware_studys_chips_served_from_its_map_are_the_studys(runs, tmp
     with open(os.path.join(study, "chips.csv")) as f:
         theirs = [{k: r[k] for k in cols} for r in csv.DictReader(f)]
     assert mine == theirs
+    # The int8 bypass study has the same baseline (the same fingerprint) but other hardware:
+    # its chips never join this workdir.
+    bypass_map = os.path.join(runs["int8"].config.workdir, "map")
+    with pytest.raises(config.ConfigError, match="or its chips' hardware"):
+        reduce_jax.retrain_chips(bypass_map, runs["maps"], workdir=out, first_chip_id=100)
 
 
 def test_arithmetic_is_validated():
