@@ -35,7 +35,9 @@ def run_script(script: str, devices: int, *args: str) -> dict:
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # conftest's flags (if any) too.
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={devices}".strip(),
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, *args],
