@@ -30,8 +30,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_script(script: str, devices: int, *args: str) -> dict:
-    """Runs ``script`` on ``devices`` fake CPU devices; its last stdout line, as JSON."""
+def start_script(script: str, devices: int, *args: str) -> subprocess.Popen:
+    """Starts ``script`` on ``devices`` fake CPU devices (``script_result`` waits for it)."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -39,16 +39,29 @@ def run_script(script: str, devices: int, *args: str) -> dict:
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
         f"--xla_force_host_platform_device_count={devices}".strip(),
     )
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", script, *args],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def script_result(proc: subprocess.Popen) -> dict:
+    """The last stdout line of a started script, as JSON."""
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_script(script: str, devices: int, *args: str) -> dict:
+    """Runs ``script`` on ``devices`` fake CPU devices; its last stdout line, as JSON."""
+    return script_result(start_script(script, devices, *args))
 
 
 @pytest.mark.slow
@@ -104,7 +117,10 @@ def conv_runs():
     """``CONV_SCRIPT`` on 1 and on 4 devices, both ways of batching chips in each process:
     ``{devices: {chip_batching: result}}``."""
     modes = ",".join(("vmap", "map"))
-    return {devices: run_script(CONV_SCRIPT, devices, modes) for devices in (1, 4)}
+    # Both at once: with a core to spare, the fixture takes one script's time (pytest-xdist
+    # hands out files with the fewest tests, as this one, last).
+    started = {devices: start_script(CONV_SCRIPT, devices, modes) for devices in (1, 4)}
+    return {devices: script_result(proc) for devices, proc in started.items()}
 
 
 @pytest.mark.parametrize("chip_batching", ["vmap", "map"])
