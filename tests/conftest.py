@@ -26,21 +26,21 @@ if _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL}=1".strip()
 
 
+CACHE_DIR = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "xla_tests"
+
+
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache, shared by the run's workers (pytest-xdist): a
-    program compiled again with the same shapes (every in-process run of the small study
-    compiles the same ones) is loaded instead (``--compilation_cache_dir``: results do not
-    change). It starts empty on every pytest run, so the suite's time is a cold one; a
-    directory in ``JAX_COMPILATION_CACHE_DIR`` is used instead (and kept), as mutation testing
-    does (docs/testing.md). Workers write their entries unlocked: an entry read while being
+def compilation_cache():
+    """JAX's persistent compilation cache, shared by the run's workers (pytest-xdist) and kept
+    between runs, as the CLI keeps its own (``--compilation_cache_dir``): a program compiled
+    again with the same shapes (every in-process run of the small study compiles the same
+    ones, and so does every run of the suite on unchanged code) is loaded instead; results do
+    not change. It is ``.cache/xla_tests`` in the checkout (ignored by git; a fresh clone, as
+    in CI, starts cold), or ``JAX_COMPILATION_CACHE_DIR`` when set, as mutation testing does
+    (docs/testing.md). Workers write their entries unlocked: an entry read while being
     written is compiled again, with a warning."""
     given = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if given:
-        path = pathlib.Path(given)
-    else:
-        base = tmp_path_factory.getbasetemp()
-        path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
+    path = pathlib.Path(given) if given else CACHE_DIR
     path.mkdir(parents=True, exist_ok=True)
     before = (
         jax.config.jax_compilation_cache_dir,
