@@ -228,7 +228,6 @@ def _progress_store(cfg: ReduceConfig, overwrite: bool, inp: inputs_lib.Inputs) 
         # before these settings existed keeps its key (it resumes).
         for name in ("mitigation", "stuck_site_probs", "stuck_p_one", "stuck_bits"):
             del key[name]
-
     key.update(model=inp.model_id, dataset=inp.dataset_id)
     if inp.baseline_sha256 is not None:  # not trained by the tool
         key.update(baseline_source=inp.source, baseline_sha256=inp.baseline_sha256)
